@@ -1,0 +1,28 @@
+#include "common.hpp"
+#include "dispatch.hpp"
+
+namespace py = pybind11;
+using namespace fastdropout;
+
+void bind::register_runtime(py::module_& m) {
+  m.def("backend", [] { return std::string(active_kernels().name); },
+        "Name of the kernel backend in use.");
+  m.def("available_backends", &available_backends,
+        "Backends this CPU can run, slowest first.");
+  m.def("compiled_backends", &compiled_backends, "Backends compiled into this build.");
+  m.def("set_backend", &set_backend, py::arg("name"),
+        "Force a backend for this process (ValueError if unknown or unsupported).");
+  m.def("cpu_features", &cpu_features, "Instruction sets of this CPU relevant to the kernels.");
+  m.def("has_openmp", &has_openmp, "Whether this build runs kernels on several threads.");
+  m.def("get_num_threads", &get_num_threads, "Threads the kernels use.");
+  m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the threads the kernels use.");
+}
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "fastdropout native core (private: use the fastdropout package)";
+  bind::register_runtime(m);
+  bind::register_rng(m);
+  bind::register_dense(m);
+  // Choose the backend now, so a bad FASTDROPOUT_BACKEND fails the import clearly.
+  active_kernels();
+}

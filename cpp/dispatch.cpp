@@ -1,0 +1,210 @@
+#include "dispatch.hpp"
+
+#include <atomic>
+#include <cstdlib>
+#include <stdexcept>
+
+#if defined(FD_HAVE_OPENMP)
+#include <omp.h>
+#endif
+#if defined(FD_HAVE_X86_BACKENDS)
+#if defined(_MSC_VER)
+#include <immintrin.h>
+#include <intrin.h>
+#else
+#include <cpuid.h>
+#endif
+#endif
+
+namespace fastdropout {
+namespace {
+
+struct CpuFlags {
+  bool avx2 = false, fma = false, bmi1 = false, bmi2 = false;
+  bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
+  bool os_avx = false, os_avx512 = false;
+};
+
+#if defined(FD_HAVE_X86_BACKENDS)
+void cpuid(unsigned leaf, unsigned sub, unsigned r[4]) {
+#if defined(_MSC_VER)
+  int regs[4];
+  __cpuidex(regs, static_cast<int>(leaf), static_cast<int>(sub));
+  for (int i = 0; i < 4; ++i) r[i] = static_cast<unsigned>(regs[i]);
+#else
+  if (!__get_cpuid_count(leaf, sub, &r[0], &r[1], &r[2], &r[3])) r[0] = r[1] = r[2] = r[3] = 0;
+#endif
+}
+
+uint64_t xgetbv0() {
+#if defined(_MSC_VER)
+  return _xgetbv(0);
+#else
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (uint64_t{hi} << 32) | lo;
+#endif
+}
+
+CpuFlags detect() {
+  CpuFlags f;
+  unsigned r[4];
+  cpuid(0, 0, r);
+  const unsigned max_leaf = r[0];
+  if (max_leaf < 1) return f;
+  cpuid(1, 0, r);
+  const bool osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1;
+  f.fma = (r[2] >> 12) & 1;
+  if (osxsave && avx) {
+    // The OS must save the YMM (and for AVX-512 the opmask and ZMM) state.
+    const uint64_t xcr0 = xgetbv0();
+    f.os_avx = (xcr0 & 0x6) == 0x6;
+    f.os_avx512 = f.os_avx && (xcr0 & 0xE0) == 0xE0;
+  }
+  if (max_leaf >= 7) {
+    cpuid(7, 0, r);
+    f.bmi1 = (r[1] >> 3) & 1;
+    f.avx2 = (r[1] >> 5) & 1;
+    f.bmi2 = (r[1] >> 8) & 1;
+    f.avx512f = (r[1] >> 16) & 1;
+    f.avx512dq = (r[1] >> 17) & 1;
+    f.avx512bw = (r[1] >> 30) & 1;
+    f.avx512vl = (r[1] >> 31) & 1;
+  }
+  return f;
+}
+#else
+CpuFlags detect() { return {}; }
+#endif
+
+const CpuFlags& cpu() {
+  static const CpuFlags flags = detect();
+  return flags;
+}
+
+bool can_run_avx2() {
+  const CpuFlags& f = cpu();
+  return f.os_avx && f.avx2 && f.fma;
+}
+
+bool can_run_avx512() {
+  const CpuFlags& f = cpu();
+  return can_run_avx2() && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl &&
+         f.bmi1 && f.bmi2;
+}
+
+const Kernels* table_for(const std::string& name) {
+  if (name == "scalar") return &scalar::kernels();
+#if defined(FD_HAVE_X86_BACKENDS)
+  if (name == "avx2" && can_run_avx2()) return &avx2::kernels();
+  if (name == "avx512" && can_run_avx512()) return &avx512::kernels();
+#endif
+  return nullptr;
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s;
+}
+
+const Kernels* choose(const std::string& name) {
+  if (const Kernels* t = table_for(name)) return t;
+  bool known = false;
+  for (const auto& c : compiled_backends()) known = known || c == name;
+  if (known)
+    throw std::invalid_argument("backend '" + name + "' is not supported by this CPU; available: " +
+                                join(available_backends()));
+  throw std::invalid_argument("unknown backend '" + name + "'; expected one of: " +
+                              join(compiled_backends()));
+}
+
+const Kernels* initial_table() {
+  if (const char* env = std::getenv("FASTDROPOUT_BACKEND"); env && *env) {
+    try {
+      return choose(env);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(std::string("FASTDROPOUT_BACKEND=") + env + ": " + e.what());
+    }
+  }
+  return choose(available_backends().back());
+}
+
+std::atomic<const Kernels*> g_table{nullptr};
+std::atomic<int> g_threads{0};
+
+}  // namespace
+
+std::vector<std::string> compiled_backends() {
+#if defined(FD_HAVE_X86_BACKENDS)
+  return {"scalar", "avx2", "avx512"};
+#else
+  return {"scalar"};
+#endif
+}
+
+std::vector<std::string> available_backends() {
+  std::vector<std::string> out{"scalar"};
+#if defined(FD_HAVE_X86_BACKENDS)
+  if (can_run_avx2()) out.push_back("avx2");
+  if (can_run_avx512()) out.push_back("avx512");
+#endif
+  return out;
+}
+
+std::string cpu_features() {
+  const CpuFlags& f = cpu();
+  std::string s;
+  auto add = [&s](bool on, const char* name) {
+    if (on) s += (s.empty() ? "" : " ") + std::string(name);
+  };
+  add(f.avx2 && f.os_avx, "avx2");
+  add(f.fma, "fma");
+  add(f.bmi2, "bmi2");
+  add(f.avx512f && f.os_avx512, "avx512f");
+  add(f.avx512bw && f.os_avx512, "avx512bw");
+  add(f.avx512dq && f.os_avx512, "avx512dq");
+  add(f.avx512vl && f.os_avx512, "avx512vl");
+  return s;
+}
+
+const Kernels& active_kernels() {
+  const Kernels* t = g_table.load(std::memory_order_acquire);
+  if (!t) {
+    const Kernels* chosen = initial_table();
+    g_table.compare_exchange_strong(t, chosen, std::memory_order_acq_rel);
+    t = g_table.load(std::memory_order_acquire);
+  }
+  return *t;
+}
+
+void set_backend(const std::string& name) { g_table.store(choose(name), std::memory_order_release); }
+
+bool has_openmp() {
+#if defined(FD_HAVE_OPENMP)
+  return true;
+#else
+  return false;
+#endif
+}
+
+int get_num_threads() {
+  int n = g_threads.load(std::memory_order_relaxed);
+  if (n > 0) return n;
+#if defined(FD_HAVE_OPENMP)
+  n = omp_get_max_threads();
+#else
+  n = 1;
+#endif
+  return n > 0 ? n : 1;
+}
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
+#if !defined(FD_HAVE_OPENMP)
+  n = 1;  // built without OpenMP: one thread, whatever is asked
+#endif
+  g_threads.store(n, std::memory_order_relaxed);
+}
+
+}  // namespace fastdropout

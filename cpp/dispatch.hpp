@@ -1,0 +1,28 @@
+// Run-time choice of the kernel table, and the thread count.
+#pragma once
+#include <string>
+#include <vector>
+
+#include "kernels.hpp"
+
+namespace fastdropout {
+
+/// Backends this build has and this CPU (and OS) can run, slowest first.
+std::vector<std::string> available_backends();
+/// Every backend compiled into this build, whether or not the CPU can run it.
+std::vector<std::string> compiled_backends();
+/// One line naming the CPU's relevant instruction sets, e.g. "avx2 fma bmi2 avx512f ...".
+std::string cpu_features();
+
+/// The table in use; chosen on first use (FASTDROPOUT_BACKEND, else the best available).
+/// Throws std::invalid_argument when FASTDROPOUT_BACKEND names a backend that cannot run.
+const Kernels& active_kernels();
+/// Forces a backend; throws std::invalid_argument if unknown or unsupported here.
+void set_backend(const std::string& name);
+
+int get_num_threads();
+/// n >= 1; throws std::invalid_argument otherwise.
+void set_num_threads(int n);
+bool has_openmp();
+
+}  // namespace fastdropout

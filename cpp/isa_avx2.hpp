@@ -1,0 +1,184 @@
+// AVX2 + FMA primitives.  Included only by kernels_avx2.cpp, which is compiled
+// with the matching flags.  No namespace-scope SIMD constants.  BMI2 is not used
+// here on purpose: pdep is microcoded (slow) on AMD CPUs before Zen 3.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "philox.hpp"
+
+namespace fastdropout {
+namespace avx2 {
+namespace {
+
+constexpr int kLanes = 8;
+constexpr int64_t kMR = 6, kNR = 16, kMC = 192, kKC = 256, kNC = 4096;
+
+inline void mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+  lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+}
+
+inline void philox_rounds(__m256i& c0, __m256i& c1, __m256i& c2, __m256i& c3, PhiloxKey key,
+                          int rounds) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < rounds; ++r) {
+    if (r > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    __m256i hi0, lo0, hi1, lo1;
+    mulhilo(c0, m0, hi0, lo0);
+    mulhilo(c2, m1, hi1, lo1);
+    c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
+    c1 = lo1;
+    c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
+    c3 = lo0;
+  }
+}
+
+inline void block_counters(uint64_t block, __m256i& c0, __m256i& c1) {
+  const __m256i base = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block)));
+  c0 = _mm256_add_epi32(base, _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  // unsigned c0 < base, by flipping the sign bits: the carry into the high word
+  const __m256i sign = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  const __m256i carry =
+      _mm256_cmpgt_epi32(_mm256_xor_si256(base, sign), _mm256_xor_si256(c0, sign));
+  const __m256i hi = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(block >> 32)));
+  c1 = _mm256_and_si256(_mm256_sub_epi32(hi, carry), _mm256_set1_epi32(0x3FFFFFFF));
+}
+
+inline void philox_soa(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, PhiloxKey key,
+                       int rounds) {
+  auto ld = [](const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); };
+  auto st = [](uint32_t* p, __m256i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); };
+  __m256i v0 = ld(c0), v1 = ld(c1), v2 = ld(c2), v3 = ld(c3);
+  philox_rounds(v0, v1, v2, v3, key, rounds);
+  st(c0, v0);
+  st(c1, v1);
+  st(c2, v2);
+  st(c3, v3);
+}
+
+/// The 32 words of blocks block .. block + 7 in element order, as 4 vectors.
+inline void words32(uint64_t block, PhiloxKey key, __m256i w[4]) {
+  __m256i c0, c1, c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
+  block_counters(block, c0, c1);
+  philox_rounds(c0, c1, c2, c3, key, 10);
+  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  // u_r holds block 4q + r in its 128-bit lane q
+  w[0] = _mm256_permute2x128_si256(u0, u1, 0x20);
+  w[1] = _mm256_permute2x128_si256(u2, u3, 0x20);
+  w[2] = _mm256_permute2x128_si256(u0, u1, 0x31);
+  w[3] = _mm256_permute2x128_si256(u2, u3, 0x31);
+}
+
+inline void words64(uint64_t block, PhiloxKey key, uint32_t* out) {
+  for (int h = 0; h < 2; ++h) {
+    __m256i w[4];
+    words32(block + 8 * static_cast<uint64_t>(h), key, w);
+    for (int q = 0; q < 4; ++q)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h + 8 * q), w[q]);
+  }
+}
+
+inline uint64_t keep_bits64(uint64_t block, PhiloxKey key, uint32_t t) {
+  const __m256i tv = _mm256_set1_epi32(static_cast<int>(t));
+  uint64_t bits = 0;
+  for (int h = 0; h < 2; ++h) {
+    __m256i w[4];
+    words32(block + 8 * static_cast<uint64_t>(h), key, w);
+    for (int q = 0; q < 4; ++q) {
+      const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(w[q], tv), w[q]);
+      const auto m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(ge)));
+      bits |= uint64_t{m} << (32 * h + 8 * q);
+    }
+  }
+  return bits;
+}
+
+inline __m256i lane_mask8(uint32_t byte) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(byte)), sel), sel);
+}
+
+template <bool Stream>
+inline void select_scale64(const float* x, float* y, uint64_t bits, float s) {
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int q = 0; q < 8; ++q) {
+    const __m256 m = _mm256_castsi256_ps(lane_mask8(static_cast<uint32_t>(bits >> (8 * q)) & 0xFFu));
+    const __m256 v = _mm256_and_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * q), sv), m);
+    if (Stream)
+      _mm256_stream_ps(y + 8 * q, v);
+    else
+      _mm256_storeu_ps(y + 8 * q, v);
+  }
+}
+
+inline void stream_fence() { _mm_sfence(); }
+
+template <bool Stream>
+inline void select_scale64(const double* x, double* y, uint64_t bits, double s) {
+  const __m256d sv = _mm256_set1_pd(s);
+  const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+  for (int q = 0; q < 16; ++q) {
+    const __m256i b = _mm256_set1_epi64x(static_cast<int64_t>((bits >> (4 * q)) & 0xFu));
+    const __m256d m = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(b, sel), sel));
+    const __m256d v = _mm256_and_pd(_mm256_mul_pd(_mm256_loadu_pd(x + 4 * q), sv), m);
+    if (Stream)
+      _mm256_stream_pd(y + 4 * q, v);
+    else
+      _mm256_storeu_pd(y + 4 * q, v);
+  }
+}
+
+inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {
+  // byte i of a 32-byte vector takes bit i of a 32-bit chunk: spread chunk byte i/8
+  // to byte i, then test bit i % 8.
+  const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2,
+                                          2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i sel = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ull));
+  for (int h = 0; h < 2; ++h) {
+    const __m256i v = _mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(bits >> (32 * h))));
+    const __m256i b = _mm256_and_si256(_mm256_shuffle_epi8(v, spread), sel);
+    const __m256i one = _mm256_and_si256(_mm256_cmpeq_epi8(b, sel), _mm256_set1_epi8(1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h), one);
+  }
+}
+
+inline void microkernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                        bool accumulate) {
+  __m256 acc[kMR][2];
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b + k * kNR);
+    const __m256 b1 = _mm256_load_ps(b + k * kNR + 8);
+    const float* ak = a + k * kMR;
+    for (int r = 0; r < kMR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ak + r);
+      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < kMR; ++r) {
+    float* cr = c + r * ldc;
+    if (accumulate) {
+      acc[r][0] = _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][0]);
+      acc[r][1] = _mm256_add_ps(_mm256_loadu_ps(cr + 8), acc[r][1]);
+    }
+    _mm256_storeu_ps(cr, acc[r][0]);
+    _mm256_storeu_ps(cr + 8, acc[r][1]);
+  }
+}
+
+}  // namespace
+}  // namespace avx2
+}  // namespace fastdropout

@@ -1,0 +1,108 @@
+// The kernel table: what every instruction-set backend provides.  Plain C++,
+// no Python, no SIMD types in the interface.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "philox.hpp"
+
+namespace fastdropout {
+
+enum class Activation : int { none = 0, relu = 1, gelu = 2 };
+
+/// The dropout mask of a row-major matrix: element (r, c) of a matrix with
+/// `cols` columns has random word index `offset + r * cols + c` (mod 2**64).
+struct MaskSpec {
+  bool enabled = false;
+  PhiloxKey key{0, 0};
+  uint64_t offset = 0;
+  uint64_t threshold = 0;  ///< keep iff word >= threshold; 2**32 drops all
+  float scale = 1.0f;
+};
+
+/// A C-contiguous float32 matrix as a GEMM operand source.  Values are read as
+/// `p[r, c] * act'(z[r, c])` (when `z`), then masked and scaled (when `mask`).
+struct Mat {
+  const float* p = nullptr;
+  int64_t rows = 0, cols = 0;
+  const float* z = nullptr;
+  Activation zact = Activation::none;
+  MaskSpec mask;
+};
+
+/// C (M x N, row-major, ld N) = op(A) @ op(B) followed by the epilogue.
+/// op(A)(i, k) is a(i, k), or a(k, i) when a_trans; op(B)(k, n) is b(k, n), or
+/// b(n, k) when b_trans.
+struct GemmProblem {
+  int64_t M = 0, N = 0, K = 0;
+  Mat a, b;
+  bool a_trans = false, b_trans = false;
+  float* c = nullptr;
+  // epilogue, in this order: + bias[n]; z_out = value; value = act(value); mask
+  const float* bias = nullptr;
+  float* z_out = nullptr;
+  Activation act = Activation::none;
+  MaskSpec out_mask;  ///< applied to C with C's own flat index
+};
+
+/// Register and cache blocking of a backend's GEMM.
+struct GemmBlocking {
+  int64_t mr, nr, mc, kc, nc;
+};
+
+struct Kernels {
+  const char* name;
+  /// Philox4x32 on n arbitrary counters (n x 4 words, word 0 first).
+  void (*philox)(const uint32_t* ctr, uint32_t* out, int64_t n, PhiloxKey key, int rounds);
+  /// Random words of elements j0 .. j0 + n - 1 (indices mod 2**64).
+  void (*random_words)(uint32_t* out, int64_t n, uint64_t j0, PhiloxKey key);
+  /// Packed keep bits of n elements starting at index j0; writes ceil(n / 8) bytes.
+  void (*mask_packed)(uint8_t* out, int64_t n, uint64_t j0, PhiloxKey key, uint64_t threshold);
+  /// One byte (0 or 1) per element.
+  void (*mask_bool)(uint8_t* out, int64_t n, uint64_t j0, PhiloxKey key, uint64_t threshold);
+  /// y = keep ? x * s : +0; y may alias x exactly.  `stream`: y is large and
+  /// will not be read soon, so write it with non-temporal stores.
+  void (*dropout_f32)(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key,
+                      uint64_t threshold, float scale, bool stream);
+  void (*dropout_f64)(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey key,
+                      uint64_t threshold, double scale, bool stream);
+  GemmBlocking blocking;
+  /// The rows [m0, m1) x columns [n0, n1) of a GemmProblem, on one thread.
+  /// `work` holds gemm_work(blocking, m1 - m0, n1 - n0, K).total floats, 64-byte aligned.
+  void (*gemm_tile)(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                    float* work);
+  /// sums[n] = sum over rows r of p[r, n] * act'(z[r, n]) for columns [n0, n1).
+  void (*col_sums)(const Mat& m, int64_t n0, int64_t n1, float* sums);
+};
+
+/// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed
+/// B, a row buffer and an edge tile, each starting on a 64-byte boundary.
+struct GemmWork {
+  int64_t a_pack, b_pack, buf, tile, total;  // offsets in floats
+};
+
+static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, int64_t k) {
+  const int64_t mc = m < b.mc ? round_up(m, b.mr) : b.mc;
+  const int64_t nc = n < b.nc ? round_up(n, b.nr) : b.nc;
+  const int64_t kc = k < b.kc ? (k > 0 ? k : 1) : b.kc;
+  int64_t longest = kc > nc ? kc : nc;
+  longest = longest > mc ? longest : mc;
+  GemmWork w;
+  w.a_pack = 0;
+  w.b_pack = round_up(w.a_pack + mc * kc, 16);
+  w.buf = round_up(w.b_pack + kc * nc, 16);
+  w.tile = round_up(w.buf + longest, 16);
+  w.total = round_up(w.tile + b.mr * b.nr, 16);
+  return w;
+}
+
+// One table per backend (each defined in its own translation unit).
+namespace scalar { const Kernels& kernels(); }
+#if defined(FD_HAVE_X86_BACKENDS)
+namespace avx2 { const Kernels& kernels(); }
+namespace avx512 { const Kernels& kernels(); }
+#endif
+
+}  // namespace fastdropout

@@ -1,0 +1,364 @@
+// The kernels, written once.  Each backend translation unit includes its
+// primitives header (isa_*.hpp), defines FD_ISA to its namespace and includes
+// this file; everything here lands in fastdropout::FD_ISA::(anonymous), so code
+// compiled with different instruction sets is never merged by the linker.
+//
+// Primitives the ISA header provides (in the same namespace):
+//   kLanes, kMR, kNR, kMC, kKC, kNC
+//   philox_soa, words64, keep_bits64, select_scale64 (float, double),
+//   bits_to_bytes64, microkernel
+#ifndef FD_ISA
+#error "define FD_ISA before including kernels_impl.hpp"
+#endif
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels.hpp"
+
+namespace fastdropout {
+namespace FD_ISA {
+namespace {
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---------------------------------------------------------------------------
+// The mask stream
+// ---------------------------------------------------------------------------
+
+/// Keep bits of consecutive elements starting at any index j0, 64 at a time.
+/// Bit k of the n-th word is element j0 + 64 n + k.
+struct BitStream {
+  PhiloxKey key;
+  uint64_t threshold;
+  uint64_t block;  // next block to generate
+  unsigned shift;  // j0 & 3: elements of the first block that come before j0
+  uint64_t carry = 0;
+
+  BitStream(uint64_t j0, PhiloxKey k, uint64_t t)
+      : key(k), threshold(t), block(j0 >> 2), shift(static_cast<unsigned>(j0 & 3)) {
+    if (shift) carry = gen();
+  }
+
+  uint64_t gen() {
+    uint64_t bits;
+    if (threshold == 0)
+      bits = ~uint64_t{0};
+    else if (threshold >= kDropAll)
+      bits = 0;
+    else
+      bits = keep_bits64(block & kBlockMask, key, static_cast<uint32_t>(threshold));
+    block += 16;
+    return bits;
+  }
+
+  /// The next 64 keep bits; `remaining` (>= 1) elements are still wanted.
+  uint64_t next(int64_t remaining) {
+    if (shift == 0) return gen();
+    uint64_t w = carry >> shift;
+    if (remaining > static_cast<int64_t>(64 - shift)) {
+      carry = gen();
+      w |= carry << (64 - shift);
+    }
+    return w;
+  }
+};
+
+inline uint64_t low_bits(int64_t n) { return n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1; }
+
+void philox_many(const uint32_t* ctr, uint32_t* out, int64_t n, PhiloxKey key, int rounds) {
+  for (int64_t i = 0; i < n; i += kLanes) {
+    uint32_t c[4][kLanes] = {};
+    const int64_t m = min64(kLanes, n - i);
+    for (int64_t l = 0; l < m; ++l)
+      for (int w = 0; w < 4; ++w) c[w][l] = ctr[4 * (i + l) + w];
+    philox_soa(c[0], c[1], c[2], c[3], key, rounds);
+    for (int64_t l = 0; l < m; ++l)
+      for (int w = 0; w < 4; ++w) out[4 * (i + l) + w] = c[w][l];
+  }
+}
+
+void random_words(uint32_t* out, int64_t n, uint64_t j0, PhiloxKey key) {
+  alignas(64) uint32_t buf[64];
+  uint64_t block = j0 >> 2;
+  int64_t skip = static_cast<int64_t>(j0 & 3);
+  for (int64_t i = 0; i < n; block += 16) {
+    words64(block & kBlockMask, key, buf);
+    const int64_t take = min64(64 - skip, n - i);
+    std::memcpy(out + i, buf + skip, static_cast<size_t>(take) * sizeof(uint32_t));
+    i += take;
+    skip = 0;
+  }
+}
+
+inline void store_bytes(uint8_t* out, uint64_t w, int64_t nbytes) {
+  for (int64_t b = 0; b < nbytes; ++b) out[b] = static_cast<uint8_t>(w >> (8 * b));
+}
+
+void mask_packed(uint8_t* out, int64_t n, uint64_t j0, PhiloxKey key, uint64_t t) {
+  BitStream bits(j0, key, t);
+  for (int64_t i = 0; i < n; i += 64) {
+    const int64_t rem = n - i;
+    store_bytes(out + i / 8, bits.next(rem) & low_bits(rem), min64(8, (rem + 7) / 8));
+  }
+}
+
+void mask_bool(uint8_t* out, int64_t n, uint64_t j0, PhiloxKey key, uint64_t t) {
+  BitStream bits(j0, key, t);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) bits_to_bytes64(bits.next(n - i), out + i);
+  if (i < n) {
+    const uint64_t w = bits.next(n - i);
+    for (int64_t k = 0; i + k < n; ++k) out[i + k] = static_cast<uint8_t>((w >> k) & 1);
+  }
+}
+
+template <class T, bool Stream = false>
+void dropout(const T* x, T* y, int64_t n, uint64_t j0, PhiloxKey key, uint64_t t, T s) {
+  if (t >= kDropAll) {  // p = 1: nothing is kept, no word is needed
+    for (int64_t i = 0; i < n; ++i) y[i] = T(0);
+    return;
+  }
+  BitStream bits(j0, key, t);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) select_scale64<Stream>(x + i, y + i, bits.next(n - i), s);
+  if (i < n) {
+    const uint64_t w = bits.next(n - i);
+    for (int64_t k = 0; i + k < n; ++k) y[i + k] = ((w >> k) & 1) ? x[i + k] * s : T(0);
+  }
+}
+
+/// Large outputs go around the caches (no read-for-ownership of y): the
+/// elements before y's first 64-byte boundary take the ordinary path.
+template <class T>
+void dropout_entry(const T* x, T* y, int64_t n, uint64_t j0, PhiloxKey key, uint64_t t, T s,
+                   bool stream) {
+  const auto addr = reinterpret_cast<uintptr_t>(y);
+  if (!stream || addr % sizeof(T) != 0 || n < 1024) {
+    dropout<T>(x, y, n, j0, key, t, s);
+    return;
+  }
+  const int64_t head = static_cast<int64_t>(((64 - addr % 64) % 64) / sizeof(T));
+  dropout<T>(x, y, head, j0, key, t, s);
+  dropout<T, true>(x + head, y + head, n - head, j0 + static_cast<uint64_t>(head), key, t, s);
+  stream_fence();
+}
+
+void dropout_f32(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key, uint64_t t,
+                 float s, bool stream) {
+  dropout_entry<float>(x, y, n, j0, key, t, s, stream);
+}
+void dropout_f64(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey key, uint64_t t,
+                 double s, bool stream) {
+  dropout_entry<double>(x, y, n, j0, key, t, s, stream);
+}
+
+// ---------------------------------------------------------------------------
+// Activations.  Branch-free so the compiler vectorizes the loops around them.
+// ---------------------------------------------------------------------------
+
+inline float exp_approx(float x) {
+  // 2**n * e**r with |r| <= ln2 / 2; relative error ~2e-7 on [-87, 88]
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifter = 12582912.0f;  // 1.5 * 2**23: adding it rounds to an integer
+  const float n = (x * 1.44269504f + shifter) - shifter;
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  const uint32_t u = static_cast<uint32_t>(e) << 23;
+  float scale;
+  std::memcpy(&scale, &u, sizeof scale);
+  return p * scale;
+}
+
+/// erf(x) for float, absolute error below 3e-7 (Numerical Recipes' erfc
+/// Chebyshev fit, fractional error 1.2e-7 in exact arithmetic).
+inline float erf_approx(float x) {
+  const float a = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.5f * a);
+  float q = 0.17087277f;
+  q = q * t - 0.82215223f;
+  q = q * t + 1.48851587f;
+  q = q * t - 1.13520398f;
+  q = q * t + 0.27886807f;
+  q = q * t - 0.18628806f;
+  q = q * t + 0.09678418f;
+  q = q * t + 0.37409196f;
+  q = q * t + 1.00002368f;
+  q = q * t - 1.26551223f;
+  const float erfc = t * exp_approx(-a * a + q);
+  const float r = 1.0f - erfc;
+  return x < 0.0f ? -r : r;
+}
+
+inline float gelu(float z) { return 0.5f * z * (1.0f + erf_approx(z * 0.70710678f)); }
+
+inline float gelu_grad(float z) {
+  const float cdf = 0.5f * (1.0f + erf_approx(z * 0.70710678f));
+  const float pdf = 0.39894228f * exp_approx(-0.5f * z * z);
+  return cdf + z * pdf;
+}
+
+void apply_activation(float* v, int64_t n, Activation act) {
+  if (act == Activation::relu) {
+    for (int64_t i = 0; i < n; ++i) v[i] = v[i] < 0.0f ? 0.0f : v[i];
+  } else if (act == Activation::gelu) {
+    for (int64_t i = 0; i < n; ++i) v[i] = gelu(v[i]);
+  }
+}
+
+/// dst = dy * act'(z)
+void mul_activation_grad(const float* dy, const float* z, float* dst, int64_t n, Activation act) {
+  if (act == Activation::relu) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = z[i] > 0.0f ? dy[i] : 0.0f;
+  } else if (act == Activation::gelu) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = dy[i] * gelu_grad(z[i]);
+  } else {
+    std::memcpy(dst, dy, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// GEMM (BLIS structure): jc -> pc -> pack B -> ic -> pack A -> jr -> ir -> microkernel
+// ---------------------------------------------------------------------------
+
+/// Elements (r, c0 .. c0 + len) of m, transformed; either a pointer into m or `buf`.
+const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, float* buf) {
+  const int64_t at = r * m.cols + c0;
+  const float* src = m.p + at;
+  if (m.z) {
+    mul_activation_grad(src, m.z + at, buf, len, m.zact);
+    src = buf;
+  }
+  if (m.mask.enabled) {
+    dropout<float>(src, buf, len, m.mask.offset + static_cast<uint64_t>(at), m.mask.key,
+                   m.mask.threshold, m.mask.scale);
+    src = buf;
+  }
+  return src;
+}
+
+/// Packs lanes [l0, l0 + nl) x depth [d0, d0 + nd) into panels of w lanes:
+/// out[p * nd * w + d * w + l % w] for lane l of panel p; missing lanes are zero.
+void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0, int64_t nd,
+          int64_t w, float* out, float* buf) {
+  const int64_t panels = (nl + w - 1) / w;
+  if (lanes_are_rows) {
+    for (int64_t l = 0; l < nl; ++l) {
+      const float* seg = load_segment(m, l0 + l, d0, nd, buf);
+      float* dst = out + (l / w) * nd * w + (l % w);
+      for (int64_t d = 0; d < nd; ++d) dst[d * w] = seg[d];
+    }
+    for (int64_t l = nl; l < panels * w; ++l) {
+      float* dst = out + (l / w) * nd * w + (l % w);
+      for (int64_t d = 0; d < nd; ++d) dst[d * w] = 0.0f;
+    }
+  } else {
+    for (int64_t d = 0; d < nd; ++d) {
+      const float* seg = load_segment(m, d0 + d, l0, nl, buf);
+      for (int64_t p = 0; p < panels; ++p) {
+        float* dst = out + p * nd * w + d * w;
+        const int64_t have = min64(w, nl - p * w);
+        std::memcpy(dst, seg + p * w, static_cast<size_t>(have) * sizeof(float));
+        for (int64_t l = have; l < w; ++l) dst[l] = 0.0f;
+      }
+    }
+  }
+}
+
+void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  const int64_t len = c1 - c0;
+  for (int64_t r = r0; r < r1; ++r) {
+    float* row = g.c + r * g.N + c0;
+    if (g.bias)
+      for (int64_t i = 0; i < len; ++i) row[i] += g.bias[c0 + i];
+    if (g.z_out) std::memcpy(g.z_out + r * g.N + c0, row, static_cast<size_t>(len) * sizeof(float));
+    apply_activation(row, len, g.act);
+    if (g.out_mask.enabled)
+      dropout<float>(row, row, len, g.out_mask.offset + static_cast<uint64_t>(r * g.N + c0),
+                     g.out_mask.key, g.out_mask.threshold, g.out_mask.scale);
+  }
+}
+
+void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
+  if (m0 >= m1 || n0 >= n1) return;
+  if (g.K == 0) {
+    for (int64_t r = m0; r < m1; ++r)
+      for (int64_t c = n0; c < n1; ++c) g.c[r * g.N + c] = 0.0f;
+    epilogue(g, m0, m1, n0, n1);
+    return;
+  }
+  const GemmWork layout = gemm_work(GemmBlocking{kMR, kNR, kMC, kKC, kNC}, m1 - m0, n1 - n0, g.K);
+  float* a_pack = work + layout.a_pack;
+  float* b_pack = work + layout.b_pack;
+  float* buf = work + layout.buf;
+  float* tile = work + layout.tile;
+  for (int64_t jc = n0; jc < n1; jc += kNC) {
+    const int64_t nc = min64(kNC, n1 - jc);
+    for (int64_t pc = 0; pc < g.K; pc += kKC) {
+      const int64_t kc = min64(kKC, g.K - pc);
+      const bool accumulate = pc > 0, last = pc + kc >= g.K;
+      pack(g.b, g.b_trans, jc, nc, pc, kc, kNR, b_pack, buf);
+      for (int64_t ic = m0; ic < m1; ic += kMC) {
+        const int64_t mc = min64(kMC, m1 - ic);
+        pack(g.a, !g.a_trans, ic, mc, pc, kc, kMR, a_pack, buf);
+        for (int64_t jr = 0; jr < nc; jr += kNR) {
+          const int64_t nr = min64(kNR, nc - jr);
+          for (int64_t ir = 0; ir < mc; ir += kMR) {
+            const int64_t mr = min64(kMR, mc - ir);
+            float* c = g.c + (ic + ir) * g.N + jc + jr;
+            const float* ap = a_pack + ir * kc;
+            const float* bp = b_pack + jr * kc;
+            if (mr == kMR && nr == kNR) {
+              microkernel(kc, ap, bp, c, g.N, accumulate);
+              continue;
+            }
+            // edge tile: compute the full tile aside, keep the valid part
+            for (int64_t r = 0; r < mr; ++r)
+              for (int64_t n = 0; n < nr; ++n) tile[r * kNR + n] = accumulate ? c[r * g.N + n] : 0.0f;
+            microkernel(kc, ap, bp, tile, kNR, accumulate);
+            for (int64_t r = 0; r < mr; ++r)
+              for (int64_t n = 0; n < nr; ++n) c[r * g.N + n] = tile[r * kNR + n];
+          }
+        }
+        if (last) epilogue(g, ic, ic + mc, jc, jc + nc);
+      }
+    }
+  }
+}
+
+void col_sums(const Mat& m, int64_t n0, int64_t n1, float* sums) {
+  constexpr int64_t kChunk = 256;
+  double acc[kChunk];
+  float row[kChunk];
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t len = min64(kChunk, n1 - c0);
+    for (int64_t i = 0; i < len; ++i) acc[i] = 0.0;
+    for (int64_t r = 0; r < m.rows; ++r) {
+      const float* seg = load_segment(m, r, c0, len, row);
+      for (int64_t i = 0; i < len; ++i) acc[i] += static_cast<double>(seg[i]);
+    }
+    for (int64_t i = 0; i < len; ++i) sums[c0 + i] = static_cast<float>(acc[i]);
+  }
+}
+
+}  // namespace
+
+const Kernels& kernels() {
+  static const Kernels table = {
+      FD_ISA_NAME,  philox_many, random_words,
+      mask_packed,  mask_bool,   dropout_f32,
+      dropout_f64,  GemmBlocking{kMR, kNR, kMC, kKC, kNC},
+      gemm_tile,    col_sums,
+  };
+  return table;
+}
+
+}  // namespace FD_ISA
+}  // namespace fastdropout

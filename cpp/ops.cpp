@@ -1,0 +1,191 @@
+#include "ops.hpp"
+
+#include <memory>
+
+#include "dispatch.hpp"
+
+namespace fastdropout {
+namespace ops {
+namespace {
+
+int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/// Threads worth starting for `work` units, given ~`grain` units per thread.
+int threads_for(int64_t work, int64_t grain) {
+  const int64_t want = max64(1, work / grain);
+  return static_cast<int>(min64(get_num_threads(), want));
+}
+
+/// Calls f(begin, end) on disjoint ranges covering [0, n); range starts are
+/// multiples of `align`.
+template <class F>
+void parallel_ranges(int64_t n, int64_t align, int64_t grain, F&& f) {
+  const int threads = threads_for(n, grain);
+  if (threads <= 1) {
+    if (n > 0) f(int64_t{0}, n);
+    return;
+  }
+  const int64_t per = round_up((n + threads - 1) / threads, align);
+#if defined(FD_HAVE_OPENMP)
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#endif
+  for (int t = 0; t < threads; ++t) {
+    const int64_t b = t * per, e = min64(n, b + per);
+    if (b < e) f(b, e);
+  }
+}
+
+constexpr int64_t kElementGrain = 1 << 16;
+
+/// Outputs larger than this many bytes are written with streaming stores: far
+/// beyond the last-level cache share of a core, caching them only evicts data.
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+
+}  // namespace
+
+void philox(const uint32_t* ctr, uint32_t* out, int64_t n, PhiloxKey key, int rounds) {
+  active_kernels().philox(ctr, out, n, key, rounds);
+}
+
+void random_words(uint32_t* out, int64_t n, uint64_t seed, uint64_t offset) {
+  const Kernels& k = active_kernels();
+  const PhiloxKey key = key_from_seed(seed);
+  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
+    k.random_words(out + b, e - b, offset + static_cast<uint64_t>(b), key);
+  });
+}
+
+void mask_packed(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold) {
+  const Kernels& k = active_kernels();
+  const PhiloxKey key = key_from_seed(seed);
+  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
+    k.mask_packed(out + b / 8, e - b, offset + static_cast<uint64_t>(b), key, threshold);
+  });
+}
+
+void mask_bool(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold) {
+  const Kernels& k = active_kernels();
+  const PhiloxKey key = key_from_seed(seed);
+  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
+    k.mask_bool(out + b, e - b, offset + static_cast<uint64_t>(b), key, threshold);
+  });
+}
+
+void dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
+             uint64_t threshold, float scale) {
+  const Kernels& k = active_kernels();
+  const PhiloxKey key = key_from_seed(seed);
+  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
+    k.dropout_f32(x + b, y + b, e - b, offset + static_cast<uint64_t>(b), key, threshold, scale,
+                  n * 4 >= kStreamBytes);
+  });
+}
+
+void dropout(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset,
+             uint64_t threshold, double scale) {
+  const Kernels& k = active_kernels();
+  const PhiloxKey key = key_from_seed(seed);
+  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
+    k.dropout_f64(x + b, y + b, e - b, offset + static_cast<uint64_t>(b), key, threshold, scale,
+                  n * 8 >= kStreamBytes);
+  });
+}
+
+MaskSpec make_mask(bool enabled, uint64_t seed, uint64_t offset, uint64_t threshold, float scale) {
+  MaskSpec m;
+  // p = 0 keeps everything with scale 1: no mask to apply at all
+  m.enabled = enabled && !(threshold == 0 && scale == 1.0f);
+  m.key = key_from_seed(seed);
+  m.offset = offset;
+  m.threshold = threshold;
+  m.scale = scale;
+  return m;
+}
+
+void gemm(const GemmProblem& g) {
+  const Kernels& k = active_kernels();
+  const GemmBlocking& b = k.blocking;
+  // ~1 MFLOP per thread at least; split the output's columns when there are
+  // enough of them, its rows otherwise.  Each output element is computed whole
+  // by one thread, so the split never changes a bit of the result.
+  const int64_t flops = 2 * g.M * g.N * max64(g.K, 1);
+  int threads = threads_for(flops, int64_t{1} << 20);
+  const bool split_n = g.N >= int64_t{threads} * b.nr * 4 || g.N >= g.M;
+  const int64_t extent = split_n ? g.N : g.M;
+  const int64_t unit = split_n ? b.nr : b.mr;
+  threads = static_cast<int>(min64(threads, max64(1, (extent + unit - 1) / unit)));
+  const int64_t per = round_up((extent + threads - 1) / threads, unit);
+  const int64_t m_range = split_n ? g.M : per, n_range = split_n ? per : g.N;
+  const int64_t stride = gemm_work(b, m_range, n_range, g.K).total;
+  std::unique_ptr<float[]> storage(new float[static_cast<size_t>(stride * threads + 16)]);
+  float* base = storage.get();
+  base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
+  auto run = [&](int t) {
+    const int64_t lo = t * per, hi = min64(extent, lo + per);
+    if (lo >= hi) return;
+    float* work = base + t * stride;
+    if (split_n)
+      k.gemm_tile(g, 0, g.M, lo, hi, work);
+    else
+      k.gemm_tile(g, lo, hi, 0, g.N, work);
+  };
+  if (threads <= 1) {
+    run(0);
+    return;
+  }
+#if defined(FD_HAVE_OPENMP)
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#endif
+  for (int t = 0; t < threads; ++t) run(t);
+}
+
+void dense_forward(const DenseForward& a) {
+  GemmProblem g;
+  g.M = a.M;
+  g.N = a.N;
+  g.K = a.K;
+  g.a = Mat{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
+  g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, MaskSpec{}};
+  g.a_trans = false;
+  g.b_trans = true;  // op(B)(k, n) = w[n, k]
+  g.c = a.y;
+  g.bias = a.bias;
+  g.z_out = a.z;
+  g.act = a.act;
+  gemm(g);
+}
+
+void dense_backward(const DenseBackward& a) {
+  const Mat dz{a.dy, a.M, a.N, a.act == Activation::none ? nullptr : a.z, a.act, MaskSpec{}};
+  if (a.grad_x) {  // grad_x = mask * (dz @ w) * s
+    GemmProblem g;
+    g.M = a.M;
+    g.N = a.K;
+    g.K = a.N;
+    g.a = dz;
+    g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, MaskSpec{}};
+    g.c = a.grad_x;
+    g.out_mask = a.mask;
+    gemm(g);
+  }
+  if (a.grad_w) {  // grad_w = dz.T @ dropout(x)
+    GemmProblem g;
+    g.M = a.N;
+    g.N = a.K;
+    g.K = a.M;
+    g.a = dz;
+    g.a_trans = true;
+    g.b = Mat{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
+    g.c = a.grad_w;
+    gemm(g);
+  }
+  if (a.grad_b) {
+    const Kernels& k = active_kernels();
+    parallel_ranges(a.N, 64, max64(64, (int64_t{1} << 16) / max64(a.M, 1)),
+                    [&](int64_t b, int64_t e) { k.col_sums(dz, b, e, a.grad_b); });
+  }
+}
+
+}  // namespace ops
+}  // namespace fastdropout

@@ -1,0 +1,56 @@
+// The operations, threaded with OpenMP over the active backend's kernels.
+// Inputs are already validated; arrays are C-contiguous.  Every result is
+// bit-identical for any thread count: work is split only where no reduction
+// crosses the split.
+#pragma once
+#include <cstdint>
+
+#include "kernels.hpp"
+
+namespace fastdropout {
+namespace ops {
+
+void philox(const uint32_t* ctr, uint32_t* out, int64_t n, PhiloxKey key, int rounds);
+void random_words(uint32_t* out, int64_t n, uint64_t seed, uint64_t offset);
+void mask_packed(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold);
+void mask_bool(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold);
+void dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
+             uint64_t threshold, float scale);
+void dropout(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset,
+             uint64_t threshold, double scale);
+
+MaskSpec make_mask(bool enabled, uint64_t seed, uint64_t offset, uint64_t threshold, float scale);
+
+/// y (M x N) = act(dropout(x) @ w.T + bias); z (optional) = the pre-activation.
+struct DenseForward {
+  const float* x = nullptr;  // M x K
+  const float* w = nullptr;  // N x K
+  const float* bias = nullptr;  // N, optional
+  float* y = nullptr;
+  float* z = nullptr;
+  int64_t M = 0, N = 0, K = 0;
+  Activation act = Activation::none;
+  MaskSpec mask;
+};
+void dense_forward(const DenseForward& a);
+
+/// Gradients of DenseForward given dy (M x N); each output is optional.
+struct DenseBackward {
+  const float* dy = nullptr;  // M x N
+  const float* x = nullptr;   // M x K
+  const float* w = nullptr;   // N x K
+  const float* z = nullptr;   // M x N, needed when act != none
+  float* grad_x = nullptr;    // M x K
+  float* grad_w = nullptr;    // N x K
+  float* grad_b = nullptr;    // N
+  int64_t M = 0, N = 0, K = 0;
+  Activation act = Activation::none;
+  MaskSpec mask;
+};
+void dense_backward(const DenseBackward& a);
+
+/// A general GEMM problem on the active backend, split over threads.
+void gemm(const GemmProblem& g);
+
+}  // namespace ops
+}  // namespace fastdropout

@@ -1,0 +1,47 @@
+"""fastdropout: fused, SIMD, bit-reproducible dropout and dropout->dense layers."""
+from __future__ import annotations
+
+try:
+    from . import _core
+except ImportError as exc:  # pragma: no cover - only without a build
+    if "FASTDROPOUT_BACKEND" in str(exc):
+        raise
+    raise ImportError(
+        "fastdropout's native core (fastdropout._core) is missing or failed to load: "
+        f"{exc}. Did you forget to compile it? Install with `pip install .` from the "
+        "source tree rather than importing the checkout."
+    ) from exc
+
+from . import reference
+from ._generator import Generator, default_generator, manual_seed
+from ._api import (
+    available_backends,
+    backend,
+    dense,
+    dropout,
+    dropout_backward,
+    dropout_dense,
+    dropout_dense_backward,
+    dropout_mask,
+    get_num_threads,
+    set_num_threads,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Generator",
+    "available_backends",
+    "backend",
+    "default_generator",
+    "dense",
+    "dropout",
+    "dropout_backward",
+    "dropout_dense",
+    "dropout_dense_backward",
+    "dropout_mask",
+    "get_num_threads",
+    "manual_seed",
+    "reference",
+    "set_num_threads",
+]

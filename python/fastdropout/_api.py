@@ -1,0 +1,301 @@
+"""The public functions: validate, then hand contiguous arrays to the native core."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._checks import (
+    check_activation,
+    check_float_array,
+    check_out,
+    check_p,
+    check_shape,
+    check_u64,
+    scale,
+    threshold,
+)
+from ._generator import Generator, default_generator
+
+ArrayPair = Tuple[np.ndarray, np.ndarray]
+
+
+# --------------------------------------------------------------------------- runtime
+
+
+def backend() -> str:
+    """The SIMD backend the kernels run on: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
+
+    Chosen once from cpuid/xgetbv; ``FASTDROPOUT_BACKEND`` forces one.
+    """
+    return _core.backend()
+
+
+def available_backends() -> List[str]:
+    """Backends this CPU can run, slowest first."""
+    return list(_core.available_backends())
+
+
+def set_num_threads(n: int) -> None:
+    """Set how many OpenMP threads the kernels use (results never depend on it)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int >= 1, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _core.set_num_threads(int(min(n, 1 << 16)))
+
+
+def get_num_threads() -> int:
+    """How many threads the kernels use (default: OpenMP's, i.e. OMP_NUM_THREADS or all cores)."""
+    return _core.get_num_threads()
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _resolve_stream(n: int, seed, offset, generator) -> Tuple[int, int]:
+    if seed is None:
+        if generator is None:
+            generator = default_generator
+        elif not isinstance(generator, Generator):
+            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
+        return generator.draw(n)
+    if generator is not None:
+        raise ValueError("give either seed (and offset) or generator, not both")
+    return check_u64(seed, "seed"), check_u64(offset, "offset")
+
+
+def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray]) -> np.ndarray:
+    src = np.ascontiguousarray(x)
+    direct = out is not None and out.flags.c_contiguous and (
+        not np.may_share_memory(out, src)
+        or (out.__array_interface__["data"][0] == src.__array_interface__["data"][0] and out.strides == src.strides)
+    )
+    target = out if direct else np.empty(src.shape, dtype=src.dtype)
+    _core.dropout(src.reshape(-1), target.reshape(-1), seed, offset, threshold(p), scale(p, src.dtype))
+    if out is None:
+        return target
+    if not direct:
+        np.copyto(out, target)
+    return out
+
+
+def dropout(
+    x: np.ndarray,
+    p: float = 0.5,
+    *,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[Generator] = None,
+    training: bool = True,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Inverted dropout: ``y = x / (1 - p)`` where kept, ``+0.0`` where dropped.
+
+    The mask of element ``i`` (flat C-order index of ``x``, whatever its
+    strides) depends only on ``(seed, offset + i, p)`` (SPEC sections 1-3), so
+    it is the same for every backend, thread count and call split.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64, any shape and strides.
+    p : drop probability in [0, 1].
+    seed, offset : the Philox stream; when ``seed`` is None, ``(seed, offset)``
+        is drawn from ``generator`` (default: the package's default generator,
+        see :func:`manual_seed`) and ``offset`` is ignored.
+    training : when False, returns a copy of ``x`` and draws nothing.
+    out : optional array of ``x``'s shape and dtype to write into; it may be
+        ``x`` itself.
+
+    Returns
+    -------
+    ndarray of ``x``'s dtype: ``out`` if given, else a new C-contiguous array.
+    """
+    x = check_float_array(x, "x")
+    p = check_p(p)
+    if out is not None:
+        check_out(out, x.shape, x.dtype)
+    if not training:
+        if seed is not None:
+            check_u64(seed, "seed")
+        check_u64(offset, "offset")
+        if out is None:
+            return np.array(x, order="C", copy=True)
+        np.copyto(out, x)
+        return out
+    seed, offset = _resolve_stream(x.size, seed, offset, generator)
+    return _elementwise(x, p, seed, offset, out)
+
+
+def dropout_backward(
+    grad: np.ndarray, p: float, *, seed: int, offset: int = 0, out: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Gradient of :func:`dropout`: ``grad / (1 - p)`` where kept, ``+0.0`` where dropped.
+
+    The mask is regenerated from ``(seed, offset, p)``; pass the values the
+    forward used.  Same dtypes, shapes and ``out`` rules as :func:`dropout`.
+    """
+    grad = check_float_array(grad, "grad")
+    p = check_p(p)
+    seed = check_u64(seed, "seed")
+    offset = check_u64(offset, "offset")
+    if out is not None:
+        check_out(out, grad.shape, grad.dtype)
+    return _elementwise(grad, p, seed, offset, out)
+
+
+def dropout_mask(shape, p: float, *, seed: int, offset: int = 0, packed: bool = False) -> np.ndarray:
+    """The keep mask of an array of ``shape`` (True = kept).
+
+    With ``packed=True``, a ``uint8`` array of ``ceil(n / 8)`` bytes, bit
+    ``i & 7`` of byte ``i >> 3`` set when element ``i`` is kept: the same as
+    ``np.packbits(mask.ravel(), bitorder="little")``.
+    """
+    shape = check_shape(shape)
+    p = check_p(p)
+    seed = check_u64(seed, "seed")
+    offset = check_u64(offset, "offset")
+    n = math.prod(shape)
+    if packed:
+        out = np.empty((n + 7) // 8, dtype=np.uint8)
+    else:
+        out = np.empty(shape, dtype=np.bool_)
+    _core.mask(out.reshape(-1), n, seed, offset, threshold(p), bool(packed))
+    return out
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def _dense_inputs(x, weight, bias):
+    x = check_float_array(x, "x", (np.float32,))
+    weight = check_float_array(weight, "weight", (np.float32,))
+    if x.ndim < 1:
+        raise ValueError(f"x must have shape (..., in_features), got a 0-d array")
+    if weight.ndim != 2:
+        raise ValueError(f"weight must have shape (out_features, in_features), got {weight.shape}")
+    if weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (out_features, {x.shape[-1]}) for x of shape {x.shape}, got {weight.shape}"
+        )
+    if bias is not None:
+        bias = check_float_array(bias, "bias", (np.float32,))
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}")
+        bias = np.ascontiguousarray(bias)
+    return x, np.ascontiguousarray(weight), bias
+
+
+def dense(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, *, activation: Optional[str] = None) -> np.ndarray:
+    """``act(x @ weight.T + bias)``: a plain dense layer (``torch.nn.Linear`` weight layout).
+
+    float32 only (float64 and other dtypes raise ``TypeError``); ``x`` has shape
+    ``(..., in_features)``, ``weight`` ``(out_features, in_features)``.
+    """
+    return dropout_dense(x, weight, bias, 0.0, seed=0, activation=activation, training=False)
+
+
+def dropout_dense(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: Optional[np.ndarray] = None,
+    p: float = 0.5,
+    *,
+    seed: int,
+    offset: int = 0,
+    activation: Optional[str] = None,
+    training: bool = True,
+    return_preactivation: bool = False,
+) -> Union[np.ndarray, ArrayPair]:
+    """Fused ``act(dropout(x, p, seed, offset) @ weight.T + bias)`` in one GEMM.
+
+    The mask is generated inside the matrix multiply while ``x`` is packed
+    (SPEC section 4); it is exactly the mask :func:`dropout` would apply to
+    ``x``.  float32 only: float64 inputs raise ``TypeError`` (convert with
+    ``astype(np.float32)``).  Results are bit-identical for any thread count.
+
+    Parameters
+    ----------
+    x : float32 array of shape (..., in_features)
+    weight : float32 array of shape (out_features, in_features)
+    bias : optional float32 array of shape (out_features,)
+    p, seed, offset : the dropout applied to x
+    activation : None, "relu" or "gelu" (erf form, as ``torch.nn.GELU()``)
+    training : False disables dropout (a plain dense layer)
+    return_preactivation : also return ``z`` (before the activation), which
+        :func:`dropout_dense_backward` needs when an activation is set.
+
+    Returns
+    -------
+    ``y`` of shape (..., out_features), or ``(y, z)``.
+    """
+    x, weight, bias = _dense_inputs(x, weight, bias)
+    p = check_p(p)
+    seed = check_u64(seed, "seed")
+    offset = check_u64(offset, "offset")
+    act = check_activation(activation)
+    lead = x.shape[:-1]
+    k, n_out = x.shape[-1], weight.shape[0]
+    x2 = np.ascontiguousarray(x).reshape(-1, k)
+    y = np.empty((x2.shape[0], n_out), dtype=np.float32)
+    z = np.empty_like(y) if return_preactivation else None
+    masked = bool(training) and p > 0.0
+    _core.dense_forward(x2, weight, bias, y, z, act, masked, seed, offset, threshold(p), scale(p, np.float32))
+    y = y.reshape(lead + (n_out,))
+    if return_preactivation:
+        return y, z.reshape(lead + (n_out,))
+    return y
+
+
+def dropout_dense_backward(
+    grad_out: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray,
+    p: float,
+    *,
+    seed: int,
+    offset: int = 0,
+    activation: Optional[str] = None,
+    preactivation: Optional[np.ndarray] = None,
+    bias: bool = True,
+    training: bool = True,
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Gradients of :func:`dropout_dense` given ``grad_out`` = dL/dy.
+
+    ``dz = grad_out * act'(z)``; ``grad_bias = dz.sum(0)``;
+    ``grad_weight = dz.T @ dropout(x)``; ``grad_x = dropout_backward(dz @ weight)``.
+    The mask is regenerated from ``(seed, offset, p)`` inside the kernels; no
+    mask is stored.  ``preactivation`` (the ``z`` returned by the forward with
+    ``return_preactivation=True``) is required when ``activation`` is set.
+
+    Returns ``(grad_x, grad_weight, grad_bias)``; ``grad_bias`` is None when
+    ``bias`` is False.
+    """
+    x, weight, _ = _dense_inputs(x, weight, None)
+    grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
+    p = check_p(p)
+    seed = check_u64(seed, "seed")
+    offset = check_u64(offset, "offset")
+    act = check_activation(activation)
+    lead = x.shape[:-1]
+    k, n_out = x.shape[-1], weight.shape[0]
+    if grad_out.shape != lead + (n_out,):
+        raise ValueError(f"grad_out must have shape {lead + (n_out,)}, got {grad_out.shape}")
+    z2 = None
+    if act:
+        if preactivation is None:
+            raise ValueError(f"preactivation is required with activation={activation!r}")
+        preactivation = check_float_array(preactivation, "preactivation", (np.float32,))
+        if preactivation.shape != grad_out.shape:
+            raise ValueError(f"preactivation must have shape {grad_out.shape}, got {preactivation.shape}")
+        z2 = np.ascontiguousarray(preactivation).reshape(-1, n_out)
+    x2 = np.ascontiguousarray(x).reshape(-1, k)
+    dy2 = np.ascontiguousarray(grad_out).reshape(-1, n_out)
+    grad_x = np.empty(x2.shape, dtype=np.float32)
+    grad_w = np.empty(weight.shape, dtype=np.float32)
+    grad_b = np.empty(n_out, dtype=np.float32) if bias else None
+    masked = bool(training) and p > 0.0
+    _core.dense_backward(dy2, x2, weight, z2, grad_x, grad_w, grad_b, act, masked, seed, offset, threshold(p), scale(p, np.float32))
+    return grad_x.reshape(x.shape), grad_w, grad_b

@@ -1,0 +1,103 @@
+"""Argument checks shared by the public functions: clear errors before any work."""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Any, Tuple
+
+import numpy as np
+
+U64 = 1 << 64
+ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
+
+
+def check_u64(value: Any, name: str) -> int:
+    """An integer in [0, 2**64)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer in [0, 2**64), got {type(value).__name__} {value!r}")
+    value = operator.index(value)
+    if not 0 <= value < U64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
+
+
+def check_p(p: Any) -> float:
+    """A drop probability: a real number in [0, 1]."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a real number in [0, 1], got {type(p).__name__} {p!r}")
+    p = float(p)
+    if math.isnan(p) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    return p
+
+
+def threshold(p: float) -> int:
+    """round_half_even(p * 2**32) (SPEC section 2)."""
+    return round(p * 4294967296.0)
+
+
+def scale(p: float, dtype: np.dtype) -> float:
+    """1 / (1 - p) in double, rounded once to dtype; inf for p = 1 (never used)."""
+    s = math.inf if p == 1.0 else 1.0 / (1.0 - p)
+    return float(np.dtype(dtype).type(s))
+
+
+def check_float_array(x: Any, name: str, dtypes: Tuple[type, ...] = (np.float32, np.float64)) -> np.ndarray:
+    """A NumPy array of one of `dtypes`; lists are converted, other dtypes rejected."""
+    if not isinstance(x, np.ndarray):
+        if isinstance(x, (str, bytes)) or x is None:
+            raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # e.g. ragged nested lists
+            raise TypeError(f"{name} must be array-like, got {type(x).__name__}: {exc}") from None
+    if x.dtype.type not in dtypes:
+        want = " or ".join(np.dtype(d).name for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}, got {x.dtype}")
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    return x
+
+
+def check_out(out: Any, shape: Tuple[int, ...], dtype: np.dtype, name: str = "out") -> np.ndarray:
+    """A writeable array of exactly `shape` and `dtype`."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {out.dtype}")
+    if out.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def check_activation(activation: Any) -> int:
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError(f"activation must be None, 'relu' or 'gelu', got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'relu' or 'gelu', got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def check_shape(shape: Any) -> Tuple[int, ...]:
+    """A shape: a non-negative int or a sequence of them."""
+    if isinstance(shape, (numbers.Integral,)) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a tuple of ints, got {type(shape).__name__}") from None
+    out = []
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"shape must contain ints, got {type(d).__name__} in {shape!r}")
+        d = operator.index(d)
+        if d < 0:
+            raise ValueError(f"shape must be non-negative, got {dims}")
+        out.append(d)
+    n = math.prod(out)
+    if n >= 1 << 62:
+        raise ValueError(f"shape {tuple(out)} has {n} elements, more than this package can address")
+    return tuple(out)
