@@ -13,7 +13,7 @@ namespace avx2 {
 namespace {
 
 constexpr int kLanes = 8;
-constexpr int64_t kMR = 6, kNR = 16, kMC = 192, kKC = 256, kNC = 4096;
+constexpr int64_t kMR = 6, kNR = 16, kMC = 1020, kKC = 256, kNC = 512;
 
 inline void mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);

@@ -12,7 +12,7 @@ namespace avx512 {
 namespace {
 
 constexpr int kLanes = 16;  // Philox blocks per vector
-constexpr int64_t kMR = 8, kNR = 32, kMC = 192, kKC = 256, kNC = 4096;
+constexpr int64_t kMR = 8, kNR = 32, kMC = 1024, kKC = 256, kNC = 512;
 
 /// Philox rounds on two independent sets of 8 blocks held in 64-bit lanes
 /// (value in the low half).  vpmuludq reads only the low halves, so the high

@@ -9,7 +9,7 @@ namespace scalar {
 namespace {
 
 constexpr int kLanes = 4;
-constexpr int64_t kMR = 4, kNR = 8, kMC = 128, kKC = 256, kNC = 2048;
+constexpr int64_t kMR = 4, kNR = 8, kMC = 512, kKC = 256, kNC = 512;
 
 inline void philox_soa(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, PhiloxKey key,
                        int rounds) {

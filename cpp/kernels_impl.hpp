@@ -299,21 +299,25 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
   float* b_pack = work + layout.b_pack;
   float* buf = work + layout.buf;
   float* tile = work + layout.tile;
-  for (int64_t jc = n0; jc < n1; jc += kNC) {
-    const int64_t nc = min64(kNC, n1 - jc);
-    for (int64_t pc = 0; pc < g.K; pc += kKC) {
-      const int64_t kc = min64(kKC, g.K - pc);
-      const bool accumulate = pc > 0, last = pc + kc >= g.K;
-      pack(g.b, g.b_trans, jc, nc, pc, kc, kNR, b_pack, buf);
-      for (int64_t ic = m0; ic < m1; ic += kMC) {
-        const int64_t mc = min64(kMC, m1 - ic);
-        pack(g.a, !g.a_trans, ic, mc, pc, kc, kMR, a_pack, buf);
-        for (int64_t jr = 0; jr < nc; jr += kNR) {
-          const int64_t nr = min64(kNR, nc - jr);
-          for (int64_t ir = 0; ir < mc; ir += kMR) {
-            const int64_t mr = min64(kMR, mc - ir);
+  // Loop order pc -> ic -> (pack A) -> jc -> (pack B) -> ir -> jr: the A
+  // micro-panel (MR x kc, the broadcast operand) stays in L1 while B micro-panels
+  // stream from the L2-resident B block, and the masked A block is packed (its
+  // Philox words generated) once per (pc, ic), never once per column block.
+  for (int64_t pc = 0; pc < g.K; pc += kKC) {
+    const int64_t kc = min64(kKC, g.K - pc);
+    const bool accumulate = pc > 0, last = pc + kc >= g.K;
+    for (int64_t ic = m0; ic < m1; ic += kMC) {
+      const int64_t mc = min64(kMC, m1 - ic);
+      pack(g.a, !g.a_trans, ic, mc, pc, kc, kMR, a_pack, buf);
+      for (int64_t jc = n0; jc < n1; jc += kNC) {
+        const int64_t nc = min64(kNC, n1 - jc);
+        pack(g.b, g.b_trans, jc, nc, pc, kc, kNR, b_pack, buf);
+        for (int64_t ir = 0; ir < mc; ir += kMR) {
+          const int64_t mr = min64(kMR, mc - ir);
+          const float* ap = a_pack + ir * kc;
+          for (int64_t jr = 0; jr < nc; jr += kNR) {
+            const int64_t nr = min64(kNR, nc - jr);
             float* c = g.c + (ic + ir) * g.N + jc + jr;
-            const float* ap = a_pack + ir * kc;
             const float* bp = b_pack + jr * kc;
             if (mr == kMR && nr == kNR) {
               microkernel(kc, ap, bp, c, g.N, accumulate);

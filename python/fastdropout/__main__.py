@@ -1,0 +1,49 @@
+"""Command line: ``python -m fastdropout {bench,demo,info}``."""
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+USAGE = """usage: python -m fastdropout COMMAND [options]
+
+commands:
+  bench   time fastdropout's kernels next to NumPy (and PyTorch / JAX when installed)
+  demo    train a small MLP on scikit-learn's digits with and without dropout
+  info    print the backend, the CPU features and the thread count
+
+`python -m fastdropout COMMAND --help` describes each command's options."""
+
+
+def info() -> int:
+    import fastdropout as fd
+
+    print(f"fastdropout {fd.__version__}")
+    print(f"backend           : {fd.backend()}")
+    print(f"available backends: {', '.join(fd.available_backends())}")
+    print(f"cpu features      : {fd._core.cpu_features()}")
+    print(f"threads           : {fd.get_num_threads()} (OpenMP: {'yes' if fd._core.has_openmp() else 'no'})")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "bench":
+        from ._bench import main as bench_main
+
+        return bench_main(rest)
+    if command == "demo":
+        from ._demo import main as demo_main
+
+        return demo_main(rest)
+    if command == "info":
+        return info()
+    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,392 @@
+"""Plain NumPy reference implementation of fastdropout: the oracle every kernel is tested against.
+
+Everything here follows ``SPEC.md`` literally and favours clarity over speed. The module imports
+nothing from the package (only NumPy and the standard library), so it can be loaded on its own.
+
+The random stream (SPEC section 1): element ``i`` of a logical array, under a 64-bit ``seed`` and
+``offset``, uses the random word ``u_i = Philox4x32_10(counter, key)[lane]`` with
+``j = (offset + i) mod 2**64``, ``counter = (block & 0xffffffff, block >> 32, 0, 0)``,
+``block = j >> 2``, ``lane = j & 3`` and ``key = (seed & 0xffffffff, seed >> 32)``.
+Element ``i`` is kept iff ``u_i >= round(p * 2**32)``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+__all__ = [
+    "dense",
+    "dropout",
+    "dropout_backward",
+    "dropout_dense",
+    "dropout_dense_backward",
+    "dropout_mask",
+    "dropout_scale",
+    "philox4x32",
+    "random_words",
+    "threshold",
+]
+
+PHILOX_M0 = 0xD2511F53
+PHILOX_M1 = 0xCD9E8D57
+PHILOX_W0 = 0x9E3779B9
+PHILOX_W1 = 0xBB67AE85
+
+_MASK32 = 0xFFFFFFFF
+_TWO32 = 2**32
+_TWO64 = 2**64
+_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_ACTIVATIONS = (None, "relu", "gelu")
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_p(p) -> float:
+    # bool is a numbers.Real, but p=True is almost certainly a mistake.
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
+        raise TypeError(f"p must be a real number in [0, 1], got {p!r} of type {type(p).__name__}")
+    value = float(p)
+    if not 0.0 <= value <= 1.0:  # also rejects NaN
+        raise ValueError(f"p must be in [0, 1], got {p!r}")
+    return value
+
+
+def _check_u64(value, name: str) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"{name} must be an int in [0, 2**64), got {value!r} of type {type(value).__name__}"
+        )
+    value = int(value)
+    if not 0 <= value < _TWO64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return value
+
+
+def _check_count(n) -> int:
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, numbers.Integral):
+        raise TypeError(f"n must be a non-negative int, got {n!r} of type {type(n).__name__}")
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n}")
+    return n
+
+
+def _check_shape(shape) -> tuple:
+    if isinstance(shape, numbers.Integral) and not isinstance(shape, (bool, np.bool_)):
+        shape = (shape,)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}") from None
+    for d in dims:
+        if isinstance(d, (bool, np.bool_)) or not isinstance(d, numbers.Integral):
+            raise TypeError(f"shape must be an int or a tuple of ints, got {shape!r}")
+        if d < 0:
+            raise ValueError(f"shape must not have negative dimensions, got {shape!r}")
+    return tuple(int(d) for d in dims)
+
+
+def _check_float_array(a, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {a.dtype}")
+    return a
+
+
+def _check_activation(activation):
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'relu' or 'gelu', got {activation!r}")
+    return activation
+
+
+def _check_dense_shapes(x: np.ndarray, weight: np.ndarray, bias) -> None:
+    if weight.ndim != 2:
+        raise ValueError(
+            f"weight must be 2-D (out_features, in_features), got shape {weight.shape}"
+        )
+    if x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must have shape (..., {weight.shape[1]}) to match weight {weight.shape}, "
+            f"got {x.shape}"
+        )
+    if bias is not None and np.shape(bias) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {np.shape(bias)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The random stream
+# ---------------------------------------------------------------------------------------------
+
+
+def philox4x32(counter, key, rounds: int = 10) -> np.ndarray:
+    """Philox4x32-``rounds`` of Random123, applied to each row of ``counter`` with one ``key``.
+
+    Parameters
+    ----------
+    counter : uint32 array of shape (n, 4)
+        One 128-bit counter per row; word 0 is the least significant.
+    key : uint32 array of shape (2,)
+    rounds : int
+        Number of rounds (10 is the standard Philox4x32-10; 7 is also tested).
+
+    Returns
+    -------
+    uint32 array of shape (n, 4)
+    """
+    counter = np.asarray(counter)
+    key = np.asarray(key)
+    if counter.dtype != np.uint32 or key.dtype != np.uint32:
+        raise TypeError(f"counter and key must be uint32, got {counter.dtype} and {key.dtype}")
+    if counter.ndim != 2 or counter.shape[1] != 4:
+        raise ValueError(f"counter must have shape (n, 4), got {counter.shape}")
+    if key.shape != (2,):
+        raise ValueError(f"key must have shape (2,), got {key.shape}")
+    rounds = _check_count(rounds)
+
+    # 32x32 -> 64-bit products are exact in uint64; every value kept below 2**32.
+    c0, c1, c2, c3 = (counter[:, k].astype(np.uint64) for k in range(4))
+    k0, k1 = int(key[0]), int(key[1])
+    m0, m1 = np.uint64(PHILOX_M0), np.uint64(PHILOX_M1)
+    shift, low = np.uint64(32), np.uint64(_MASK32)
+    for r in range(rounds):
+        if r > 0:
+            k0 = (k0 + PHILOX_W0) & _MASK32
+            k1 = (k1 + PHILOX_W1) & _MASK32
+        prod0 = c0 * m0
+        prod1 = c2 * m1
+        hi0, lo0 = prod0 >> shift, prod0 & low
+        hi1, lo1 = prod1 >> shift, prod1 & low
+        c0, c1, c2, c3 = hi1 ^ c1 ^ np.uint64(k0), lo1, hi0 ^ c3 ^ np.uint64(k1), lo0
+    return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
+
+
+def random_words(n: int, seed: int, offset: int = 0) -> np.ndarray:
+    """The random words ``u_0 .. u_{n-1}`` of SPEC section 1, as a uint32 array of length ``n``.
+
+    ``u_i`` is lane ``j & 3`` of ``Philox4x32_10((block & 0xffffffff, block >> 32, 0, 0), key)``
+    with ``j = (offset + i) mod 2**64``, ``block = j >> 2`` and
+    ``key = (seed & 0xffffffff, seed >> 32)``. Wraps around at ``2**64``.
+    """
+    n = _check_count(n)
+    seed = _check_u64(seed, "seed")
+    offset = _check_u64(offset, "offset")
+    if n == 0:
+        return np.empty(0, dtype=np.uint32)
+
+    # Consecutive j map to consecutive (block, lane); j wrapping at 2**64 is block wrapping
+    # at 2**62. So generate whole blocks and cut the requested words out of their stream.
+    lane0 = offset & 3
+    nblocks = (lane0 + n + 3) // 4
+    blocks = np.arange(nblocks, dtype=np.uint64) + np.uint64(offset >> 2)
+    blocks &= np.uint64(2**62 - 1)
+    counter = np.zeros((nblocks, 4), dtype=np.uint32)
+    counter[:, 0] = (blocks & np.uint64(_MASK32)).astype(np.uint32)
+    counter[:, 1] = (blocks >> np.uint64(32)).astype(np.uint32)
+    key = np.array([seed & _MASK32, seed >> 32], dtype=np.uint32)
+    stream = philox4x32(counter, key, rounds=10).reshape(-1)
+    return stream[lane0 : lane0 + n].copy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and dropout
+# ---------------------------------------------------------------------------------------------
+
+
+def threshold(p) -> int:
+    """The keep threshold ``t = round_half_even(p * 2**32)``, an int in [0, 2**32].
+
+    Element ``i`` is kept iff ``u_i >= t``. ``p`` must be a real number in [0, 1].
+    """
+    p = _check_p(p)
+    return round(p * float(_TWO32))  # exact product (power of two); round() is half-even
+
+
+def dropout_scale(p, dtype):
+    """The inverted-dropout scale ``1 / (1 - p)``, computed in double and rounded once to ``dtype``.
+
+    Returns a NumPy scalar of ``dtype``. For ``p == 1`` (every element dropped, the scale is never
+    used) it returns 0.
+    """
+    p = _check_p(p)
+    dtype = np.dtype(dtype)
+    if p == 1.0:
+        return dtype.type(0)
+    with np.errstate(over="ignore"):  # float16 may overflow to inf; that is the rounded value
+        return dtype.type(1.0 / (1.0 - p))
+
+
+def dropout_mask(shape, p, *, seed: int, offset: int = 0, packed: bool = False) -> np.ndarray:
+    """The keep mask of a ``shape``-shaped array (flat C-order index ``i``).
+
+    Returns a bool array of ``shape`` (True = kept), or with ``packed=True`` a uint8 array of
+    ``ceil(n / 8)`` bytes equal to ``np.packbits(keep.ravel(), bitorder="little")``.
+    """
+    shape = _check_shape(shape)
+    t = threshold(p)
+    n = math.prod(shape)
+    words = random_words(n, seed, offset)
+    keep = words.astype(np.int64) >= np.int64(t)  # 64-bit compare: t may be 2**32
+    if packed:
+        return np.packbits(keep, bitorder="little")
+    return keep.reshape(shape)
+
+
+def _apply_mask(values: np.ndarray, keep: np.ndarray, s) -> np.ndarray:
+    # A select, not a multiply: dropped NaN/inf become +0.0. Overflow and signalling NaNs in the
+    # kept products are what the arithmetic gives, not an error.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.where(keep, values * s, values.dtype.type(0))
+
+
+def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> np.ndarray:
+    """Inverted dropout (SPEC section 3): ``y = where(keep, x * s, +0.0)``.
+
+    ``s = dropout_scale(p, x.dtype)``; the mask is ``dropout_mask(x.shape, p, seed, offset)``
+    over the flat C-order index of the logical array. Returns a new C-contiguous array of
+    ``x``'s dtype (float16, float32 or float64). ``training=False`` returns a copy of ``x``.
+    """
+    x = _check_float_array(x, "x")
+    p = _check_p(p)
+    seed = _check_u64(seed, "seed")
+    offset = _check_u64(offset, "offset")
+    x = np.asarray(x, order="C")
+    if not training:
+        return x.copy(order="C")
+    keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
+    return _apply_mask(x, keep, dropout_scale(p, x.dtype))
+
+
+def dropout_backward(grad, p, *, seed: int, offset: int = 0) -> np.ndarray:
+    """Gradient of :func:`dropout`: ``where(keep, grad * s, +0.0)`` with the same mask and scale."""
+    return dropout(grad, p, seed=seed, offset=offset, training=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense layers (float64 oracle)
+# ---------------------------------------------------------------------------------------------
+
+_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _activate(z: np.ndarray, activation) -> np.ndarray:
+    if activation is None:
+        return z
+    if activation == "relu":
+        return np.maximum(z, 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return 0.5 * z * (1.0 + _erf(z / math.sqrt(2.0)))
+
+
+def _activation_grad(z: np.ndarray, activation) -> np.ndarray:
+    if activation == "relu":
+        return (z > 0).astype(np.float64)
+    # d/dz [z * Phi(z)] = Phi(z) + z * phi(z)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        cdf = 0.5 * (1.0 + _erf(z / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+        return cdf + z * pdf
+
+
+def dense(x, weight, bias=None, *, activation=None) -> np.ndarray:
+    """``act(x @ weight.T + bias)`` in float64, with ``weight`` of shape (out, in) as torch.
+
+    ``x`` has shape (..., in); the result has shape (..., out) and dtype float64.
+    ``activation`` is None, ``"relu"`` or ``"gelu"`` (erf form).
+    """
+    x = _check_float_array(x, "x")
+    weight = _check_float_array(weight, "weight")
+    if bias is not None:
+        bias = _check_float_array(bias, "bias")
+    activation = _check_activation(activation)
+    _check_dense_shapes(x, weight, bias)
+    z = x.astype(np.float64) @ weight.astype(np.float64).T
+    if bias is not None:
+        z = z + bias.astype(np.float64)
+    return _activate(z, activation)
+
+
+def dropout_dense(
+    x,
+    weight,
+    bias=None,
+    p=0.5,
+    *,
+    seed: int,
+    offset: int = 0,
+    activation=None,
+    training: bool = True,
+    return_preactivation: bool = False,
+):
+    """Fused dropout -> dense (SPEC section 4), in float64.
+
+    ``z = dropout(x, p, seed, offset).astype(float64) @ weight.T + bias`` and ``y = act(z)``:
+    the dropped-and-scaled ``x`` is exactly :func:`dropout`'s output in ``x``'s dtype (so the
+    scale is rounded to that dtype), then widened. Returns ``y``, or ``(y, z)`` with
+    ``return_preactivation=True``.
+    """
+    x = _check_float_array(x, "x")
+    weight = _check_float_array(weight, "weight")
+    activation = _check_activation(activation)
+    _check_dense_shapes(x, weight, bias)
+    dropped = dropout(x, p, seed=seed, offset=offset, training=training)
+    z = dense(dropped, weight, bias)
+    y = _activate(z, activation)
+    return (y, z) if return_preactivation else y
+
+
+def dropout_dense_backward(
+    grad_out,
+    x,
+    weight,
+    p,
+    *,
+    seed: int,
+    offset: int = 0,
+    activation=None,
+    preactivation=None,
+    bias: bool = True,
+):
+    """Gradients of :func:`dropout_dense` (training mode), in float64.
+
+    ``dz = grad_out * act'(preactivation)`` (relu' = ``z > 0``, gelu' = ``Phi(z) + z phi(z)``),
+    ``grad_bias = dz`` summed over the leading dimensions (None when ``bias`` is False),
+    ``grad_weight = dz2d.T @ dropout(x)2d`` and
+    ``grad_x = where(keep, (dz @ weight) * s, 0)`` with ``dropout``'s mask and scale
+    (``s`` rounded to ``x``'s dtype, i.e. the exact derivative of the forward), reshaped to
+    ``x.shape``. ``preactivation`` (``z`` of the forward) is required when ``activation`` is
+    set. Returns ``(grad_x, grad_weight, grad_bias)``.
+    """
+    x = _check_float_array(x, "x")
+    weight = _check_float_array(weight, "weight")
+    grad_out = _check_float_array(grad_out, "grad_out")
+    activation = _check_activation(activation)
+    p = _check_p(p)
+    _check_dense_shapes(x, weight, None)
+    out_features, in_features = weight.shape
+    expected = x.shape[:-1] + (out_features,)
+    if grad_out.shape != expected:
+        raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
+
+    dz = grad_out.astype(np.float64)
+    if activation is not None:
+        if preactivation is None:
+            raise ValueError(f"preactivation is required with activation={activation!r}")
+        z = _check_float_array(preactivation, "preactivation")
+        if z.shape != expected:
+            raise ValueError(f"preactivation must have shape {expected}, got {z.shape}")
+        dz = dz * _activation_grad(z.astype(np.float64), activation)
+
+    keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
+    dropped = dropout(x, p, seed=seed, offset=offset).astype(np.float64)
+    dz2d = dz.reshape(-1, out_features)
+    grad_weight = dz2d.T @ dropped.reshape(-1, in_features)
+    grad_bias = dz2d.sum(axis=0) if bias else None
+    s = np.float64(dropout_scale(p, x.dtype))
+    grad_x = _apply_mask(dz @ weight.astype(np.float64), keep, s).reshape(x.shape)
+    return grad_x, grad_weight, grad_bias
