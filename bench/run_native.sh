@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Build and run the native benchmark: bench/run_native.sh [fastdropout_bench options]
+# e.g. bench/run_native.sh --quick --json bench/out/native.json
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cmake -S . -B build/bench -DCMAKE_BUILD_TYPE=Release -DFASTDROPOUT_BUILD_BENCH=ON \
+  -DFASTDROPOUT_BUILD_PYTHON=OFF > /dev/null
+cmake --build build/bench -j 2 > /dev/null
+mkdir -p bench/out
+exec build/bench/fastdropout_bench "$@"

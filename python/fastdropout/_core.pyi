@@ -1,0 +1,46 @@
+"""Type stubs for the private native module fastdropout._core."""
+from typing import List, Optional
+
+import numpy as np
+import numpy.typing as npt
+
+def backend() -> str: ...
+def available_backends() -> List[str]: ...
+def compiled_backends() -> List[str]: ...
+def set_backend(name: str) -> None: ...
+def cpu_features() -> str: ...
+def has_openmp() -> bool: ...
+def get_num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def philox4x32(counters: npt.NDArray[np.uint32], key: npt.NDArray[np.uint32], rounds: int = 10) -> npt.NDArray[np.uint32]: ...
+def random_words(n: int, seed: int, offset: int = 0) -> npt.NDArray[np.uint32]: ...
+def mask(out: npt.NDArray[np.generic], n: int, seed: int, offset: int, threshold: int, packed: bool) -> None: ...
+def dropout(x: npt.NDArray[np.floating], out: npt.NDArray[np.floating], seed: int, offset: int, threshold: int, scale: float) -> None: ...
+def dense_forward(
+    x: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    bias: Optional[npt.NDArray[np.float32]],
+    out: npt.NDArray[np.float32],
+    preactivation: Optional[npt.NDArray[np.float32]],
+    activation: int,
+    masked: bool,
+    seed: int,
+    offset: int,
+    threshold: int,
+    scale: float,
+) -> None: ...
+def dense_backward(
+    grad_out: npt.NDArray[np.float32],
+    x: npt.NDArray[np.float32],
+    weight: npt.NDArray[np.float32],
+    preactivation: Optional[npt.NDArray[np.float32]],
+    grad_x: Optional[npt.NDArray[np.float32]],
+    grad_weight: Optional[npt.NDArray[np.float32]],
+    grad_bias: Optional[npt.NDArray[np.float32]],
+    activation: int,
+    masked: bool,
+    seed: int,
+    offset: int,
+    threshold: int,
+    scale: float,
+) -> None: ...
