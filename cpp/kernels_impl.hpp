@@ -158,7 +158,9 @@ void dropout_f64(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey k
 // ---------------------------------------------------------------------------
 
 inline float exp_approx(float x) {
-  // 2**n * e**r with |r| <= ln2 / 2; relative error ~2e-7 on [-87, 88]
+  // 2**n * e**r with |r| <= ln2 / 2; relative error ~2e-7 on [-87, 88]; 0 below
+  // -87 (where e**x is at most a subnormal), so z * e**(-z*z/2) vanishes for huge z.
+  const bool underflow = x < -87.0f;
   x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float shifter = 12582912.0f;  // 1.5 * 2**23: adding it rounds to an integer
   const float n = (x * 1.44269504f + shifter) - shifter;
@@ -174,7 +176,7 @@ inline float exp_approx(float x) {
   const uint32_t u = static_cast<uint32_t>(e) << 23;
   float scale;
   std::memcpy(&scale, &u, sizeof scale);
-  return p * scale;
+  return underflow ? 0.0f : p * scale;
 }
 
 /// erf(x) for float, absolute error below 3e-7 (Numerical Recipes' erfc

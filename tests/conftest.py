@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import fastdropout as fd
 
-BACKENDS = fd.available_backends()
+# FASTDROPOUT_BACKEND pins the whole run to one backend (CI runs the suite once per
+# backend that way); otherwise every kernel test runs on every backend the CPU has.
+BACKENDS = [os.environ["FASTDROPOUT_BACKEND"]] if os.environ.get("FASTDROPOUT_BACKEND") else fd.available_backends()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -18,6 +22,13 @@ def backend(request):
         yield request.param
     finally:
         fd._core.set_backend(previous)
+
+
+def pytest_report_header(config):
+    return (
+        f"fastdropout {fd.__version__} from {os.path.dirname(fd.__file__)}; backend {fd.backend()}; "
+        f"testing backends {', '.join(BACKENDS)}; cpu: {fd._core.cpu_features()}"
+    )
 
 
 @pytest.fixture(params=[1, 2, 3])

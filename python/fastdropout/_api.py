@@ -238,8 +238,9 @@ def dropout_dense(
     act = check_activation(activation)
     lead = x.shape[:-1]
     k, n_out = x.shape[-1], weight.shape[0]
-    x2 = np.ascontiguousarray(x).reshape(-1, k)
-    y = np.empty((x2.shape[0], n_out), dtype=np.float32)
+    rows = math.prod(lead)  # (reshape(-1, k) cannot infer the rows when k == 0)
+    x2 = np.ascontiguousarray(x).reshape(rows, k)
+    y = np.empty((rows, n_out), dtype=np.float32)
     z = np.empty_like(y) if return_preactivation else None
     masked = bool(training) and p > 0.0
     _core.dense_forward(x2, weight, bias, y, z, act, masked, seed, offset, threshold(p), scale(p, np.float32))
@@ -283,6 +284,7 @@ def dropout_dense_backward(
     k, n_out = x.shape[-1], weight.shape[0]
     if grad_out.shape != lead + (n_out,):
         raise ValueError(f"grad_out must have shape {lead + (n_out,)}, got {grad_out.shape}")
+    rows = math.prod(lead)
     z2 = None
     if act:
         if preactivation is None:
@@ -290,9 +292,9 @@ def dropout_dense_backward(
         preactivation = check_float_array(preactivation, "preactivation", (np.float32,))
         if preactivation.shape != grad_out.shape:
             raise ValueError(f"preactivation must have shape {grad_out.shape}, got {preactivation.shape}")
-        z2 = np.ascontiguousarray(preactivation).reshape(-1, n_out)
-    x2 = np.ascontiguousarray(x).reshape(-1, k)
-    dy2 = np.ascontiguousarray(grad_out).reshape(-1, n_out)
+        z2 = np.ascontiguousarray(preactivation).reshape(rows, n_out)
+    x2 = np.ascontiguousarray(x).reshape(rows, k)
+    dy2 = np.ascontiguousarray(grad_out).reshape(rows, n_out)
     grad_x = np.empty(x2.shape, dtype=np.float32)
     grad_w = np.empty(weight.shape, dtype=np.float32)
     grad_b = np.empty(n_out, dtype=np.float32) if bias else None

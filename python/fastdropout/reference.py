@@ -384,8 +384,9 @@ def dropout_dense_backward(
 
     keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
     dropped = dropout(x, p, seed=seed, offset=offset).astype(np.float64)
-    dz2d = dz.reshape(-1, out_features)
-    grad_weight = dz2d.T @ dropped.reshape(-1, in_features)
+    rows = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) cannot infer the rows
+    dz2d = dz.reshape(rows, out_features)
+    grad_weight = dz2d.T @ dropped.reshape(rows, in_features)
     grad_bias = dz2d.sum(axis=0) if bias else None
     s = np.float64(dropout_scale(p, x.dtype))
     grad_x = _apply_mask(dz @ weight.astype(np.float64), keep, s).reshape(x.shape)
