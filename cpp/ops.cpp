@@ -72,24 +72,26 @@ void mask_bool(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, uint64_t
   });
 }
 
+namespace {
+template <class T, class Fn>
+void dropout_any(Fn kernel, const T* x, T* y, int64_t n, uint64_t seed, uint64_t offset,
+                 uint64_t threshold, T scale) {
+  const PhiloxKey key = key_from_seed(seed);
+  const bool stream = n * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
+    kernel(x + b, y + b, e - b, offset + static_cast<uint64_t>(b), key, threshold, scale, stream);
+  });
+}
+}  // namespace
+
 void dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
              uint64_t threshold, float scale) {
-  const Kernels& k = active_kernels();
-  const PhiloxKey key = key_from_seed(seed);
-  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
-    k.dropout_f32(x + b, y + b, e - b, offset + static_cast<uint64_t>(b), key, threshold, scale,
-                  n * 4 >= kStreamBytes);
-  });
+  dropout_any(active_kernels().dropout_f32, x, y, n, seed, offset, threshold, scale);
 }
 
 void dropout(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset,
              uint64_t threshold, double scale) {
-  const Kernels& k = active_kernels();
-  const PhiloxKey key = key_from_seed(seed);
-  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
-    k.dropout_f64(x + b, y + b, e - b, offset + static_cast<uint64_t>(b), key, threshold, scale,
-                  n * 8 >= kStreamBytes);
-  });
+  dropout_any(active_kernels().dropout_f64, x, y, n, seed, offset, threshold, scale);
 }
 
 MaskSpec make_mask(bool enabled, uint64_t seed, uint64_t offset, uint64_t threshold, float scale) {

@@ -188,6 +188,10 @@ def _dense_inputs(x, weight, bias):
     return x, np.ascontiguousarray(weight), bias
 
 
+def _layer_args(p, seed, offset, activation) -> Tuple[float, int, int, int]:
+    return check_p(p), check_u64(seed, "seed"), check_u64(offset, "offset"), check_activation(activation)
+
+
 def dense(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, *, activation: Optional[str] = None) -> np.ndarray:
     """``act(x @ weight.T + bias)``: a plain dense layer (``torch.nn.Linear`` weight layout).
 
@@ -232,10 +236,7 @@ def dropout_dense(
     ``y`` of shape (..., out_features), or ``(y, z)``.
     """
     x, weight, bias = _dense_inputs(x, weight, bias)
-    p = check_p(p)
-    seed = check_u64(seed, "seed")
-    offset = check_u64(offset, "offset")
-    act = check_activation(activation)
+    p, seed, offset, act = _layer_args(p, seed, offset, activation)
     lead = x.shape[:-1]
     k, n_out = x.shape[-1], weight.shape[0]
     rows = math.prod(lead)  # (reshape(-1, k) cannot infer the rows when k == 0)
@@ -276,10 +277,7 @@ def dropout_dense_backward(
     """
     x, weight, _ = _dense_inputs(x, weight, None)
     grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
-    p = check_p(p)
-    seed = check_u64(seed, "seed")
-    offset = check_u64(offset, "offset")
-    act = check_activation(activation)
+    p, seed, offset, act = _layer_args(p, seed, offset, activation)
     lead = x.shape[:-1]
     k, n_out = x.shape[-1], weight.shape[0]
     if grad_out.shape != lead + (n_out,):

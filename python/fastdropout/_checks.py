@@ -26,7 +26,10 @@ def check_p(p: Any) -> float:
     """A drop probability: a real number in [0, 1]."""
     if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a real number in [0, 1], got {type(p).__name__} {p!r}")
-    p = float(p)
+    try:
+        p = float(p)
+    except OverflowError:  # a huge int or Fraction: certainly out of range
+        raise ValueError(f"p must be in [0, 1], got {p!r:.60}") from None
     if math.isnan(p) or not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
     return p
