@@ -1,0 +1,314 @@
+"""fastdropout.torch: autograd functions and modules against torch's own ops.
+
+What is checked:
+
+* forward and all gradients of ``dropout_linear`` / ``DropoutLinear`` equal
+  ``act(F.linear(x * mask / (1 - p), W, b))`` computed by torch, where ``mask`` is
+  ``fd.dropout_mask`` for the same ``(seed, offset)``, within float32 GEMM tolerance, on every
+  backend, for each activation, with and without bias, batched and 1-D inputs, non-contiguous
+  inputs; ``Dropout`` equals ``x * mask / (1 - p)`` exactly in float32 and float64 and passes
+  ``gradcheck`` in float64;
+* the seed comes from torch's default generator (``torch.manual_seed`` reproduces a run),
+  ``eval()`` turns dropout off and draws nothing;
+* contiguous float32 inputs reach the kernels without a copy;
+* ``DropoutLinear`` initialises exactly as ``torch.nn.Linear`` and state dicts load both ways
+  (also into ``fastdropout.nn``);
+* a short training run decreases the loss;
+* CUDA/meta tensors, other dtypes and bad arguments raise clear errors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+import fastdropout as fd  # noqa: E402
+import fastdropout.nn as fnn  # noqa: E402
+import fastdropout.torch as fdt  # noqa: E402
+
+ACTS = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}
+
+
+def gemm_close(actual, expected, k_inner):
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-30)
+    err = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
+    assert err <= max(4 * k_inner * 2.0**-24, 2.0**-20), err
+
+
+def torch_mask(shape, p, seed, offset):
+    return torch.from_numpy(fd.dropout_mask(tuple(shape), p, seed=seed, offset=offset))
+
+
+def reference_linear(x, weight, bias, p, seed, offset, activation):
+    """torch's own F.linear over torch's dropout arithmetic with fastdropout's mask."""
+    scale = torch.tensor(1.0 / (1.0 - p) if p < 1 else 0.0, dtype=torch.float32)
+    dropped = torch.where(torch_mask(x.shape, p, seed, offset), x * scale, torch.zeros((), dtype=x.dtype))
+    return ACTS[activation](F.linear(dropped, weight, bias))
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------
+# dropout_linear against torch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 19), (2, 3, 19), (19,)])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.9])
+def test_dropout_linear_matches_torch(backend, activation, bias, shape, p):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen)
+    w = torch.randn(7, 19, generator=gen) * 0.3
+    b = torch.randn(7, generator=gen) if bias else None
+    seed, offset = 0xDEADBEEF12345, 6
+    xs, ws, bs = leaf(x), leaf(w), None if b is None else leaf(b)
+    y = fdt.dropout_linear(xs, ws, bs, p, activation=activation, seed=seed, offset=offset)
+    xr, wr, br = leaf(x), leaf(w), None if b is None else leaf(b)
+    y_ref = reference_linear(xr, wr, br, p, seed, offset, activation)
+    gemm_close(y, y_ref, 19)
+    g = torch.randn(y.shape, generator=gen)
+    y.backward(g)
+    y_ref.backward(g)
+    rows = max(1, x.numel() // 19)
+    gemm_close(xs.grad, xr.grad, 7)
+    gemm_close(ws.grad, wr.grad, rows)
+    if bias:
+        gemm_close(bs.grad, br.grad, rows)
+    # Dropped inputs get exactly zero gradient.
+    assert torch.all(xs.grad[~torch_mask(x.shape, p, seed, offset)] == 0)
+
+
+def test_dropout_linear_non_contiguous_input(backend):
+    x = torch.randn(19, 8).t()  # (8, 19), transposed strides
+    w = torch.randn(5, 19)
+    y = fdt.dropout_linear(x, w, None, 0.5, seed=3)
+    gemm_close(y, reference_linear(x, w, None, 0.5, 3, 0, None), 19)
+
+
+def test_dropout_linear_zero_copy(monkeypatch):
+    seen = {}
+    real = fdt._np_dropout_dense
+
+    def spy(x, weight, bias, *args, **kwargs):
+        seen.update(x=x, weight=weight, bias=bias)
+        return real(x, weight, bias, *args, **kwargs)
+
+    monkeypatch.setattr(fdt, "_np_dropout_dense", spy)
+    layer = fdt.DropoutLinear(8, 4)
+    x = torch.randn(3, 8)
+    layer(x)
+    assert np.shares_memory(seen["x"], x.numpy())
+    assert np.shares_memory(seen["weight"], layer.weight.detach().numpy())
+    assert np.shares_memory(seen["bias"], layer.bias.detach().numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout against torch
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_matches_torch_arithmetic(backend, dtype):
+    x = torch.randn(4, 5, 6, dtype=dtype)
+    xs = leaf(x)
+    y = fdt.dropout(xs, 0.25, seed=99, offset=3)
+    keep = torch_mask(x.shape, 0.25, 99, 3)
+    scale = torch.tensor(1 / 0.75, dtype=dtype)
+    expected = torch.where(keep, x * scale, torch.zeros((), dtype=dtype))
+    assert y.dtype == dtype
+    assert torch.equal(y, expected)
+    g = torch.randn(x.shape, dtype=dtype)
+    y.backward(g)
+    assert torch.equal(xs.grad, torch.where(keep, g * scale, torch.zeros((), dtype=dtype)))
+
+
+def test_dropout_gradcheck():
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fdt.dropout(t, 0.4, seed=5), (x,))
+
+
+def test_dropout_module_train_eval():
+    layer = fdt.Dropout(0.5)
+    x = torch.randn(100)
+    state = torch.get_rng_state()
+    y = layer(x)
+    assert not torch.equal(y, x) and (y == 0).any()
+    layer.eval()
+    assert layer(x) is x
+    torch.set_rng_state(state)
+    layer.train()
+    assert torch.equal(layer(x), y)
+    assert "p=0.5" in repr(layer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness, modes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_seed_drawn_from_torch_default_generator():
+    layer = fdt.DropoutLinear(10, 4, p=0.5)
+    x = torch.randn(3, 10)
+    torch.manual_seed(1234)
+    y = layer(x)
+    torch.manual_seed(1234)
+    seed = int(torch.randint(0, 2**63 - 1, ()).item())
+    gemm_close(y, reference_linear(x, layer.weight, layer.bias, 0.5, seed, 0, None), 10)
+    torch.manual_seed(1234)
+    assert torch.equal(layer(x), y)
+    assert not torch.equal(layer(x), y)  # the next call draws a new seed
+
+
+def test_eval_turns_dropout_off_and_draws_nothing(backend):
+    model = torch.nn.Sequential(fdt.DropoutLinear(6, 5, p=0.9, activation="relu"), fdt.Dropout(0.5))
+    model.eval()
+    x = torch.randn(4, 6)
+    state = torch.get_rng_state()
+    y = model(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    gemm_close(y, F.relu(F.linear(x, model[0].weight, model[0].bias)), 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, init, state dicts
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_init_identical_to_linear(bias):
+    torch.manual_seed(7)
+    ours = fdt.DropoutLinear(30, 20, bias=bias)
+    torch.manual_seed(7)
+    theirs = torch.nn.Linear(30, 20, bias=bias)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_roundtrip_with_linear():
+    ours = fdt.DropoutLinear(8, 3, p=0.2, activation="gelu")
+    linear = torch.nn.Linear(8, 3)
+    linear.load_state_dict(ours.state_dict())
+    assert torch.equal(linear.weight, ours.weight) and torch.equal(linear.bias, ours.bias)
+    other = torch.nn.Linear(8, 3)
+    ours.load_state_dict(other.state_dict())
+    assert torch.equal(other.weight, ours.weight) and torch.equal(other.bias, ours.bias)
+    ours.eval()
+    x = torch.randn(2, 8)
+    gemm_close(ours(x), F.gelu(other(x)), 8)
+
+
+def test_state_dict_moves_to_fastdropout_nn():
+    model = torch.nn.Sequential(fdt.DropoutLinear(6, 8, activation="relu"), fdt.DropoutLinear(8, 2))
+    numpy_model = fnn.Sequential(fnn.DropoutDense(6, 8, activation="relu", seed=0), fnn.DropoutDense(8, 2, seed=0))
+    numpy_model.load_state_dict(model.state_dict())
+    model.eval()
+    numpy_model.eval()
+    x = torch.randn(3, 6)
+    gemm_close(torch.from_numpy(numpy_model(x.numpy())), model(x), 8)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in numpy_model.state_dict().items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_short_training_run_decreases_loss():
+    torch.manual_seed(0)
+    x = torch.randn(256, 10)
+    y = (x[:, :3].sum(1) > 0).long() + 2 * (x[:, 3] > 0).long()
+    model = torch.nn.Sequential(
+        fdt.DropoutLinear(10, 64, p=0.1, activation="relu"), fdt.DropoutLinear(64, 4, p=0.3)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with torch.no_grad():
+        first = F.cross_entropy(model.eval()(x), y).item()
+    model.train()
+    for _ in range(60):
+        idx = torch.randint(0, 256, (32,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = F.cross_entropy(model.eval()(x), y).item()
+    assert last < 0.5 * first
+
+
+def test_no_grad_inference_and_empty_batch():
+    layer = fdt.DropoutLinear(4, 3)
+    with torch.no_grad():
+        assert layer(torch.randn(2, 4)).shape == (2, 3)
+    x = torch.randn(0, 4, requires_grad=True)
+    y = layer(x)
+    y.sum().backward()
+    assert y.shape == (0, 3) and torch.equal(layer.weight.grad, torch.zeros(3, 4))
+
+
+def test_double_backward_is_refused():
+    x = torch.randn(3, 4, requires_grad=True)
+    layer = fdt.DropoutLinear(4, 2, activation="gelu")
+    (g,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16, torch.int32])
+def test_dropout_linear_rejects_other_dtypes(dtype):
+    layer = fdt.DropoutLinear(4, 2)
+    with pytest.raises(TypeError, match="float32"):
+        layer(torch.ones(2, 4, dtype=dtype))
+    with pytest.raises(TypeError, match="weight must have dtype torch.float32"):
+        layer.double()(torch.ones(2, 4, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.int64, torch.complex64])
+def test_dropout_rejects_other_dtypes(dtype):
+    with pytest.raises(TypeError, match="float32 or torch.float64"):
+        fdt.Dropout(0.5)(torch.ones(3, dtype=dtype))
+
+
+def test_non_cpu_tensors_are_refused():
+    x = torch.empty(2, 4, device="meta")
+    with pytest.raises(TypeError, match="CPU"):
+        fdt.Dropout(0.5)(x)
+    with pytest.raises(TypeError, match="CPU"):
+        fdt.DropoutLinear(4, 2, device="meta")(x)
+    with pytest.raises(TypeError, match="CPU"):
+        fdt.dropout(torch.eye(3).to_sparse())
+    if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
+        with pytest.raises(TypeError, match="CPU"):
+            fdt.DropoutLinear(4, 2).cuda()(torch.randn(2, 4, device="cuda"))
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: fdt.Dropout(1.5), ValueError, "p must be"),
+        (lambda: fdt.DropoutLinear(4, 2, p=-0.1), ValueError, "p must be"),
+        (lambda: fdt.DropoutLinear(4, 2, activation="tanh"), ValueError, "activation"),
+        (lambda: fdt.DropoutLinear(4, 2)(torch.randn(3, 5)), ValueError, "in_features"),
+        (lambda: fdt.dropout(np.ones(3, np.float32)), TypeError, "torch.Tensor"),
+        (lambda: fdt.dropout(torch.ones(3), seed=-1), ValueError, "seed"),
+        (lambda: fdt.dropout_linear(torch.ones(2, 4), torch.ones(3, 4), torch.ones(2)), ValueError, "bias"),
+    ],
+)
+def test_bad_arguments(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
