@@ -323,6 +323,24 @@ def run(
                 ("dropout_dense backward", "x".join(map(str, shape)), t, lambda: fd.dropout_dense_backward(dy, xd, w, P, seed=SEED), 4.0 * m * k * nn),
             ]
 
+    # NumPy's BLAS gets the same thread count as fastdropout and torch, when
+    # threadpoolctl is there to set it.
+    limiter = None
+    if _have("threadpoolctl"):
+        from threadpoolctl import threadpool_limits
+
+        limiter = threadpool_limits(threads)
+    info["numpy_threads"] = threads if limiter is not None else "OpenBLAS default"
+    try:
+        results = _measure_all(plan, scale_plan, repeats, threads, progress)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+    _add_ratios(results)
+    return info, results
+
+
+def _measure_all(plan, scale_plan, repeats: int, threads: int, progress: bool) -> List[Result]:
     bar = Progress(len(plan) + len(scale_plan), progress)
     results: List[Result] = []
     for group, kernel, impl, fn, work, size in plan:
@@ -338,8 +356,7 @@ def run(
         results.append(Result("threads", kernel, "fastdropout", size, t, med, lo, hi, repeats, work / med / 1e9, unit))
     fd.set_num_threads(threads)
     bar.close()
-    _add_ratios(results)
-    return info, results
+    return results
 
 
 def _add_ratios(results: List[Result]) -> None:
