@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -40,3 +41,27 @@ def threads(request):
         yield request.param
     finally:
         fd.set_num_threads(previous)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-examples", type=int, default=None, metavar="N",
+        help="tests/test_fuzz.py: run each fuzz test with N examples per backend from a fixed "
+        "hypothesis seed (FASTDROPOUT_FUZZ_SEED, default 20240606) instead of the default count",
+    )
+
+
+def pytest_configure(config):
+    n = config.getoption("--fuzz-examples")
+    if n is not None:
+        if n < 1:
+            raise pytest.UsageError(f"--fuzz-examples must be >= 1, got {n}")
+        os.environ["FASTDROPOUT_FUZZ_EXAMPLES"] = str(n)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for module in list(sys.modules.values()):
+        name = getattr(module, "__name__", None)
+        if isinstance(name, str) and name.rpartition(".")[2] == "test_fuzz" and getattr(module, "CASES", None):
+            terminalreporter.write_sep("-", "fuzz")
+            terminalreporter.write_line(module.summary_line())

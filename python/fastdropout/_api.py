@@ -117,10 +117,13 @@ def dropout(
     p = check_p(p)
     if out is not None:
         check_out(out, x.shape, x.dtype)
+    # every argument is checked whichever path runs, and before anything is drawn
+    check_u64(offset, "offset")
+    if seed is not None:
+        check_u64(seed, "seed")
+    if generator is not None and not isinstance(generator, Generator):
+        raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
     if not training:
-        if seed is not None:
-            check_u64(seed, "seed")
-        check_u64(offset, "offset")
         if out is None:
             return np.array(x, order="C", copy=True)
         np.copyto(out, x)

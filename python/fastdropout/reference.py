@@ -51,7 +51,10 @@ def _check_p(p) -> float:
     # bool is a numbers.Real, but p=True is almost certainly a mistake.
     if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a real number in [0, 1], got {p!r} of type {type(p).__name__}")
-    value = float(p)
+    try:
+        value = float(p)
+    except OverflowError:  # an int or Fraction too large for a float: out of range
+        raise ValueError(f"p must be in [0, 1], got {p!r:.60}") from None
     if not 0.0 <= value <= 1.0:  # also rejects NaN
         raise ValueError(f"p must be in [0, 1], got {p!r}")
     return value
@@ -94,6 +97,8 @@ def _check_shape(shape) -> tuple:
 
 def _check_float_array(a, name: str) -> np.ndarray:
     a = np.asarray(a)
+    if a.dtype.kind == "f" and not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))  # byte-swapped data: same values, native order
     if a.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {a.dtype}")
     return a
