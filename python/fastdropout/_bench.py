@@ -51,8 +51,17 @@ class Result:
 # --------------------------------------------------------------------------- timing
 
 
-def measure(fn: Callable[[], object], repeats: int, min_sample_s: float = 2e-3) -> Tuple[float, float, float]:
-    """(median, min, max) seconds per call; each sample loops until >= min_sample_s."""
+SETTLE_S = 0.3
+
+
+def measure(fn: Callable[[], object], repeats: int, min_sample_s: float = 2e-3, settle_s: float = SETTLE_S) -> Tuple[float, float, float]:
+    """(median, min, max) seconds per call; each sample loops until >= min_sample_s.
+
+    It first waits `settle_s`: thread pools of the previous case (OpenBLAS's
+    workers spin for a long while after a call, so do OpenMP's and XLA's) must
+    not steal the cores from the next one, whoever it is.
+    """
+    time.sleep(settle_s)
     fn()  # warm up: page faults, caches, lazy initialisation, JIT
     t0 = time.perf_counter()
     fn()
