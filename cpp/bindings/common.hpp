@@ -30,6 +30,8 @@ void require(const py::array& a, const char* name, bool writable = false) {
                          std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style))
     throw py::value_error(std::string(name) + ": expected a C-contiguous array");
+  if (reinterpret_cast<uintptr_t>(a.data()) % alignof(T) != 0)
+    throw py::value_error(std::string(name) + ": expected an aligned array (copy it first)");
   if (writable && !a.writeable())
     throw py::value_error(std::string(name) + ": the array is read-only");
 }

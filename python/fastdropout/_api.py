@@ -69,7 +69,7 @@ def _resolve_stream(n: int, seed, offset, generator) -> Tuple[int, int]:
 
 def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray]) -> np.ndarray:
     src = np.asarray(x, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
-    direct = out is not None and out.flags.c_contiguous and (
+    direct = out is not None and out.flags.c_contiguous and out.flags.aligned and (
         not np.may_share_memory(out, src)
         or (out.__array_interface__["data"][0] == src.__array_interface__["data"][0] and out.strides == src.strides)
     )

@@ -60,6 +60,8 @@ def check_float_array(x: Any, name: str, dtypes: Tuple[type, ...] = (np.float32,
         raise TypeError(f"{name} must have dtype {want}, got {x.dtype}")
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
+    if not x.flags.aligned:  # e.g. a view at an odd byte offset: the kernels need aligned data
+        x = x.copy()
     return x
 
 
