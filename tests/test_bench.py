@@ -41,7 +41,7 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
 
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    info, results = _bench.run(element_sizes={"a": 256, "b": 4096}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False, progress=False)
+    info, results = _bench.run(element_sizes={"a": 256, "b": 4096}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False, progress=False, settle_s=0.0)
     _bench.plot(results, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
