@@ -22,6 +22,8 @@ namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC};
+
 // ---------------------------------------------------------------------------
 // The mask stream
 // ---------------------------------------------------------------------------
@@ -296,7 +298,7 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
     epilogue(g, m0, m1, n0, n1);
     return;
   }
-  const GemmWork layout = gemm_work(GemmBlocking{kMR, kNR, kMC, kKC, kNC}, m1 - m0, n1 - n0, g.K);
+  const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
   float* a_pack = work + layout.a_pack;
   float* b_pack = work + layout.b_pack;
   float* buf = work + layout.buf;
@@ -360,7 +362,7 @@ const Kernels& kernels() {
   static const Kernels table = {
       FD_ISA_NAME,  philox_many, random_words,
       mask_packed,  mask_bool,   dropout_f32,
-      dropout_f64,  GemmBlocking{kMR, kNR, kMC, kKC, kNC},
+      dropout_f64,  kBlocking,
       gemm_tile,    col_sums,
   };
   return table;

@@ -48,41 +48,47 @@ void philox(const uint32_t* ctr, uint32_t* out, int64_t n, PhiloxKey key, int ro
   active_kernels().philox(ctr, out, n, key, rounds);
 }
 
-void random_words(uint32_t* out, int64_t n, uint64_t seed, uint64_t offset) {
-  const Kernels& k = active_kernels();
+namespace {
+/// body(begin, count, j0, key) over thread ranges of the n elements whose
+/// random word indices start at offset.
+template <class Body>
+void over_stream(int64_t n, uint64_t seed, uint64_t offset, Body&& body) {
   const PhiloxKey key = key_from_seed(seed);
   parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
-    k.random_words(out + b, e - b, offset + static_cast<uint64_t>(b), key);
+    body(b, e - b, offset + static_cast<uint64_t>(b), key);
+  });
+}
+
+template <class T, class Fn>
+void dropout_any(Fn kernel, const T* x, T* y, int64_t n, uint64_t seed, uint64_t offset,
+                 uint64_t threshold, T scale) {
+  const bool stream = n * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    kernel(x + b, y + b, len, j, key, threshold, scale, stream);
+  });
+}
+}  // namespace
+
+void random_words(uint32_t* out, int64_t n, uint64_t seed, uint64_t offset) {
+  const Kernels& k = active_kernels();
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    k.random_words(out + b, len, j, key);
   });
 }
 
 void mask_packed(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold) {
   const Kernels& k = active_kernels();
-  const PhiloxKey key = key_from_seed(seed);
-  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
-    k.mask_packed(out + b / 8, e - b, offset + static_cast<uint64_t>(b), key, threshold);
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    k.mask_packed(out + b / 8, len, j, key, threshold);  // ranges start on multiples of 64
   });
 }
 
 void mask_bool(uint8_t* out, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold) {
   const Kernels& k = active_kernels();
-  const PhiloxKey key = key_from_seed(seed);
-  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
-    k.mask_bool(out + b, e - b, offset + static_cast<uint64_t>(b), key, threshold);
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    k.mask_bool(out + b, len, j, key, threshold);
   });
 }
-
-namespace {
-template <class T, class Fn>
-void dropout_any(Fn kernel, const T* x, T* y, int64_t n, uint64_t seed, uint64_t offset,
-                 uint64_t threshold, T scale) {
-  const PhiloxKey key = key_from_seed(seed);
-  const bool stream = n * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
-  parallel_ranges(n, 64, kElementGrain, [&](int64_t b, int64_t e) {
-    kernel(x + b, y + b, e - b, offset + static_cast<uint64_t>(b), key, threshold, scale, stream);
-  });
-}
-}  // namespace
 
 void dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
              uint64_t threshold, float scale) {

@@ -797,23 +797,29 @@ def draw_generator(draw, valid):
     return {"bad-int": 5, "bad-str": "gen", "bad-obj": object()}[kind]
 
 
-@fuzz(weight=1.5)
-@given(data=st.data())
-def test_fuzz_dropout(backend, data):
-    draw = data.draw
+def draw_elementwise_case(draw):
+    """(valid, input buffer, input, out, out buffer, p) for dropout and dropout_backward."""
     shape = shapes(draw)
     valid = draw(st.integers(0, 4), label="mostly valid") < 3
     dtype = draw(st.sampled_from(VALID_X_DTYPES if valid else X_DTYPES), label="dtype")
     vseed = draw(st.integers(0, 2**32 - 1), label="value seed")
     out_kind = draw(st.sampled_from(VALID_OUT_KINDS if valid else OUT_KINDS), label="out kind")
     if out_kind == "overlap" and dtype in FLOAT_DTYPES:
-        x_buf, out_buf = build_shared(draw, shape, dtype, vseed)
-        x, out = x_buf.make(), out_buf.make()
+        buf, out_buf = build_shared(draw, shape, dtype, vseed)
+        arr, out = buf.make(), out_buf.make()
     else:
-        x_buf = build_input(draw, shape, dtype, vseed)
-        x = x_buf.make()
-        out, out_buf = build_out(draw, out_kind, x_buf, x, np.shape(x), out_dtype_for(x))
+        buf = build_input(draw, shape, dtype, vseed)
+        arr = buf.make()
+        out, out_buf = build_out(draw, out_kind, buf, arr, np.shape(arr), out_dtype_for(arr))
     p = draw(VALID_PROBABILITIES if valid else PROBABILITIES, label="p")
+    return valid, buf, arr, out, out_buf, p
+
+
+@fuzz(weight=1.5)
+@given(data=st.data())
+def test_fuzz_dropout(backend, data):
+    draw = data.draw
+    valid, x_buf, x, out, out_buf, p = draw_elementwise_case(draw)
     training = draw(TRUTHY, label="training")
     seed = draw(st.one_of(VALID_SEEDS, st.none()) if valid else SEEDS, label="seed")
     offset = draw(VALID_U64 if valid else U64_VALUES, label="offset")
@@ -885,19 +891,7 @@ def test_fuzz_dropout(backend, data):
 @given(data=st.data())
 def test_fuzz_dropout_backward(backend, data):
     draw = data.draw
-    shape = shapes(draw)
-    valid = draw(st.integers(0, 4), label="mostly valid") < 3
-    dtype = draw(st.sampled_from(VALID_X_DTYPES if valid else X_DTYPES), label="dtype")
-    vseed = draw(st.integers(0, 2**32 - 1), label="value seed")
-    out_kind = draw(st.sampled_from(VALID_OUT_KINDS if valid else OUT_KINDS), label="out kind")
-    if out_kind == "overlap" and dtype in FLOAT_DTYPES:
-        g_buf, out_buf = build_shared(draw, shape, dtype, vseed)
-        grad, out = g_buf.make(), out_buf.make()
-    else:
-        g_buf = build_input(draw, shape, dtype, vseed)
-        grad = g_buf.make()
-        out, out_buf = build_out(draw, out_kind, g_buf, grad, np.shape(grad), out_dtype_for(grad))
-    p = draw(VALID_PROBABILITIES if valid else PROBABILITIES, label="p")
+    valid, g_buf, grad, out, out_buf, p = draw_elementwise_case(draw)
     seed = draw(VALID_U64 if valid else SEEDS, label="seed")
     offset = draw(VALID_U64 if valid else U64_VALUES, label="offset")
     threads = draw(st.sampled_from([None, 1, 2, 3]), label="threads")

@@ -24,7 +24,7 @@ inline std::string shape_str(const py::array& a) {
 /// A C-contiguous array of dtype T; `writable` also demands a writeable one.
 template <class T>
 void require(const py::array& a, const char* name, bool writable = false) {
-  if (!py::dtype::of<T>().is(a.dtype()) && !a.dtype().equal(py::dtype::of<T>()))
+  if (!a.dtype().equal(py::dtype::of<T>()))
     throw py::type_error(std::string(name) + ": expected dtype " +
                          std::string(py::str(py::dtype::of<T>())) + ", got " +
                          std::string(py::str(a.dtype())));

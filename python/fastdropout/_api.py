@@ -55,18 +55,6 @@ def get_num_threads() -> int:
 # --------------------------------------------------------------------------- dropout
 
 
-def _resolve_stream(n: int, seed, offset, generator) -> Tuple[int, int]:
-    if seed is None:
-        if generator is None:
-            generator = default_generator
-        elif not isinstance(generator, Generator):
-            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
-        return generator.draw(n)
-    if generator is not None:
-        raise ValueError("give either seed (and offset) or generator, not both")
-    return check_u64(seed, "seed"), check_u64(offset, "offset")
-
-
 def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray]) -> np.ndarray:
     src = np.asarray(x, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
     direct = out is not None and out.flags.c_contiguous and out.flags.aligned and (
@@ -118,17 +106,21 @@ def dropout(
     if out is not None:
         check_out(out, x.shape, x.dtype)
     # every argument is checked whichever path runs, and before anything is drawn
-    check_u64(offset, "offset")
+    offset = check_u64(offset, "offset")
     if seed is not None:
-        check_u64(seed, "seed")
-    if generator is not None and not isinstance(generator, Generator):
-        raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
+        seed = check_u64(seed, "seed")
+    if generator is not None:
+        if not isinstance(generator, Generator):
+            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
+        if seed is not None:
+            raise ValueError("give either seed (and offset) or generator, not both")
     if not training:
         if out is None:
             return np.array(x, order="C", copy=True)
         np.copyto(out, x)
         return out
-    seed, offset = _resolve_stream(x.size, seed, offset, generator)
+    if seed is None:
+        seed, offset = (generator or default_generator).draw(x.size)
     return _elementwise(x, p, seed, offset, out)
 
 
