@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "kernels.hpp"
 #include "philox.hpp"
 
 namespace fastdropout {
@@ -13,6 +14,7 @@ namespace {
 
 constexpr int kLanes = 16;  // Philox blocks per vector
 constexpr int64_t kMR = 8, kNR = 32, kMC = 1024, kKC = 256, kNC = 512;
+constexpr int64_t kSNR = 64;  // panel width of the sparse path: 4 rows x 4 vectors of sums
 
 /// Philox rounds on two independent sets of 8 blocks held in 64-bit lanes
 /// (value in the low half).  vpmuludq reads only the low halves, so the high
@@ -135,6 +137,38 @@ inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {
   _mm512_storeu_si512(out, _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(1)));
 }
 
+/// dst[j * ldd + i] = src[i * lds + j] for i, j < 16.
+constexpr int64_t kT = 16;
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  // 32-bit, then 64-bit interleaves within 128-bit lanes, then 128-bit lane shuffles
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i]), _mm512_castps_pd(t[i + 2])));
+    r[i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+    r[i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[i + 1]), _mm512_castps_pd(t[i + 3])));
+  }
+  // r[4a + b] holds, in 128-bit lane q, rows 4a .. 4a + 3 of column 4q + b
+  for (int a = 0; a < 4; a += 2)
+    for (int b = 0; b < 4; ++b) {
+      t[4 * a + b] = _mm512_shuffle_f32x4(r[4 * a + b], r[4 * a + 4 + b], 0x88);      // lanes 0, 2 | 0, 2
+      t[4 * a + 4 + b] = _mm512_shuffle_f32x4(r[4 * a + b], r[4 * a + 4 + b], 0xdd);  // lanes 1, 3 | 1, 3
+    }
+  // t[b] / t[8 + b]: rows 0-7 / 8-15 for columns (b, 8 + b) and (4 + b, 12 + b)
+  for (int b = 0; b < 4; ++b) {
+    const __m512 lo0 = t[b], hi0 = t[8 + b], lo1 = t[4 + b], hi1 = t[12 + b];
+    _mm512_storeu_ps(dst + b * ldd, _mm512_shuffle_f32x4(lo0, hi0, 0x88));
+    _mm512_storeu_ps(dst + (8 + b) * ldd, _mm512_shuffle_f32x4(lo0, hi0, 0xdd));
+    _mm512_storeu_ps(dst + (4 + b) * ldd, _mm512_shuffle_f32x4(lo1, hi1, 0x88));
+    _mm512_storeu_ps(dst + (12 + b) * ldd, _mm512_shuffle_f32x4(lo1, hi1, 0xdd));
+  }
+}
+
 /// C[0:MR, 0:NR] (+)= A_panel (kc x MR) * B_panel (kc x NR).
 inline void microkernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
                         bool accumulate) {
@@ -158,6 +192,48 @@ inline void microkernel(int64_t kc, const float* a, const float* b, float* c, in
     }
     _mm512_storeu_ps(cr, acc[r][0]);
     _mm512_storeu_ps(cr + 16, acc[r][1]);
+  }
+}
+
+/// Four rows of a sparse-operand GEMM: for r < 4,
+///   c[r * ldc + 0 : NR] (+)= sum over kept depths d of row r of A(r, d) * b[d * NR + 0 : NR],
+/// where b is a packed B panel.  Row r's values lie at vals[r * vld], in chunks of
+/// 65 floats per 64 depths (slot 64 holds 0); bit d % 64 of bits[r * bld + d / 64] is
+/// set for each kept depth d.  Rows that run out of kept depths before the others
+/// in a chunk add 0 * (a row of b): tzcnt(0) = 64 picks slot 64.  One FMA chain per
+/// output element, in depth order, exactly as the dense micro-kernel sums: skipping
+/// a zero term never changes a bit (the accumulator starts at +0, never becomes -0).
+inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, const uint64_t* bits,
+                        int64_t bld, const float* b, const SparseOut& o) {
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < 4; ++j)
+      acc[r][j] = o.resume ? _mm512_load_ps(o.part + r * kSNR + 16 * j) : _mm512_setzero_ps();
+  for (int64_t w = w0; w < w1; ++w) {
+    uint64_t m[4];
+    for (int r = 0; r < 4; ++r) m[r] = bits[r * bld + w];
+    const float* v = vals + w * 65;
+    const float* bw = b + w * 64 * kSNR;
+    while ((m[0] | m[1] | m[2] | m[3]) != 0) {
+      for (int r = 0; r < 4; ++r) {
+        const uint64_t d = _tzcnt_u64(m[r]);
+        m[r] = _blsr_u64(m[r]);
+        const __m512 u = _mm512_set1_ps(v[r * vld + static_cast<int64_t>(d)]);
+        const float* p = bw + static_cast<int64_t>(d & 63) * kSNR;
+        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(u, _mm512_load_ps(p + 16 * j), acc[r][j]);
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    if (!o.finish) {  // the chains go on in the next call
+      for (int j = 0; j < 4; ++j) _mm512_store_ps(o.part + r * kSNR + 16 * j, acc[r][j]);
+      continue;
+    }
+    float* cr = o.c + r * o.ldc;
+    for (int j = 0; j < 4; ++j) {
+      if (o.accumulate) acc[r][j] = _mm512_add_ps(_mm512_loadu_ps(cr + 16 * j), acc[r][j]);
+      _mm512_storeu_ps(cr + 16 * j, acc[r][j]);
+    }
   }
 }
 

@@ -43,11 +43,40 @@ struct GemmProblem {
   float* z_out = nullptr;
   Activation act = Activation::none;
   MaskSpec out_mask;  ///< applied to C with C's own flat index
+  /// Store C transposed: element (i, n) goes to c[n * M + i].  Only for problems
+  /// that take the sparse path (see sparse_path) and have no epilogue.
+  bool c_trans = false;
+};
+
+/// Masks that drop at least this fraction of the elements (p >= 0.375) take the
+/// sparse path: op(A) is masked, and each row of it is compressed to its kept
+/// entries, so the dropped ones cost no multiply-add at all.  Below it, the
+/// dense micro-kernel is faster than skipping.
+constexpr uint64_t kSparseMinThreshold = uint64_t{3} << 29;  // 0.375 * 2**32
+
+static inline bool sparse_mask(const MaskSpec& m) {
+  return m.enabled && m.threshold >= kSparseMinThreshold;
+}
+
+/// Whether gemm_tile computes `g` on the sparse path.
+static inline bool sparse_path(const GemmProblem& g) { return g.c_trans || sparse_mask(g.a.mask); }
+
+/// Where sparse_rows leaves four rows' sums.  The chains may be split over several
+/// calls, each over a range of depth chunks: a call that does not `finish` stores
+/// its sums in `part` (4 x NR, 64-byte aligned) and the next one `resume`s from
+/// them, so the split changes no bit.  The finishing call writes c (row stride ldc),
+/// adding to it when `accumulate`.
+struct SparseOut {
+  float* part;
+  float* c;
+  int64_t ldc;
+  bool resume, finish, accumulate;
 };
 
 /// Register and cache blocking of a backend's GEMM.
 struct GemmBlocking {
   int64_t mr, nr, mc, kc, nc;
+  int64_t snr;  ///< panel width of the sparse path (a divisor of nc)
 };
 
 struct Kernels {
@@ -76,25 +105,35 @@ struct Kernels {
 };
 
 /// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed
-/// B, a row buffer and an edge tile, each starting on a 64-byte boundary.
+/// B, a row buffer and an edge tile (16 x NR, enough for the sparse path's
+/// transposed stores), then the sparse path's rows: values in chunks of 65 floats
+/// per 64 depths, one 64-bit word of keep bits per chunk, and the all-kept words.
+/// Each part starts on a 64-byte boundary.
 struct GemmWork {
-  int64_t a_pack, b_pack, buf, tile, total;  // offsets in floats
+  int64_t a_pack, b_pack, buf, tile, s_vals, s_bits, s_all, s_part, total;  // in floats
 };
 
 static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, int64_t k) {
   const int64_t mc = m < b.mc ? round_up(m, b.mr) : b.mc;
-  const int64_t nc = n < b.nc ? round_up(n, b.nr) : b.nc;
+  const int64_t wide = b.nr > b.snr ? b.nr : b.snr;
+  const int64_t nc = n < b.nc ? round_up(n, wide) : b.nc;
   const int64_t kc = k < b.kc ? (k > 0 ? k : 1) : b.kc;
   int64_t longest = kc > nc ? kc : nc;
   longest = longest > mc ? longest : mc;
+  const int64_t rows = round_up(mc, 4);     // the sparse path works on groups of 4 rows
+  const int64_t words = (kc + 63) / 64;     // 64-depth chunks
   GemmWork w;
   w.a_pack = 0;
   w.b_pack = round_up(w.a_pack + mc * kc, 16);
   w.buf = round_up(w.b_pack + kc * nc, 16);
   w.tile = round_up(w.buf + longest, 16);
-  w.total = round_up(w.tile + b.mr * b.nr, 16);
+  w.s_vals = round_up(w.tile + 16 * b.nr, 16);
+  w.s_bits = round_up(w.s_vals + rows * words * 65, 16);
+  w.s_all = round_up(w.s_bits + rows * words * 2, 16);
+  w.s_part = round_up(w.s_all + words * 2, 16);
+  w.total = round_up(w.s_part + 64 * b.snr, 16);  // sums of a block of 64 rows
   return w;
 }
 

@@ -4,15 +4,18 @@
 // compiled with different instruction sets is never merged by the linker.
 //
 // Primitives the ISA header provides (in the same namespace):
-//   kLanes, kMR, kNR, kMC, kKC, kNC
+//   kLanes, kMR, kNR, kMC, kKC, kNC, kSNR
 //   philox_soa, words64, keep_bits64, select_scale64 (float, double),
-//   bits_to_bytes64, microkernel
+//   bits_to_bytes64, microkernel, sparse_rows
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
 #endif
 
 #include <cmath>
 #include <cstring>
+#if defined(_MSC_VER)
+#include <xmmintrin.h>  // _mm_prefetch
+#endif
 
 #include "kernels.hpp"
 
@@ -22,7 +25,7 @@ namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC};
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, kSNR};
 
 // ---------------------------------------------------------------------------
 // The mask stream
@@ -253,6 +256,23 @@ const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, floa
 void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0, int64_t nd,
           int64_t w, float* out, float* buf) {
   const int64_t panels = (nl + w - 1) / w;
+  if (lanes_are_rows && !m.z && !m.mask.enabled && w % kT == 0) {
+    // plain rows: kT x kT blocks transposed in registers, the edges one by one
+    const int64_t fl = nl / kT * kT, fd = nd / kT * kT;
+    for (int64_t lb = 0; lb < fl; lb += kT) {
+      const float* src = m.p + (l0 + lb) * m.cols + d0;
+      float* dst = out + (lb / w) * nd * w + (lb % w);
+      for (int64_t db = 0; db < fd; db += kT) transpose_block(src + db, m.cols, dst + db * w, w);
+      for (int64_t l = 0; l < kT; ++l)
+        for (int64_t d = fd; d < nd; ++d) dst[d * w + l] = src[l * m.cols + d];
+    }
+    for (int64_t l = fl; l < panels * w; ++l) {
+      float* dst = out + (l / w) * nd * w + (l % w);
+      const float* src = m.p + (l0 + l) * m.cols + d0;
+      for (int64_t d = 0; d < nd; ++d) dst[d * w] = l < nl ? src[d] : 0.0f;
+    }
+    return;
+  }
   if (lanes_are_rows) {
     for (int64_t l = 0; l < nl; ++l) {
       const float* seg = load_segment(m, l0 + l, d0, nd, buf);
@@ -290,12 +310,191 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
   }
 }
 
+// ---------------------------------------------------------------------------
+// Sparse path: op(A) is masked with p >= 0.375.  Each row of an (ic, pc) block is
+// compressed to its non-zero entries (value, offset of its row in the B panel),
+// and sparse_row multiplies only those.  Summation order depends only on the row's
+// entries and the depth blocking, never on the thread split.
+// ---------------------------------------------------------------------------
+
+/// The masked operand of one (ic, pc) block, as sparse_rows reads it (see the
+/// layout in the ISA headers): values in chunks of 65 floats per 64 depths, and one
+/// bit per depth, set where the value is not zero.
+struct SparseRows {
+  float* vals;      // rows x vld
+  uint64_t* bits;   // rows x words
+  uint64_t* all;    // words: every depth below kc (for panels holding inf or NaN)
+  float* part;      // 64 x SNR: sums of a block of rows between depth chunks
+  float* tile;      // kT x kT: a transposed block on its way to C
+  int64_t vld, words;
+};
+
+/// Fills rows [ic, ic + mc) x depth [pc, pc + kc) of op(A); rows mc .. mc + 3 (to a
+/// multiple of 4) are empty.
+void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_t kc,
+                SparseRows& s, float* buf) {
+  s.words = (kc + 63) / 64;
+  s.vld = s.words * 65;
+  const int64_t rows = round_up(mc, 4);
+  for (int64_t i = 0; i < rows; ++i) {  // zero the slots no value lands in
+    float* v = s.vals + i * s.vld;
+    if (i >= mc)
+      for (int64_t j = 0; j < s.vld; ++j) v[j] = 0.0f;
+    for (int64_t w = 0; w < s.words; ++w) v[w * 65 + 64] = 0.0f;
+    for (int64_t d = kc; d < s.words * 64; ++d) v[(d >> 6) * 65 + (d & 63)] = 0.0f;
+  }
+  if (!g.a_trans) {
+    for (int64_t i = 0; i < mc; ++i) {
+      const float* seg = load_segment(g.a, ic + i, pc, kc, buf);
+      for (int64_t w = 0; w < s.words; ++w)
+        std::memcpy(s.vals + i * s.vld + w * 65, seg + w * 64,
+                    static_cast<size_t>(min64(64, kc - w * 64)) * sizeof(float));
+    }
+  } else {
+    for (int64_t d = 0; d < kc; ++d) {
+      const float* seg = load_segment(g.a, pc + d, ic, mc, buf);
+      float* col = s.vals + (d >> 6) * 65 + (d & 63);
+      for (int64_t i = 0; i < mc; ++i) col[i * s.vld] = seg[i];
+    }
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t w = 0; w < s.words; ++w) {
+      const float* v = s.vals + i * s.vld + w * 65;
+      uint64_t m = 0;
+      for (int j = 0; j < 64; ++j) m |= static_cast<uint64_t>(v[j] != 0.0f) << j;
+      s.bits[i * s.words + w] = m;
+    }
+  for (int64_t w = 0; w < s.words; ++w) {
+    const int64_t have = min64(64, kc - w * 64);
+    s.all[w] = have == 64 ? ~uint64_t{0} : (uint64_t{1} << have) - 1;
+  }
+}
+
+/// Depth chunks (of 64) per sparse_rows call: a block's rows sweep each 64 x SNR
+/// part of a B panel (16 KB on avx512) while it sits in L1.
+constexpr int64_t kChunkWords = 1;
+/// Rows per block: the block's values of one chunk (65 floats a row) share L1
+/// with the 16 KB of B they multiply.  A transposed C takes 64 (the size of
+/// `part`), so that each of its rows gets 64 contiguous floats at a time.
+constexpr int64_t kRowBlock = 16, kRowBlockTrans = 64;
+
+inline void prefetch(const float* p) {
+#if defined(_MSC_VER)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+/// Whether a packed B panel holds an inf or NaN.  Then 0 * inf must give NaN as in
+/// the dense product, so that panel multiplies every entry, zeros included.
+bool has_non_finite(const float* p, int64_t n) {
+  uint32_t any = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, p + i, sizeof u);
+    any |= static_cast<uint32_t>((u & 0x7f800000u) == 0x7f800000u);
+  }
+  return any != 0;
+}
+
+void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
+                      float* work) {
+  const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
+  float* b_pack = work + layout.b_pack;
+  float* buf = work + layout.buf;
+  SparseRows s{work + layout.s_vals, reinterpret_cast<uint64_t*>(work + layout.s_bits),
+               reinterpret_cast<uint64_t*>(work + layout.s_all), work + layout.s_part,
+               work + layout.tile, 0, 0};
+  for (int64_t pc = 0; pc < g.K; pc += kKC) {
+    const int64_t kc = min64(kKC, g.K - pc);
+    const bool accumulate = pc > 0, last = pc + kc >= g.K;
+    for (int64_t ic = m0; ic < m1; ic += kMC) {
+      const int64_t mc = min64(kMC, m1 - ic);
+      build_rows(g, ic, mc, pc, kc, s, buf);
+      for (int64_t jc = n0; jc < n1; jc += kNC) {
+        const int64_t nc = min64(kNC, n1 - jc);
+        pack(g.b, g.b_trans, jc, nc, pc, kc, kSNR, b_pack, buf);
+        bool full[kNC / kSNR];  // panels holding inf or NaN multiply every entry
+        for (int64_t jr = 0; jr < nc; jr += kSNR) full[jr / kSNR] = has_non_finite(b_pack + jr * kc, kc * kSNR);
+        // Blocks of 64 rows sweep every panel: their C block, rows and the B block
+        // stay in L2.  Each panel is taken 128 depths (16 KB of B) at a time, so
+        // that part stays in L1 while the block's rows use it; the rows' sums wait
+        // in `part` between the two halves.
+        const int64_t row_block = g.c_trans ? kRowBlockTrans : kRowBlock;
+        for (int64_t ib = 0; ib < mc; ib += row_block) {
+          const int64_t ie = min64(mc, ib + row_block);
+          for (int64_t jr = 0; jr < nc; jr += kSNR) {
+            const int64_t nr = min64(kSNR, nc - jr);
+            const float* bp = b_pack + jr * kc;
+            const bool every = full[jr / kSNR];
+            const uint64_t* bits = every ? s.all : s.bits;
+            const int64_t bld = every ? 0 : s.words;
+            for (int64_t w0 = 0; w0 < s.words; w0 += kChunkWords) {
+              const int64_t w1 = min64(s.words, w0 + kChunkWords);
+              for (int64_t i0 = ib; i0 < ie; i0 += 4) {
+                float* part = s.part + (i0 - ib) * kSNR;
+                SparseOut o{part, part, kSNR, w0 > 0, w1 == s.words, false};
+                float* c = g.c + (ic + i0) * g.N + jc + jr;
+                if (o.finish && !g.c_trans && i0 + 4 <= ie && nr == kSNR) {
+                  o.c = c;  // a whole 4 x NR tile of C: finish in place
+                  o.ldc = g.N;
+                  o.accumulate = accumulate;
+                  if (accumulate)  // read only after the depth loop: fetch it now
+                    for (int64_t r = 0; r < 4; ++r)
+                      for (int64_t n = 0; n < kSNR; n += 16) prefetch(c + r * g.N + n);
+                }
+                sparse_rows(w0, w1, s.vals + i0 * s.vld, s.vld, bits == s.all ? bits : bits + i0 * s.words,
+                            bld, bp, o);
+                if (!o.finish || o.c != part || g.c_trans) continue;
+                // an edge tile: its sums are in part
+                for (int64_t r = 0; r < min64(4, ie - i0); ++r)
+                  for (int64_t n = 0; n < nr; ++n) {
+                    const float v = part[r * kSNR + n];
+                    c[r * g.N + n] = accumulate ? c[r * g.N + n] + v : v;
+                  }
+              }
+            }
+            if (g.c_trans) {  // C(i, n) -> c[n * M + i]: 64 rows become 64 contiguous floats
+              const int64_t rows = ie - ib;
+              float* base = g.c + (jc + jr) * g.M + ic + ib;
+              for (int64_t nb = 0; nb < nr; nb += kT)
+                for (int64_t rb = 0; rb < rows; rb += kT) {
+                  if (nb + kT <= nr && rb + kT <= rows) {  // kT x kT through the tile
+                    transpose_block(s.part + rb * kSNR + nb, kSNR, s.tile, kT);
+                    for (int64_t n = 0; n < kT; ++n) {
+                      float* dst = base + (nb + n) * g.M + rb;
+                      const float* src = s.tile + n * kT;
+                      for (int64_t r = 0; r < kT; ++r) dst[r] = accumulate ? dst[r] + src[r] : src[r];
+                    }
+                    continue;
+                  }
+                  for (int64_t n = nb; n < min64(nr, nb + kT); ++n)
+                    for (int64_t r = rb; r < min64(rows, rb + kT); ++r) {
+                      const float v = s.part[r * kSNR + n];
+                      float* dst = base + n * g.M + r;
+                      *dst = accumulate ? *dst + v : v;
+                    }
+                }
+            }
+          }
+        }
+        if (last && !g.c_trans) epilogue(g, ic, ic + mc, jc, jc + nc);
+      }
+    }
+  }
+}
+
 void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
   if (m0 >= m1 || n0 >= n1) return;
+  if (g.K > 0 && sparse_path(g)) {
+    sparse_gemm_tile(g, m0, m1, n0, n1, work);
+    return;
+  }
   if (g.K == 0) {
     for (int64_t r = m0; r < m1; ++r)
-      for (int64_t c = n0; c < n1; ++c) g.c[r * g.N + c] = 0.0f;
-    epilogue(g, m0, m1, n0, n1);
+      for (int64_t c = n0; c < n1; ++c) g.c[g.c_trans ? c * g.M + r : r * g.N + c] = 0.0f;
+    if (!g.c_trans) epilogue(g, m0, m1, n0, n1);
     return;
   }
   const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
@@ -324,6 +523,9 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
             float* c = g.c + (ic + ir) * g.N + jc + jr;
             const float* bp = b_pack + jr * kc;
             if (mr == kMR && nr == kNR) {
+              if (accumulate)  // C is read only after the depth loop: fetch it now
+                for (int64_t r = 0; r < kMR; ++r)
+                  for (int64_t n = 0; n < kNR; n += 16) prefetch(c + r * g.N + n);
               microkernel(kc, ap, bp, c, g.N, accumulate);
               continue;
             }

@@ -111,6 +111,21 @@ MaskSpec make_mask(bool enabled, uint64_t seed, uint64_t offset, uint64_t thresh
   return m;
 }
 
+/// The calling thread's GEMM scratch (packing buffers for every OpenMP thread),
+/// kept between calls: a fresh allocation of a few MB costs a page fault per 4 KB
+/// page on every call, which is most of the time of a small layer.  Its size is
+/// bounded by the cache blocking, never by the problem.
+float* scratch(size_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local size_t have = 0;
+  if (floats > have) {
+    buffer.reset();  // release the old block first
+    buffer.reset(new float[floats]);
+    have = floats;
+  }
+  return buffer.get();
+}
+
 void gemm(const GemmProblem& g) {
   const Kernels& k = active_kernels();
   const GemmBlocking& b = k.blocking;
@@ -126,8 +141,7 @@ void gemm(const GemmProblem& g) {
   const int64_t per = round_up((extent + threads - 1) / threads, unit);
   const int64_t m_range = split_n ? g.M : per, n_range = split_n ? per : g.N;
   const int64_t stride = gemm_work(b, m_range, n_range, g.K).total;
-  std::unique_ptr<float[]> storage(new float[static_cast<size_t>(stride * threads + 16)]);
-  float* base = storage.get();
+  float* base = scratch(static_cast<size_t>(stride * threads + 16));
   base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
   auto run = [&](int t) {
     const int64_t lo = t * per, hi = min64(extent, lo + per);
@@ -179,12 +193,25 @@ void dense_backward(const DenseBackward& a) {
   }
   if (a.grad_w) {  // grad_w = dz.T @ dropout(x)
     GemmProblem g;
-    g.M = a.N;
-    g.N = a.K;
-    g.K = a.M;
-    g.a = dz;
-    g.a_trans = true;
-    g.b = Mat{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
+    const Mat xd{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
+    if (sparse_mask(a.mask)) {
+      // grad_w.T = dropout(x).T @ dz, stored transposed: the masked operand on
+      // the left, where the sparse path skips its dropped elements.
+      g.M = a.K;
+      g.N = a.N;
+      g.K = a.M;
+      g.a = xd;
+      g.a_trans = true;
+      g.b = dz;
+      g.c_trans = true;
+    } else {
+      g.M = a.N;
+      g.N = a.K;
+      g.K = a.M;
+      g.a = dz;
+      g.a_trans = true;
+      g.b = xd;
+    }
     g.c = a.grad_w;
     gemm(g);
   }

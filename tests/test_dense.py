@@ -810,3 +810,46 @@ def test_zero_dimensional_x():
     ):
         with pytest.raises(ValueError, match="0-d"):
             thunk()
+
+
+# --- the sparse path (p >= 0.375): dropped elements cost no multiply-add --------------------
+
+
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 300, 513])
+@pytest.mark.parametrize("p", [0.375, 0.5, 0.9, 1.0])
+def test_sparse_path_gradients_equal_the_dense_path(backend, k, p):
+    # For p >= 0.375 the kernels skip dropped elements; the sums keep the dense
+    # kernel's order, so grad_weight equals that of dense(dropout(x)) bit for bit
+    # (grad_weight.T is computed with dropout(x) as the sparse operand).
+    x, weight, _, grad = _problem((37,), k, 70, seed=k)
+    for seed, offset in [(3, 0), (2**64 - 1, 2**64 - 5)]:
+        dropped = fd.dropout(x, p, seed=seed, offset=offset)
+        gx, gw, gb = fd.dropout_dense_backward(grad, x, weight, p, seed=seed, offset=offset)
+        gx0, gw0, gb0 = fd.dropout_dense_backward(grad, dropped, weight, 0.0, seed=seed)
+        assert_bits_equal(gw, gw0)
+        assert_bits_equal(gb, gb0)
+        assert_bits_equal(gx, fd.dropout_backward(gx0, p, seed=seed, offset=offset))
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9])
+def test_sparse_path_keeps_nan_of_zero_times_inf(backend, p):
+    # dropout(x) @ weight.T multiplies the dropped zeros too: 0 * inf and 0 * NaN are NaN,
+    # as in the reference and in PyTorch.  The sparse path must not skip them.
+    x, weight, bias, grad = _problem((21,), 200, 90, seed=4)
+    w_bad = weight.copy()
+    w_bad[5, 7] = np.inf   # a whole output column turns NaN (some x[:, 7] are dropped)
+    w_bad[40, 150] = np.nan
+    y = fd.dropout_dense(x, w_bad, bias, p, seed=1)
+    with np.errstate(invalid="ignore"):  # NumPy's matmul warns about inf * 0
+        want = ref.dropout_dense(x, w_bad, bias, p, seed=1)
+    assert_bits_equal(np.isnan(y), np.isnan(want))
+    # inf where x[:, 7] is kept, NaN where it is dropped: never a finite value
+    assert not np.isfinite(y[:, [5, 40]]).any() and np.isfinite(np.delete(y, [5, 40], axis=1)).all()
+    assert np.isnan(y[:, 5]).any()
+    g_bad = grad.copy()
+    g_bad[3, 11] = np.nan  # grad_weight row 11 is NaN in every column, dropped or not
+    _, gw, _ = fd.dropout_dense_backward(g_bad, x, weight, p, seed=1)
+    with np.errstate(invalid="ignore"):
+        _, gw_ref, _ = ref.dropout_dense_backward(g_bad, x, weight, p, seed=1)
+    assert_bits_equal(np.isnan(gw), np.isnan(gw_ref))
+    assert np.isnan(gw[11]).all() and not np.isnan(np.delete(gw, 11, axis=0)).any()
