@@ -817,11 +817,12 @@ def test_zero_dimensional_x():
 
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 300, 513])
 @pytest.mark.parametrize("p", [0.375, 0.5, 0.9, 1.0])
-def test_sparse_path_gradients_equal_the_dense_path(backend, k, p):
+@pytest.mark.parametrize("batch", [37, 600])
+def test_sparse_path_gradients_equal_the_dense_path(backend, k, p, batch):
     # For p >= 0.375 the kernels skip dropped elements; the sums keep the dense
     # kernel's order, so grad_weight equals that of dense(dropout(x)) bit for bit
-    # (grad_weight.T is computed with dropout(x) as the sparse operand).
-    x, weight, _, grad = _problem((37,), k, 70, seed=k)
+    # (from a batch of 512, grad_weight.T is computed with dropout(x) as the sparse operand).
+    x, weight, _, grad = _problem((batch,), k, 70, seed=k)
     for seed, offset in [(3, 0), (2**64 - 1, 2**64 - 5)]:
         dropped = fd.dropout(x, p, seed=seed, offset=offset)
         gx, gw, gb = fd.dropout_dense_backward(grad, x, weight, p, seed=seed, offset=offset)
@@ -835,7 +836,7 @@ def test_sparse_path_gradients_equal_the_dense_path(backend, k, p):
 def test_sparse_path_keeps_nan_of_zero_times_inf(backend, p):
     # dropout(x) @ weight.T multiplies the dropped zeros too: 0 * inf and 0 * NaN are NaN,
     # as in the reference and in PyTorch.  The sparse path must not skip them.
-    x, weight, bias, grad = _problem((21,), 200, 90, seed=4)
+    x, weight, bias, grad = _problem((530,), 200, 90, seed=4)
     w_bad = weight.copy()
     w_bad[5, 7] = np.inf   # a whole output column turns NaN (some x[:, 7] are dropped)
     w_bad[40, 150] = np.nan

@@ -271,7 +271,13 @@ def dense_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, st
             return jnp.where(keep, xx / (1.0 - P), 0.0) @ ww.T + bb
 
         jf = jax.jit(layer)
-        jg = jax.jit(lambda xx, ww, bb: jax.vjp(layer, xx, ww, bb)[1](jdy))
+        def layer_and_grads(xx, ww, bb):
+            # return the forward output too: XLA drops any work whose result is unused,
+            # and a vjp alone would skip the forward GEMM
+            out, pullback = jax.vjp(layer, xx, ww, bb)
+            return out, pullback(jdy)
+
+        jg = jax.jit(layer_and_grads)
         cases += [
             ("forward", "jax (jit)", lambda: jf(jxx, jw, jb).block_until_ready(), fwd),
             ("forward+backward", "jax (jit)", lambda: jax.block_until_ready(jg(jxx, jw, jb)), fwdbwd),
