@@ -15,6 +15,7 @@ namespace {
 constexpr int kLanes = 16;  // Philox blocks per vector
 constexpr int64_t kMR = 8, kNR = 32, kMC = 1024, kKC = 256, kNC = 512;
 constexpr int64_t kSNR = 64;  // panel width of the sparse path: 4 rows x 4 vectors of sums
+#define FD_ISA_SPARSE 1        // this backend has sparse_rows (the sparse path)
 
 /// Philox rounds on two independent sets of 8 blocks held in 64-bit lanes
 /// (value in the low half).  vpmuludq reads only the low halves, so the high

@@ -2,7 +2,6 @@
 #pragma once
 #include <cstdint>
 
-#include "kernels.hpp"
 #include "philox.hpp"
 
 namespace fastdropout {
@@ -11,7 +10,7 @@ namespace {
 
 constexpr int kLanes = 4;
 constexpr int64_t kMR = 4, kNR = 8, kMC = 512, kKC = 256, kNC = 512;
-constexpr int64_t kSNR = kNR;  // panel width of the sparse path
+constexpr int64_t kSNR = kNR;  // (no sparse path: measured slower than the dense kernel here)
 
 inline void philox_soa(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, PhiloxKey key,
                        int rounds) {
@@ -65,32 +64,6 @@ inline void microkernel(int64_t kc, const float* a, const float* b, float* c, in
       for (int n = 0; n < kNR; ++n) acc[r][n] += a[k * kMR + r] * b[k * kNR + n];
   for (int r = 0; r < kMR; ++r)
     for (int n = 0; n < kNR; ++n) c[r * ldc + n] = accumulate ? c[r * ldc + n] + acc[r][n] : acc[r][n];
-}
-
-/// Four rows of a sparse-operand GEMM (see the avx512 header for the layout),
-/// summed in depth order as microkernel sums, the dropped depths skipped.
-inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, const uint64_t* bits,
-                        int64_t bld, const float* b, const SparseOut& o) {
-  float acc[4][kNR];
-  for (int r = 0; r < 4; ++r)
-    for (int n = 0; n < kNR; ++n) acc[r][n] = o.resume ? o.part[r * kSNR + n] : 0.0f;
-  for (int64_t w = w0; w < w1; ++w)
-    for (int r = 0; r < 4; ++r) {
-      const uint64_t m = bits[r * bld + w];
-      for (int j = 0; j < 64; ++j) {
-        if (!((m >> j) & 1u)) continue;
-        const float u = vals[r * vld + w * 65 + j];
-        const float* p = b + (w * 64 + j) * kNR;
-        for (int n = 0; n < kNR; ++n) acc[r][n] += u * p[n];
-      }
-    }
-  for (int r = 0; r < 4; ++r)
-    for (int n = 0; n < kNR; ++n) {
-      if (!o.finish)
-        o.part[r * kSNR + n] = acc[r][n];
-      else
-        o.c[r * o.ldc + n] = o.accumulate ? o.c[r * o.ldc + n] + acc[r][n] : acc[r][n];
-    }
 }
 
 }  // namespace

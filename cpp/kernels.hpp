@@ -48,18 +48,7 @@ struct GemmProblem {
   bool c_trans = false;
 };
 
-/// Masks that drop at least this fraction of the elements (p >= 0.375) take the
-/// sparse path: op(A) is masked, and each row of it is compressed to its kept
-/// entries, so the dropped ones cost no multiply-add at all.  Below it, the
-/// dense micro-kernel is faster than skipping.
-constexpr uint64_t kSparseMinThreshold = uint64_t{3} << 29;  // 0.375 * 2**32
 
-static inline bool sparse_mask(const MaskSpec& m) {
-  return m.enabled && m.threshold >= kSparseMinThreshold;
-}
-
-/// Whether gemm_tile computes `g` on the sparse path.
-static inline bool sparse_path(const GemmProblem& g) { return g.c_trans || sparse_mask(g.a.mask); }
 
 /// Where sparse_rows leaves four rows' sums.  The chains may be split over several
 /// calls, each over a range of depth chunks: a call that does not `finish` stores
@@ -77,7 +66,23 @@ struct SparseOut {
 struct GemmBlocking {
   int64_t mr, nr, mc, kc, nc;
   int64_t snr;  ///< panel width of the sparse path (a divisor of nc)
+  bool sparse;  ///< whether the backend has the sparse path
 };
+
+/// Masks that drop at least this fraction of the elements (p >= 0.375) take the
+/// sparse path on backends that have one (avx512): op(A) is masked, and only its
+/// kept elements are multiplied.  Below it, or on avx2 and scalar (measured), the
+/// dense micro-kernel is faster than skipping.
+constexpr uint64_t kSparseMinThreshold = uint64_t{3} << 29;  // 0.375 * 2**32
+
+static inline bool sparse_mask(const MaskSpec& m, const GemmBlocking& b) {
+  return b.sparse && m.enabled && m.threshold >= kSparseMinThreshold;
+}
+
+/// Whether gemm_tile computes `g` on the sparse path.
+static inline bool sparse_path(const GemmProblem& g, const GemmBlocking& b) {
+  return g.c_trans || sparse_mask(g.a.mask, b);
+}
 
 struct Kernels {
   const char* name;

@@ -25,7 +25,11 @@ namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, kSNR};
+#if defined(FD_ISA_SPARSE)
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, kSNR, true};
+#else
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, kSNR, false};
+#endif
 
 // ---------------------------------------------------------------------------
 // The mask stream
@@ -310,6 +314,15 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
   }
 }
 
+inline void prefetch(const float* p) {
+#if defined(_MSC_VER)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
+#if defined(FD_ISA_SPARSE)
 // ---------------------------------------------------------------------------
 // Sparse path: op(A) is masked with p >= 0.375.  Each row of an (ic, pc) block is
 // compressed to its non-zero entries (value, offset of its row in the B panel),
@@ -377,14 +390,6 @@ constexpr int64_t kChunkWords = 1;
 /// with the 16 KB of B they multiply.  A transposed C takes 64 (the size of
 /// `part`), so that each of its rows gets 64 contiguous floats at a time.
 constexpr int64_t kRowBlock = 16, kRowBlockTrans = 64;
-
-inline void prefetch(const float* p) {
-#if defined(_MSC_VER)
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-#else
-  __builtin_prefetch(p);
-#endif
-}
 
 /// Whether a packed B panel holds an inf or NaN.  Then 0 * inf must give NaN as in
 /// the dense product, so that panel multiplies every entry, zeros included.
@@ -485,12 +490,16 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
   }
 }
 
+#endif  // FD_ISA_SPARSE
+
 void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
   if (m0 >= m1 || n0 >= n1) return;
-  if (g.K > 0 && sparse_path(g)) {
+#if defined(FD_ISA_SPARSE)
+  if (g.K > 0 && sparse_path(g, kBlocking)) {
     sparse_gemm_tile(g, m0, m1, n0, n1, work);
     return;
   }
+#endif
   if (g.K == 0) {
     for (int64_t r = m0; r < m1; ++r)
       for (int64_t c = n0; c < n1; ++c) g.c[g.c_trans ? c * g.M + r : r * g.N + c] = 0.0f;

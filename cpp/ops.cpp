@@ -194,7 +194,7 @@ void dense_backward(const DenseBackward& a) {
   if (a.grad_w) {  // grad_w = dz.T @ dropout(x)
     GemmProblem g;
     const Mat xd{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
-    if (sparse_mask(a.mask) && a.M >= 512) {
+    if (sparse_mask(a.mask, active_kernels().blocking) && a.M >= 512) {
       // grad_w.T = dropout(x).T @ dz, stored transposed: the masked operand on
       // the left, where the sparse path skips its dropped elements.  Its depth is
       // the batch: below 512 rows, the dense kernel measured as fast or faster.
