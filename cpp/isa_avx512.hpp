@@ -197,20 +197,19 @@ inline void microkernel(int64_t kc, const float* a, const float* b, float* c, in
 }
 
 /// Four rows of a sparse-operand GEMM: for r < 4,
-///   c[r * ldc + 0 : NR] (+)= sum over kept depths d of row r of A(r, d) * b[d * NR + 0 : NR],
+///   c[r * ldc + 0 : SNR] (+)= sum over kept depths d < kc of A(r, d) * b[d * SNR + 0 : SNR],
 /// where b is a packed B panel.  Row r's values lie at vals[r * vld], in chunks of
 /// 65 floats per 64 depths (slot 64 holds 0); bit d % 64 of bits[r * bld + d / 64] is
 /// set for each kept depth d.  Rows that run out of kept depths before the others
 /// in a chunk add 0 * (a row of b): tzcnt(0) = 64 picks slot 64.  One FMA chain per
 /// output element, in depth order, exactly as the dense micro-kernel sums: skipping
 /// a zero term never changes a bit (the accumulator starts at +0, never becomes -0).
-inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, const uint64_t* bits,
-                        int64_t bld, const float* b, const SparseOut& o) {
+inline void sparse_rows(int64_t kc, const float* vals, int64_t vld, const uint64_t* bits,
+                        int64_t bld, const float* b, float* c, int64_t ldc, bool accumulate) {
   __m512 acc[4][4];
   for (int r = 0; r < 4; ++r)
-    for (int j = 0; j < 4; ++j)
-      acc[r][j] = o.resume ? _mm512_load_ps(o.part + r * kSNR + 16 * j) : _mm512_setzero_ps();
-  for (int64_t w = w0; w < w1; ++w) {
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  for (int64_t w = 0; w * 64 < kc; ++w) {
     uint64_t m[4];
     for (int r = 0; r < 4; ++r) m[r] = bits[r * bld + w];
     const float* v = vals + w * 65;
@@ -226,13 +225,9 @@ inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, 
     }
   }
   for (int r = 0; r < 4; ++r) {
-    if (!o.finish) {  // the chains go on in the next call
-      for (int j = 0; j < 4; ++j) _mm512_store_ps(o.part + r * kSNR + 16 * j, acc[r][j]);
-      continue;
-    }
-    float* cr = o.c + r * o.ldc;
+    float* cr = c + r * ldc;
     for (int j = 0; j < 4; ++j) {
-      if (o.accumulate) acc[r][j] = _mm512_add_ps(_mm512_loadu_ps(cr + 16 * j), acc[r][j]);
+      if (accumulate) acc[r][j] = _mm512_add_ps(_mm512_loadu_ps(cr + 16 * j), acc[r][j]);
       _mm512_storeu_ps(cr + 16 * j, acc[r][j]);
     }
   }

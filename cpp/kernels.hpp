@@ -50,18 +50,6 @@ struct GemmProblem {
 
 
 
-/// Where sparse_rows leaves four rows' sums.  The chains may be split over several
-/// calls, each over a range of depth chunks: a call that does not `finish` stores
-/// its sums in `part` (4 x NR, 64-byte aligned) and the next one `resume`s from
-/// them, so the split changes no bit.  The finishing call writes c (row stride ldc),
-/// adding to it when `accumulate`.
-struct SparseOut {
-  float* part;
-  float* c;
-  int64_t ldc;
-  bool resume, finish, accumulate;
-};
-
 /// Register and cache blocking of a backend's GEMM.
 struct GemmBlocking {
   int64_t mr, nr, mc, kc, nc;

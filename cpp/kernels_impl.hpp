@@ -337,7 +337,7 @@ struct SparseRows {
   float* vals;      // rows x vld
   uint64_t* bits;   // rows x words
   uint64_t* all;    // words: every depth below kc (for panels holding inf or NaN)
-  float* part;      // 64 x SNR: sums of a block of rows between depth chunks
+  float* part;      // 64 x SNR: sums of a block of rows (transposed C, edge tiles)
   float* tile;      // kT x kT: a transposed block on its way to C
   int64_t vld, words;
 };
@@ -383,12 +383,8 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
   }
 }
 
-/// Depth chunks (of 64) per sparse_rows call: a block's rows sweep each 64 x SNR
-/// part of a B panel (16 KB on avx512) while it sits in L1.
-constexpr int64_t kChunkWords = 1;
-/// Rows per block: the block's values of one chunk (65 floats a row) share L1
-/// with the 16 KB of B they multiply.  A transposed C takes 64 (the size of
-/// `part`), so that each of its rows gets 64 contiguous floats at a time.
+/// Rows per block of the sweep over the B panels (measured).  A transposed C takes
+/// 64 (the size of `part`), so that each of its rows gets 64 contiguous floats at a time.
 constexpr int64_t kRowBlock = 16, kRowBlockTrans = 64;
 
 /// Whether a packed B panel holds an inf or NaN.  Then 0 * inf must give NaN as in
@@ -422,10 +418,7 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
         pack(g.b, g.b_trans, jc, nc, pc, kc, kSNR, b_pack, buf);
         bool full[kNC / kSNR];  // panels holding inf or NaN multiply every entry
         for (int64_t jr = 0; jr < nc; jr += kSNR) full[jr / kSNR] = has_non_finite(b_pack + jr * kc, kc * kSNR);
-        // Blocks of 64 rows sweep every panel: their C block, rows and the B block
-        // stay in L2.  Each panel is taken 128 depths (16 KB of B) at a time, so
-        // that part stays in L1 while the block's rows use it; the rows' sums wait
-        // in `part` between the two halves.
+        // Blocks of rows sweep every panel: their C block, rows and the B block stay in L2.
         const int64_t row_block = g.c_trans ? kRowBlockTrans : kRowBlock;
         for (int64_t ib = 0; ib < mc; ib += row_block) {
           const int64_t ie = min64(mc, ib + row_block);
@@ -433,32 +426,26 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
             const int64_t nr = min64(kSNR, nc - jr);
             const float* bp = b_pack + jr * kc;
             const bool every = full[jr / kSNR];
-            const uint64_t* bits = every ? s.all : s.bits;
-            const int64_t bld = every ? 0 : s.words;
-            for (int64_t w0 = 0; w0 < s.words; w0 += kChunkWords) {
-              const int64_t w1 = min64(s.words, w0 + kChunkWords);
-              for (int64_t i0 = ib; i0 < ie; i0 += 4) {
-                float* part = s.part + (i0 - ib) * kSNR;
-                SparseOut o{part, part, kSNR, w0 > 0, w1 == s.words, false};
-                float* c = g.c + (ic + i0) * g.N + jc + jr;
-                if (o.finish && !g.c_trans && i0 + 4 <= ie && nr == kSNR) {
-                  o.c = c;  // a whole 4 x NR tile of C: finish in place
-                  o.ldc = g.N;
-                  o.accumulate = accumulate;
-                  if (accumulate)  // read only after the depth loop: fetch it now
-                    for (int64_t r = 0; r < 4; ++r)
-                      for (int64_t n = 0; n < kSNR; n += 16) prefetch(c + r * g.N + n);
-                }
-                sparse_rows(w0, w1, s.vals + i0 * s.vld, s.vld, bits == s.all ? bits : bits + i0 * s.words,
-                            bld, bp, o);
-                if (!o.finish || o.c != part || g.c_trans) continue;
-                // an edge tile: its sums are in part
-                for (int64_t r = 0; r < min64(4, ie - i0); ++r)
-                  for (int64_t n = 0; n < nr; ++n) {
-                    const float v = part[r * kSNR + n];
-                    c[r * g.N + n] = accumulate ? c[r * g.N + n] + v : v;
-                  }
+            for (int64_t i0 = ib; i0 < ie; i0 += 4) {
+              const uint64_t* bits = every ? s.all : s.bits + i0 * s.words;
+              const int64_t bld = every ? 0 : s.words;
+              const float* vals = s.vals + i0 * s.vld;
+              float* part = s.part + (i0 - ib) * kSNR;
+              float* c = g.c + (ic + i0) * g.N + jc + jr;
+              if (!g.c_trans && i0 + 4 <= ie && nr == kSNR) {  // a whole 4 x SNR tile of C
+                if (accumulate)  // read only after the depth loop: fetch it now
+                  for (int64_t r = 0; r < 4; ++r)
+                    for (int64_t n = 0; n < kSNR; n += 16) prefetch(c + r * g.N + n);
+                sparse_rows(kc, vals, s.vld, bits, bld, bp, c, g.N, accumulate);
+                continue;
               }
+              sparse_rows(kc, vals, s.vld, bits, bld, bp, part, kSNR, false);
+              if (g.c_trans) continue;  // stored below, transposed
+              for (int64_t r = 0; r < min64(4, ie - i0); ++r)  // an edge tile
+                for (int64_t n = 0; n < nr; ++n) {
+                  const float v = part[r * kSNR + n];
+                  c[r * g.N + n] = accumulate ? c[r * g.N + n] + v : v;
+                }
             }
             if (g.c_trans) {  // C(i, n) -> c[n * M + i]: 64 rows become 64 contiguous floats
               const int64_t rows = ie - ib;
