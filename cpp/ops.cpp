@@ -194,25 +194,17 @@ void dense_backward(const DenseBackward& a) {
   if (a.grad_w) {  // grad_w = dz.T @ dropout(x)
     GemmProblem g;
     const Mat xd{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
-    if (sparse_mask(a.mask, active_kernels().blocking) && a.M >= 512) {
-      // grad_w.T = dropout(x).T @ dz, stored transposed: the masked operand on
-      // the left, where the sparse path skips its dropped elements.  Its depth is
-      // the batch: below 512 rows, the dense kernel measured as fast or faster.
-      g.M = a.K;
-      g.N = a.N;
-      g.K = a.M;
-      g.a = xd;
-      g.a_trans = true;
-      g.b = dz;
-      g.c_trans = true;
-    } else {
-      g.M = a.N;
-      g.N = a.K;
-      g.K = a.M;
-      g.a = dz;
-      g.a_trans = true;
-      g.b = xd;
-    }
+    // On the sparse path: grad_w.T = dropout(x).T @ dz, stored transposed, so that the
+    // masked operand is on the left, where the sparse path skips its dropped elements.
+    // Its depth is the batch: below 512 rows the dense kernel measured as fast or faster.
+    const bool sparse = sparse_mask(a.mask, active_kernels().blocking) && a.M >= 512;
+    g.M = sparse ? a.K : a.N;
+    g.N = sparse ? a.N : a.K;
+    g.K = a.M;
+    g.a = sparse ? xd : dz;
+    g.b = sparse ? dz : xd;
+    g.a_trans = true;  // either operand on the left is read transposed
+    g.c_trans = sparse;
     g.c = a.grad_w;
     gemm(g);
   }
