@@ -325,9 +325,10 @@ inline void prefetch(const float* p) {
 #if defined(FD_ISA_SPARSE)
 // ---------------------------------------------------------------------------
 // Sparse path: op(A) is masked with p >= 0.375.  Each row of an (ic, pc) block is
-// compressed to its non-zero entries (value, offset of its row in the B panel),
-// and sparse_row multiplies only those.  Summation order depends only on the row's
-// entries and the depth blocking, never on the thread split.
+// kept as its values plus one bit per depth, set where the value is not zero, and
+// sparse_rows multiplies only those.  Each output element is one FMA chain in depth
+// order, as in the dense micro-kernel: the results are the dense path's, bit for
+// bit, and never depend on the thread split.
 // ---------------------------------------------------------------------------
 
 /// The masked operand of one (ic, pc) block, as sparse_rows reads it (see the
