@@ -14,7 +14,6 @@ namespace {
 
 constexpr int kLanes = 8;
 constexpr int64_t kMR = 6, kNR = 16, kMC = 1020, kKC = 256, kNC = 512;
-constexpr int64_t kSNR = kNR;  // (no sparse path: measured slower than the dense kernel here)
 
 inline void mulhilo(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
   const __m256i even = _mm256_mul_epu32(a, m);
@@ -153,13 +152,6 @@ inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {
     const __m256i one = _mm256_and_si256(_mm256_cmpeq_epi8(b, sel), _mm256_set1_epi8(1));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h), one);
   }
-}
-
-/// dst[j * ldd + i] = src[i * lds + j] for i, j < kT.
-constexpr int64_t kT = 8;
-inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  for (int64_t j = 0; j < kT; ++j)
-    for (int64_t i = 0; i < kT; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
 inline void microkernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,

@@ -5,7 +5,6 @@
 
 #include <cstdint>
 
-#include "kernels.hpp"
 #include "philox.hpp"
 
 namespace fastdropout {
@@ -139,6 +138,7 @@ inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {
 }
 
 /// dst[j * ldd + i] = src[i * lds + j] for i, j < 16.
+#define FD_ISA_TRANSPOSE 1
 constexpr int64_t kT = 16;
 inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m512 r[16], t[16];

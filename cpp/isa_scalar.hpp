@@ -10,7 +10,6 @@ namespace {
 
 constexpr int kLanes = 4;
 constexpr int64_t kMR = 4, kNR = 8, kMC = 512, kKC = 256, kNC = 512;
-constexpr int64_t kSNR = kNR;  // (no sparse path: measured slower than the dense kernel here)
 
 inline void philox_soa(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, PhiloxKey key,
                        int rounds) {
@@ -47,13 +46,6 @@ inline void stream_fence() {}
 
 inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {
   for (int i = 0; i < 64; ++i) out[i] = static_cast<uint8_t>((bits >> i) & 1);
-}
-
-/// dst[j * ldd + i] = src[i * lds + j] for i, j < kT.
-constexpr int64_t kT = 8;
-inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
-  for (int64_t j = 0; j < kT; ++j)
-    for (int64_t i = 0; i < kT; ++i) dst[j * ldd + i] = src[i * lds + j];
 }
 
 inline void microkernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,

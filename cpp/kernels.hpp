@@ -48,13 +48,11 @@ struct GemmProblem {
   bool c_trans = false;
 };
 
-
-
 /// Register and cache blocking of a backend's GEMM.
 struct GemmBlocking {
   int64_t mr, nr, mc, kc, nc;
-  int64_t snr;  ///< panel width of the sparse path (a divisor of nc)
   bool sparse;  ///< whether the backend has the sparse path
+  int64_t snr;  ///< its panel width (a multiple of nr dividing nc; nr where there is none)
 };
 
 /// Masks that drop at least this fraction of the elements (p >= 0.375) take the
@@ -98,10 +96,10 @@ struct Kernels {
 };
 
 /// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed
-/// B, a row buffer and an edge tile (16 x NR, enough for the sparse path's
-/// transposed stores), then the sparse path's rows: values in chunks of 65 floats
-/// per 64 depths, one 64-bit word of keep bits per chunk, and the all-kept words.
-/// Each part starts on a 64-byte boundary.
+/// B, a row buffer and an edge tile, then (on a backend with the sparse path) its
+/// rows: values in chunks of 65 floats per 64 depths, one 64-bit word of keep bits
+/// per chunk, the all-kept words and the sums of a block of 64 rows.  Each part
+/// starts on a 64-byte boundary.
 struct GemmWork {
   int64_t a_pack, b_pack, buf, tile, s_vals, s_bits, s_all, s_part, total;  // in floats
 };
@@ -110,23 +108,22 @@ static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to
 
 static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, int64_t k) {
   const int64_t mc = m < b.mc ? round_up(m, b.mr) : b.mc;
-  const int64_t wide = b.nr > b.snr ? b.nr : b.snr;
-  const int64_t nc = n < b.nc ? round_up(n, wide) : b.nc;
+  const int64_t nc = n < b.nc ? round_up(n, b.snr) : b.nc;  // snr: a multiple of nr
   const int64_t kc = k < b.kc ? (k > 0 ? k : 1) : b.kc;
   int64_t longest = kc > nc ? kc : nc;
   longest = longest > mc ? longest : mc;
-  const int64_t rows = round_up(mc, 4);     // the sparse path works on groups of 4 rows
-  const int64_t words = (kc + 63) / 64;     // 64-depth chunks
+  const int64_t rows = b.sparse ? round_up(mc, 4) : 0;  // the sparse path: groups of 4 rows
+  const int64_t words = b.sparse ? (kc + 63) / 64 : 0;  // of 64-depth chunks
   GemmWork w;
   w.a_pack = 0;
   w.b_pack = round_up(w.a_pack + mc * kc, 16);
   w.buf = round_up(w.b_pack + kc * nc, 16);
   w.tile = round_up(w.buf + longest, 16);
-  w.s_vals = round_up(w.tile + 16 * b.nr, 16);
+  w.s_vals = round_up(w.tile + b.mr * b.nr, 16);
   w.s_bits = round_up(w.s_vals + rows * words * 65, 16);
   w.s_all = round_up(w.s_bits + rows * words * 2, 16);
   w.s_part = round_up(w.s_all + words * 2, 16);
-  w.total = round_up(w.s_part + 64 * b.snr, 16);  // sums of a block of 64 rows
+  w.total = round_up(w.s_part + (b.sparse ? 64 * b.snr : 0), 16);
   return w;
 }
 

@@ -4,9 +4,12 @@
 // compiled with different instruction sets is never merged by the linker.
 //
 // Primitives the ISA header provides (in the same namespace):
-//   kLanes, kMR, kNR, kMC, kKC, kNC, kSNR
+//   kLanes, kMR, kNR, kMC, kKC, kNC
 //   philox_soa, words64, keep_bits64, select_scale64 (float, double),
-//   bits_to_bytes64, microkernel, sparse_rows
+//   bits_to_bytes64, microkernel
+// and optionally
+//   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
+//   kSNR, sparse_rows (FD_ISA_SPARSE: the sparse path)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
 #endif
@@ -26,9 +29,18 @@ namespace {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #if defined(FD_ISA_SPARSE)
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, kSNR, true};
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR};
 #else
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, kSNR, false};
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR};
+#endif
+
+#if !defined(FD_ISA_TRANSPOSE)
+/// dst[j * ldd + i] = src[i * lds + j] for i, j < kT.
+constexpr int64_t kT = 8;
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  for (int64_t j = 0; j < kT; ++j)
+    for (int64_t i = 0; i < kT; ++i) dst[j * ldd + i] = src[i * lds + j];
+}
 #endif
 
 // ---------------------------------------------------------------------------
@@ -339,7 +351,7 @@ struct SparseRows {
   uint64_t* bits;   // rows x words
   uint64_t* all;    // words: every depth below kc (for panels holding inf or NaN)
   float* part;      // 64 x SNR: sums of a block of rows (transposed C, edge tiles)
-  float* tile;      // kT x kT: a transposed block on its way to C
+  float* tile;      // kT x kT: a transposed block on its way to C (the edge tile)
   int64_t vld, words;
 };
 
@@ -387,6 +399,7 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
 /// Rows per block of the sweep over the B panels (measured).  A transposed C takes
 /// 64 (the size of `part`), so that each of its rows gets 64 contiguous floats at a time.
 constexpr int64_t kRowBlock = 16, kRowBlockTrans = 64;
+static_assert(kT * kT <= kMR * kNR, "a transposed block fits the edge tile");
 
 /// Whether a packed B panel holds an inf or NaN.  Then 0 * inf must give NaN as in
 /// the dense product, so that panel multiplies every entry, zeros included.

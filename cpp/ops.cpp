@@ -134,9 +134,10 @@ void gemm(const GemmProblem& g) {
   // by one thread, so the split never changes a bit of the result.
   const int64_t flops = 2 * g.M * g.N * max64(g.K, 1);
   int threads = threads_for(flops, int64_t{1} << 20);
-  const bool split_n = g.N >= int64_t{threads} * b.nr * 4 || g.N >= g.M;
+  const int64_t nr = sparse_path(g, b) ? b.snr : b.nr;  // the panel width of the path taken
+  const bool split_n = g.N >= int64_t{threads} * nr * 4 || g.N >= g.M;
   const int64_t extent = split_n ? g.N : g.M;
-  const int64_t unit = split_n ? b.nr : b.mr;
+  const int64_t unit = split_n ? nr : b.mr;
   threads = static_cast<int>(min64(threads, max64(1, (extent + unit - 1) / unit)));
   const int64_t per = round_up((extent + threads - 1) / threads, unit);
   const int64_t m_range = split_n ? g.M : per, n_range = split_n ? per : g.N;
