@@ -14,6 +14,10 @@ namespace {
 constexpr int kLanes = 16;  // Philox blocks per vector
 constexpr int64_t kMR = 8, kNR = 32, kMC = 1024, kKC = 256, kNC = 512;
 constexpr int64_t kSNR = 64;  // panel width of the sparse path: 4 rows x 4 vectors of sums
+// Its depth and column blocking (measured): a deeper block than the dense path's
+// halves the passes over C, which cost more next to the sparse path's halved
+// arithmetic; the B block (kSKC x kSNC) keeps the dense path's size.
+constexpr int64_t kSKC = 1024, kSNC = 128;
 #define FD_ISA_SPARSE 1        // this backend has sparse_rows (the sparse path)
 
 /// Philox rounds on two independent sets of 8 blocks held in 64-bit lanes
@@ -196,20 +200,20 @@ inline void microkernel(int64_t kc, const float* a, const float* b, float* c, in
   }
 }
 
-/// Four rows of a sparse-operand GEMM: for r < 4,
-///   c[r * ldc + 0 : SNR] (+)= sum over kept depths d < kc of A(r, d) * b[d * SNR + 0 : SNR],
+/// Four rows of a sparse-operand GEMM over the 64-depth chunks w0 .. w1 - 1: for r < 4,
+///   c[r * ldc + 0 : SNR] (+)= sum over kept depths d in them of A(r, d) * b[d * SNR + 0 : SNR],
 /// where b is a packed B panel.  Row r's values lie at vals[r * vld], in chunks of
 /// 65 floats per 64 depths (slot 64 holds 0); bit d % 64 of bits[r * bld + d / 64] is
 /// set for each kept depth d.  Rows that run out of kept depths before the others
 /// in a chunk add 0 * (a row of b): tzcnt(0) = 64 picks slot 64.  One FMA chain per
 /// output element, in depth order, exactly as the dense micro-kernel sums: skipping
 /// a zero term never changes a bit (the accumulator starts at +0, never becomes -0).
-inline void sparse_rows(int64_t kc, const float* vals, int64_t vld, const uint64_t* bits,
+inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, const uint64_t* bits,
                         int64_t bld, const float* b, float* c, int64_t ldc, bool accumulate) {
   __m512 acc[4][4];
   for (int r = 0; r < 4; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t w = 0; w * 64 < kc; ++w) {
+  for (int64_t w = w0; w < w1; ++w) {
     uint64_t m[4];
     for (int r = 0; r < 4; ++r) m[r] = bits[r * bld + w];
     const float* v = vals + w * 65;

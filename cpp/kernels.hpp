@@ -53,6 +53,7 @@ struct GemmBlocking {
   int64_t mr, nr, mc, kc, nc;
   bool sparse;  ///< whether the backend has the sparse path
   int64_t snr;  ///< its panel width (a multiple of nr dividing nc; nr where there is none)
+  int64_t skc, snc;  ///< its depth and column blocking (kc, nc where there is none)
 };
 
 /// Masks that drop at least this fraction of the elements (p >= 0.375) take the
@@ -107,17 +108,22 @@ struct GemmWork {
 static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, int64_t k) {
+  auto depth = [k](int64_t kc) { return k < kc ? (k > 0 ? k : 1) : kc; };
+  auto width = [n, &b](int64_t nc) { return n < nc ? round_up(n, b.snr) : nc; };  // snr: a multiple of nr
   const int64_t mc = m < b.mc ? round_up(m, b.mr) : b.mc;
-  const int64_t nc = n < b.nc ? round_up(n, b.snr) : b.nc;  // snr: a multiple of nr
-  const int64_t kc = k < b.kc ? (k > 0 ? k : 1) : b.kc;
+  const int64_t kc = depth(b.kc), nc = width(b.nc);
+  const int64_t skc = b.sparse ? depth(b.skc) : 1, snc = b.sparse ? width(b.snc) : 1;
+  const int64_t b_block = kc * nc > skc * snc ? kc * nc : skc * snc;
   int64_t longest = kc > nc ? kc : nc;
   longest = longest > mc ? longest : mc;
+  longest = longest > skc ? longest : skc;
+  longest = longest > snc ? longest : snc;
   const int64_t rows = b.sparse ? round_up(mc, 4) : 0;  // the sparse path: groups of 4 rows
-  const int64_t words = b.sparse ? (kc + 63) / 64 : 0;  // of 64-depth chunks
+  const int64_t words = b.sparse ? (skc + 63) / 64 : 0;  // of 64-depth chunks
   GemmWork w;
   w.a_pack = 0;
   w.b_pack = round_up(w.a_pack + mc * kc, 16);
-  w.buf = round_up(w.b_pack + kc * nc, 16);
+  w.buf = round_up(w.b_pack + b_block, 16);
   w.tile = round_up(w.buf + longest, 16);
   w.s_vals = round_up(w.tile + b.mr * b.nr, 16);
   w.s_bits = round_up(w.s_vals + rows * words * 65, 16);

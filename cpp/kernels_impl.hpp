@@ -9,7 +9,7 @@
 //   bits_to_bytes64, microkernel
 // and optionally
 //   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
-//   kSNR, sparse_rows (FD_ISA_SPARSE: the sparse path)
+//   kSNR, kSKC, kSNC, sparse_rows (FD_ISA_SPARSE: the sparse path)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
 #endif
@@ -29,9 +29,9 @@ namespace {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #if defined(FD_ISA_SPARSE)
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR};
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR, kSKC, kSNC};
 #else
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR};
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR, kKC, kNC};
 #endif
 
 #if !defined(FD_ISA_TRANSPOSE)
@@ -400,6 +400,7 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
 /// 64 (the size of `part`), so that each of its rows gets 64 contiguous floats at a time.
 constexpr int64_t kRowBlock = 16, kRowBlockTrans = 64;
 static_assert(kT * kT <= kMR * kNR, "a transposed block fits the edge tile");
+static_assert(kSKC % kKC == 0 && kKC % 64 == 0, "the sparse depth block holds whole dense ones");
 
 /// Whether a packed B panel holds an inf or NaN.  Then 0 * inf must give NaN as in
 /// the dense product, so that panel multiplies every entry, zeros included.
@@ -421,16 +422,16 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
   SparseRows s{work + layout.s_vals, reinterpret_cast<uint64_t*>(work + layout.s_bits),
                reinterpret_cast<uint64_t*>(work + layout.s_all), work + layout.s_part,
                work + layout.tile, 0, 0};
-  for (int64_t pc = 0; pc < g.K; pc += kKC) {
-    const int64_t kc = min64(kKC, g.K - pc);
+  for (int64_t pc = 0; pc < g.K; pc += kSKC) {
+    const int64_t kc = min64(kSKC, g.K - pc);
     const bool accumulate = pc > 0, last = pc + kc >= g.K;
     for (int64_t ic = m0; ic < m1; ic += kMC) {
       const int64_t mc = min64(kMC, m1 - ic);
       build_rows(g, ic, mc, pc, kc, s, buf);
-      for (int64_t jc = n0; jc < n1; jc += kNC) {
-        const int64_t nc = min64(kNC, n1 - jc);
+      for (int64_t jc = n0; jc < n1; jc += kSNC) {
+        const int64_t nc = min64(kSNC, n1 - jc);
         pack(g.b, g.b_trans, jc, nc, pc, kc, kSNR, b_pack, buf);
-        bool full[kNC / kSNR];  // panels holding inf or NaN multiply every entry
+        bool full[kSNC / kSNR];  // panels holding inf or NaN multiply every entry
         for (int64_t jr = 0; jr < nc; jr += kSNR) full[jr / kSNR] = has_non_finite(b_pack + jr * kc, kc * kSNR);
         // Blocks of rows sweep every panel: their C block, rows and the B block stay in L2.
         const int64_t row_block = g.c_trans ? kRowBlockTrans : kRowBlock;
@@ -440,48 +441,57 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
             const int64_t nr = min64(kSNR, nc - jr);
             const float* bp = b_pack + jr * kc;
             const bool every = full[jr / kSNR];
-            for (int64_t i0 = ib; i0 < ie; i0 += 4) {
-              const uint64_t* bits = every ? s.all : s.bits + i0 * s.words;
-              const int64_t bld = every ? 0 : s.words;
-              const float* vals = s.vals + i0 * s.vld;
-              float* part = s.part + (i0 - ib) * kSNR;
-              float* c = g.c + (ic + i0) * g.N + jc + jr;
-              if (!g.c_trans && i0 + 4 <= ie && nr == kSNR) {  // a whole 4 x SNR tile of C
-                if (accumulate)  // read only after the depth loop: fetch it now
-                  for (int64_t r = 0; r < 4; ++r)
-                    for (int64_t n = 0; n < kSNR; n += 16) prefetch(c + r * g.N + n);
-                sparse_rows(kc, vals, s.vld, bits, bld, bp, c, g.N, accumulate);
-                continue;
-              }
-              sparse_rows(kc, vals, s.vld, bits, bld, bp, part, kSNR, false);
-              if (g.c_trans) continue;  // stored below, transposed
-              for (int64_t r = 0; r < min64(4, ie - i0); ++r)  // an edge tile
-                for (int64_t n = 0; n < nr; ++n) {
-                  const float v = part[r * kSNR + n];
-                  c[r * g.N + n] = accumulate ? c[r * g.N + n] + v : v;
+            // The dense path's depth blocks (kKC), each added to the sums as it ends,
+            // so that both paths sum in the same order.  Tiles that do not go straight
+            // to C keep their running sums in part (when C holds nothing yet) and are
+            // stored once, at the end.
+            for (int64_t sub = 0; sub < kc; sub += kKC) {
+              const int64_t w0 = sub / 64, w1 = min64(s.words, (sub + kKC) / 64);
+              const bool add = accumulate || sub > 0;
+              const bool flush = accumulate || sub + kKC >= kc;  // part to C, adding if accumulate
+              for (int64_t i0 = ib; i0 < ie; i0 += 4) {
+                const uint64_t* bits = every ? s.all : s.bits + i0 * s.words;
+                const int64_t bld = every ? 0 : s.words;
+                const float* vals = s.vals + i0 * s.vld;
+                float* part = s.part + (i0 - ib) * kSNR;
+                float* c = g.c + (ic + i0) * g.N + jc + jr;
+                if (!g.c_trans && i0 + 4 <= ie && nr == kSNR) {  // a whole 4 x SNR tile of C
+                  if (add)  // read only after the depth loop: fetch it now
+                    for (int64_t r = 0; r < 4; ++r)
+                      for (int64_t n = 0; n < kSNR; n += 16) prefetch(c + r * g.N + n);
+                  sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, c, g.N, add);
+                  continue;
                 }
-            }
-            if (g.c_trans) {  // C(i, n) -> c[n * M + i]: 64 rows become 64 contiguous floats
-              const int64_t rows = ie - ib;
-              float* base = g.c + (jc + jr) * g.M + ic + ib;
-              for (int64_t nb = 0; nb < nr; nb += kT)
-                for (int64_t rb = 0; rb < rows; rb += kT) {
-                  if (nb + kT <= nr && rb + kT <= rows) {  // kT x kT through the tile
-                    transpose_block(s.part + rb * kSNR + nb, kSNR, s.tile, kT);
-                    for (int64_t n = 0; n < kT; ++n) {
-                      float* dst = base + (nb + n) * g.M + rb;
-                      const float* src = s.tile + n * kT;
-                      for (int64_t r = 0; r < kT; ++r) dst[r] = accumulate ? dst[r] + src[r] : src[r];
-                    }
-                    continue;
+                sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, part, kSNR, !accumulate && sub > 0);
+                if (g.c_trans || !flush) continue;  // stored below, transposed / later
+                for (int64_t r = 0; r < min64(4, ie - i0); ++r)  // an edge tile
+                  for (int64_t n = 0; n < nr; ++n) {
+                    const float v = part[r * kSNR + n];
+                    c[r * g.N + n] = accumulate ? c[r * g.N + n] + v : v;
                   }
-                  for (int64_t n = nb; n < min64(nr, nb + kT); ++n)
-                    for (int64_t r = rb; r < min64(rows, rb + kT); ++r) {
-                      const float v = s.part[r * kSNR + n];
-                      float* dst = base + n * g.M + r;
-                      *dst = accumulate ? *dst + v : v;
+              }
+              if (g.c_trans && flush) {  // C(i, n) -> c[n * M + i]: 64 rows become 64 contiguous floats
+                const int64_t rows = ie - ib;
+                float* base = g.c + (jc + jr) * g.M + ic + ib;
+                for (int64_t nb = 0; nb < nr; nb += kT)
+                  for (int64_t rb = 0; rb < rows; rb += kT) {
+                    if (nb + kT <= nr && rb + kT <= rows) {  // kT x kT through the tile
+                      transpose_block(s.part + rb * kSNR + nb, kSNR, s.tile, kT);
+                      for (int64_t n = 0; n < kT; ++n) {
+                        float* dst = base + (nb + n) * g.M + rb;
+                        const float* src = s.tile + n * kT;
+                        for (int64_t r = 0; r < kT; ++r) dst[r] = accumulate ? dst[r] + src[r] : src[r];
+                      }
+                      continue;
                     }
-                }
+                    for (int64_t n = nb; n < min64(nr, nb + kT); ++n)
+                      for (int64_t r = rb; r < min64(rows, rb + kT); ++r) {
+                        const float v = s.part[r * kSNR + n];
+                        float* dst = base + n * g.M + r;
+                        *dst = accumulate ? *dst + v : v;
+                      }
+                  }
+              }
             }
           }
         }

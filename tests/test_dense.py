@@ -815,9 +815,9 @@ def test_zero_dimensional_x():
 # --- the sparse path (p >= 0.375): dropped elements cost no multiply-add --------------------
 
 
-@pytest.mark.parametrize("k", [1, 63, 64, 65, 300, 513])
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 300, 513, 1100])
 @pytest.mark.parametrize("p", [0.375, 0.5, 0.9, 1.0])
-@pytest.mark.parametrize("batch", [37, 600])
+@pytest.mark.parametrize("batch", [37, 600, 1100])
 def test_sparse_path_gradients_equal_the_dense_path(backend, k, p, batch):
     # For p >= 0.375 the kernels skip dropped elements; the sums keep the dense
     # kernel's order, so grad_weight equals that of dense(dropout(x)) bit for bit
