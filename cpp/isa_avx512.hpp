@@ -200,6 +200,15 @@ inline void microkernel(int64_t kc, const float* a, const float* b, float* c, in
   }
 }
 
+/// Bit j set where v[j] != 0 (NaN included), for j < 64.
+inline uint64_t nonzero_bits64(const float* v) {
+  uint64_t m = 0;
+  for (int q = 0; q < 4; ++q)
+    m |= static_cast<uint64_t>(_mm512_cmp_ps_mask(_mm512_loadu_ps(v + 16 * q), _mm512_setzero_ps(), _CMP_NEQ_UQ))
+         << (16 * q);
+  return m;
+}
+
 /// Four rows of a sparse-operand GEMM over the 64-depth chunks w0 .. w1 - 1: for r < 4,
 ///   c[r * ldc + 0 : SNR] (+)= sum over kept depths d in them of A(r, d) * b[d * SNR + 0 : SNR],
 /// where b is a packed B panel.  Row r's values lie at vals[r * vld], in chunks of

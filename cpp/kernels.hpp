@@ -56,6 +56,10 @@ struct GemmBlocking {
   int64_t skc, snc;  ///< its depth and column blocking (kc, nc where there is none)
 };
 
+/// Floats of the row buffer that the sparse path's build_rows uses for the segments
+/// it transposes.
+constexpr int64_t kSparseSegment = 1024;
+
 /// Masks that drop at least this fraction of the elements (p >= 0.375) take the
 /// sparse path on backends that have one (avx512): op(A) is masked, and only its
 /// kept elements are multiplied.  Below it, or on avx2 and scalar (measured), the
@@ -118,6 +122,7 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   longest = longest > mc ? longest : mc;
   longest = longest > skc ? longest : skc;
   longest = longest > snc ? longest : snc;
+  if (b.sparse && longest < kSparseSegment) longest = kSparseSegment;  // build_rows' transposes
   const int64_t rows = b.sparse ? round_up(mc, 4) : 0;  // the sparse path: groups of 4 rows
   const int64_t words = b.sparse ? (skc + 63) / 64 : 0;  // of 64-depth chunks
   GemmWork w;

@@ -355,6 +355,11 @@ struct SparseRows {
   int64_t vld, words;
 };
 
+/// Columns per segment of a transposed op(A) in build_rows (kT of them fill the row
+/// buffer, which gemm_work sizes to at least kSparseSegment floats).
+constexpr int64_t kSeg = kSparseSegment / kT;
+static_assert(64 % kT == 0 && kSeg % kT == 0, "whole transposed blocks per chunk and segment");
+
 /// Fills rows [ic, ic + mc) x depth [pc, pc + kc) of op(A); rows mc .. mc + 3 (to a
 /// multiple of 4) are empty.
 void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_t kc,
@@ -376,20 +381,27 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
         std::memcpy(s.vals + i * s.vld + w * 65, seg + w * 64,
                     static_cast<size_t>(min64(64, kc - w * 64)) * sizeof(float));
     }
-  } else {
-    for (int64_t d = 0; d < kc; ++d) {
-      const float* seg = load_segment(g.a, pc + d, ic, mc, buf);
-      float* col = s.vals + (d >> 6) * 65 + (d & 63);
-      for (int64_t i = 0; i < mc; ++i) col[i * s.vld] = seg[i];
+  } else {  // op(A)(i, d) = a(d, i): kT segments of kSeg columns at a time, transposed
+    for (int64_t d0 = 0; d0 < kc; d0 += kT) {
+      const int64_t nd = min64(kT, kc - d0);
+      for (int64_t i0 = 0; i0 < mc; i0 += kSeg) {
+        const int64_t ni = min64(kSeg, mc - i0);
+        for (int64_t d = 0; d < nd; ++d) {
+          float* row = buf + d * kSeg;
+          const float* seg = load_segment(g.a, pc + d0 + d, ic + i0, ni, row);
+          if (seg != row) std::memcpy(row, seg, static_cast<size_t>(ni) * sizeof(float));
+        }
+        // depths d0 .. d0 + kT - 1 share one 64-depth chunk (kT divides 64)
+        float* dst = s.vals + i0 * s.vld + (d0 >> 6) * 65 + (d0 & 63);
+        const int64_t fi = nd == kT ? ni / kT * kT : 0;
+        for (int64_t ib = 0; ib < fi; ib += kT) transpose_block(buf + ib, kSeg, dst + ib * s.vld, s.vld);
+        for (int64_t i = fi; i < ni; ++i)
+          for (int64_t d = 0; d < nd; ++d) dst[i * s.vld + d] = buf[d * kSeg + i];
+      }
     }
   }
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t w = 0; w < s.words; ++w) {
-      const float* v = s.vals + i * s.vld + w * 65;
-      uint64_t m = 0;
-      for (int j = 0; j < 64; ++j) m |= static_cast<uint64_t>(v[j] != 0.0f) << j;
-      s.bits[i * s.words + w] = m;
-    }
+    for (int64_t w = 0; w < s.words; ++w) s.bits[i * s.words + w] = nonzero_bits64(s.vals + i * s.vld + w * 65);
   for (int64_t w = 0; w < s.words; ++w) {
     const int64_t have = min64(64, kc - w * 64);
     s.all[w] = have == 64 ? ~uint64_t{0} : (uint64_t{1} << have) - 1;
