@@ -251,6 +251,14 @@ void mul_activation_grad(const float* dy, const float* z, float* dst, int64_t n,
 // GEMM (BLIS structure): jc -> pc -> pack B -> ic -> pack A -> jr -> ir -> microkernel
 // ---------------------------------------------------------------------------
 
+inline void prefetch(const float* p) {
+#if defined(_MSC_VER)
+  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
 /// Elements (r, c0 .. c0 + len) of m, transformed; either a pointer into m or `buf`.
 const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t at = r * m.cols + c0;
@@ -300,7 +308,16 @@ void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0,
       for (int64_t d = 0; d < nd; ++d) dst[d * w] = 0.0f;
     }
   } else {
+    constexpr int64_t kAhead = 8;  // rows: strided rows defeat the hardware prefetcher
     for (int64_t d = 0; d < nd; ++d) {
+      if (d + kAhead < nd) {
+        const float* next = m.p + (d0 + d + kAhead) * m.cols + l0;
+        for (int64_t l = 0; l < nl; l += 16) prefetch(next + l);
+        if (m.z) {
+          const float* nz = m.z + (d0 + d + kAhead) * m.cols + l0;
+          for (int64_t l = 0; l < nl; l += 16) prefetch(nz + l);
+        }
+      }
       const float* seg = load_segment(m, d0 + d, l0, nl, buf);
       for (int64_t p = 0; p < panels; ++p) {
         float* dst = out + p * nd * w + d * w;
@@ -326,13 +343,6 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
   }
 }
 
-inline void prefetch(const float* p) {
-#if defined(_MSC_VER)
-  _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
-#else
-  __builtin_prefetch(p);
-#endif
-}
 
 #if defined(FD_ISA_SPARSE)
 // ---------------------------------------------------------------------------
