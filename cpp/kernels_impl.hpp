@@ -9,7 +9,7 @@
 //   bits_to_bytes64, microkernel
 // and optionally
 //   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
-//   kSNR, kSKC, kSNC, sparse_rows (FD_ISA_SPARSE: the sparse path)
+//   kSNR, kSKC, kSNC, nonzero_bits64, sparse_rows (FD_ISA_SPARSE: the sparse path)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
 #endif
@@ -342,7 +342,6 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
                      g.out_mask.key, g.out_mask.threshold, g.out_mask.scale);
   }
 }
-
 
 #if defined(FD_ISA_SPARSE)
 // ---------------------------------------------------------------------------
