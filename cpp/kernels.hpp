@@ -59,6 +59,8 @@ struct GemmBlocking {
 /// Floats of the row buffer that the sparse path's build_rows uses for the segments
 /// it transposes.
 constexpr int64_t kSparseSegment = 1024;
+/// Rows of sums the sparse path keeps aside (its `part`: edge tiles, transposed C).
+constexpr int64_t kSparsePartRows = 64;
 
 /// Masks that drop at least this fraction of the elements (p >= 0.375) take the
 /// sparse path on backends that have one (avx512): op(A) is masked, and only its
@@ -103,7 +105,7 @@ struct Kernels {
 /// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed
 /// B, a row buffer and an edge tile, then (on a backend with the sparse path) its
 /// rows: values in chunks of 65 floats per 64 depths, one 64-bit word of keep bits
-/// per chunk, the all-kept words and the sums of a block of 64 rows.  Each part
+/// per chunk, the all-kept words and the sums of a block of kSparsePartRows rows.  Each part
 /// starts on a 64-byte boundary.
 struct GemmWork {
   int64_t a_pack, b_pack, buf, tile, s_vals, s_bits, s_all, s_part, total;  // in floats
@@ -134,7 +136,7 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   w.s_bits = round_up(w.s_vals + rows * words * 65, 16);
   w.s_all = round_up(w.s_bits + rows * words * 2, 16);
   w.s_part = round_up(w.s_all + words * 2, 16);
-  w.total = round_up(w.s_part + (b.sparse ? 64 * b.snr : 0), 16);
+  w.total = round_up(w.s_part + (b.sparse ? kSparsePartRows * b.snr : 0), 16);
   return w;
 }
 

@@ -259,6 +259,13 @@ inline void prefetch(const float* p) {
 #endif
 }
 
+/// Fetches the rows x cols tile of C at c before a micro-kernel reads it back after
+/// its depth loop.
+inline void prefetch_tile(const float* c, int64_t ldc, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t n = 0; n < cols; n += 16) prefetch(c + r * ldc + n);
+}
+
 /// Elements (r, c0 .. c0 + len) of m, transformed; either a pointer into m or `buf`.
 const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t at = r * m.cols + c0;
@@ -359,7 +366,7 @@ struct SparseRows {
   float* vals;      // rows x vld
   uint64_t* bits;   // rows x words
   uint64_t* all;    // words: every depth below kc (for panels holding inf or NaN)
-  float* part;      // 64 x SNR: sums of a block of rows (transposed C, edge tiles)
+  float* part;      // kSparsePartRows x SNR: sums of a block of rows (transposed C, edge tiles)
   float* tile;      // kT x kT: a transposed block on its way to C (the edge tile)
   int64_t vld, words;
 };
@@ -418,8 +425,8 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
 }
 
 /// Rows per block of the sweep over the B panels (measured).  A transposed C takes
-/// 64 (the size of `part`), so that each of its rows gets 64 contiguous floats at a time.
-constexpr int64_t kRowBlock = 16, kRowBlockTrans = 64;
+/// all the rows `part` holds, so that each of its rows gets that many contiguous floats.
+constexpr int64_t kRowBlock = 16, kRowBlockTrans = kSparsePartRows;
 static_assert(kT * kT <= kMR * kNR, "a transposed block fits the edge tile");
 static_assert(kSKC % kKC == 0 && kKC % 64 == 0, "the sparse depth block holds whole dense ones");
 
@@ -477,9 +484,7 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
                 float* part = s.part + (i0 - ib) * kSNR;
                 float* c = g.c + (ic + i0) * g.N + jc + jr;
                 if (!g.c_trans && i0 + 4 <= ie && nr == kSNR) {  // a whole 4 x SNR tile of C
-                  if (add)  // read only after the depth loop: fetch it now
-                    for (int64_t r = 0; r < 4; ++r)
-                      for (int64_t n = 0; n < kSNR; n += 16) prefetch(c + r * g.N + n);
+                  if (add) prefetch_tile(c, g.N, 4, kSNR);
                   sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, c, g.N, add);
                   continue;
                 }
@@ -564,9 +569,7 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
             float* c = g.c + (ic + ir) * g.N + jc + jr;
             const float* bp = b_pack + jr * kc;
             if (mr == kMR && nr == kNR) {
-              if (accumulate)  // C is read only after the depth loop: fetch it now
-                for (int64_t r = 0; r < kMR; ++r)
-                  for (int64_t n = 0; n < kNR; n += 16) prefetch(c + r * g.N + n);
+              if (accumulate) prefetch_tile(c, g.N, kMR, kNR);
               microkernel(kc, ap, bp, c, g.N, accumulate);
               continue;
             }
