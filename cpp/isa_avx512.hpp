@@ -246,6 +246,58 @@ inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, 
   }
 }
 
+/// out[0 : popcount(m)] = v[d] for the set bits d < 64 of m, in order of d, and
+/// out[popcount(m) : 64] = 0.  out is 64-byte aligned.
+inline void compact64(const float* v, uint64_t m, float* out) {
+  for (int q = 0; q < 4; ++q) _mm512_store_ps(out + 16 * q, _mm512_setzero_ps());
+  int64_t at = 0;
+  for (int q = 0; q < 4; ++q) {
+    const __mmask16 k = static_cast<__mmask16>(m >> (16 * q));
+    _mm512_storeu_ps(out + at, _mm512_maskz_compress_ps(k, _mm512_loadu_ps(v + 16 * q)));
+    at += __builtin_popcount(k);
+  }
+}
+
+/// sparse_rows with row r's values for chunk w taken compacted from
+/// kept[r * kld + w * 64] (compact64 of the chunk by its bits): the n-th step of a chunk
+/// multiplies the row's n-th kept value, which a permute picks out of a register
+/// loaded once per 16 steps, instead of a broadcast load per step (measured 3-5%
+/// faster at 1024x4096x4096).  Rows that run out pad with the compacted zeros.
+inline void sparse_rows_kept(int64_t w0, int64_t w1, const float* kept, int64_t kld, const uint64_t* bits,
+                             int64_t bld, const float* b, float* c, int64_t ldc, bool accumulate) {
+  __m512 acc[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+  const __m512i one = _mm512_set1_epi32(1);
+  for (int64_t w = w0; w < w1; ++w) {
+    uint64_t m[4];
+    for (int r = 0; r < 4; ++r) m[r] = bits[r * bld + w];
+    const float* bw = b + w * 64 * kSNR;
+    for (const float* kv = kept + w * 64; (m[0] | m[1] | m[2] | m[3]) != 0; kv += 16) {
+      __m512 vr[4];
+      for (int r = 0; r < 4; ++r) vr[r] = _mm512_load_ps(kv + r * kld);
+      __m512i at = _mm512_setzero_si512();
+      for (int n = 0; n < 16 && (m[0] | m[1] | m[2] | m[3]) != 0; ++n) {
+        for (int r = 0; r < 4; ++r) {
+          const uint64_t d = _tzcnt_u64(m[r]);
+          m[r] = _blsr_u64(m[r]);
+          const __m512 u = _mm512_permutexvar_ps(at, vr[r]);
+          const float* p = bw + static_cast<int64_t>(d & 63) * kSNR;
+          for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(u, _mm512_load_ps(p + 16 * j), acc[r][j]);
+        }
+        at = _mm512_add_epi32(at, one);
+      }
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    float* cr = c + r * ldc;
+    for (int j = 0; j < 4; ++j) {
+      if (accumulate) acc[r][j] = _mm512_add_ps(_mm512_loadu_ps(cr + 16 * j), acc[r][j]);
+      _mm512_storeu_ps(cr + 16 * j, acc[r][j]);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace avx512
 }  // namespace fastdropout

@@ -104,11 +104,12 @@ struct Kernels {
 
 /// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed
 /// B, a row buffer and an edge tile, then (on a backend with the sparse path) its
-/// rows: values in chunks of 65 floats per 64 depths, one 64-bit word of keep bits
+/// rows: values in chunks of 65 floats per 64 depths, the same compacted (each chunk's
+/// kept values first, 64 floats per chunk), one 64-bit word of keep bits
 /// per chunk, the all-kept words and the sums of a block of kSparsePartRows rows.  Each part
 /// starts on a 64-byte boundary.
 struct GemmWork {
-  int64_t a_pack, b_pack, buf, tile, s_vals, s_bits, s_all, s_part, total;  // in floats
+  int64_t a_pack, b_pack, buf, tile, s_vals, s_kept, s_bits, s_all, s_part, total;  // in floats
 };
 
 static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
@@ -133,7 +134,8 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   w.buf = round_up(w.b_pack + b_block, 16);
   w.tile = round_up(w.buf + longest, 16);
   w.s_vals = round_up(w.tile + b.mr * b.nr, 16);
-  w.s_bits = round_up(w.s_vals + rows * words * 65, 16);
+  w.s_kept = round_up(w.s_vals + rows * words * 65, 16);
+  w.s_bits = round_up(w.s_kept + rows * words * 64, 16);
   w.s_all = round_up(w.s_bits + rows * words * 2, 16);
   w.s_part = round_up(w.s_all + words * 2, 16);
   w.total = round_up(w.s_part + (b.sparse ? kSparsePartRows * b.snr : 0), 16);

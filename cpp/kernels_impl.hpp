@@ -9,7 +9,8 @@
 //   bits_to_bytes64, microkernel
 // and optionally
 //   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
-//   kSNR, kSKC, kSNC, nonzero_bits64, sparse_rows (FD_ISA_SPARSE: the sparse path)
+//   kSNR, kSKC, kSNC, nonzero_bits64, compact64, sparse_rows, sparse_rows_kept
+//   (FD_ISA_SPARSE: the sparse path)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
 #endif
@@ -354,7 +355,9 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
 // ---------------------------------------------------------------------------
 // Sparse path: op(A) is masked with p >= 0.375.  Each row of an (ic, pc) block is
 // kept as its values plus one bit per depth, set where the value is not zero, and
-// sparse_rows multiplies only those.  Each output element is one FMA chain in depth
+// sparse_rows_kept multiplies only those (taking each chunk's kept values from a
+// compacted copy; sparse_rows, from the values by depth, for panels that multiply
+// every entry).  Each output element is one FMA chain in depth
 // order, as in the dense micro-kernel: the results are the dense path's, bit for
 // bit, and never depend on the thread split.
 // ---------------------------------------------------------------------------
@@ -364,6 +367,7 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
 /// bit per depth, set where the value is not zero.
 struct SparseRows {
   float* vals;      // rows x vld
+  float* kept;      // rows x words * 64: each chunk's kept values in depth order, then zeros
   uint64_t* bits;   // rows x words
   uint64_t* all;    // words: every depth below kc (for panels holding inf or NaN)
   float* part;      // kSparsePartRows x SNR: sums of a block of rows (transposed C, edge tiles)
@@ -417,7 +421,11 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
     }
   }
   for (int64_t i = 0; i < rows; ++i)
-    for (int64_t w = 0; w < s.words; ++w) s.bits[i * s.words + w] = nonzero_bits64(s.vals + i * s.vld + w * 65);
+    for (int64_t w = 0; w < s.words; ++w) {
+      const uint64_t m = nonzero_bits64(s.vals + i * s.vld + w * 65);
+      s.bits[i * s.words + w] = m;
+      compact64(s.vals + i * s.vld + w * 65, m, s.kept + (i * s.words + w) * 64);
+    }
   for (int64_t w = 0; w < s.words; ++w) {
     const int64_t have = min64(64, kc - w * 64);
     s.all[w] = have == 64 ? ~uint64_t{0} : (uint64_t{1} << have) - 1;
@@ -447,7 +455,7 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
   const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
   float* b_pack = work + layout.b_pack;
   float* buf = work + layout.buf;
-  SparseRows s{work + layout.s_vals, reinterpret_cast<uint64_t*>(work + layout.s_bits),
+  SparseRows s{work + layout.s_vals, work + layout.s_kept, reinterpret_cast<uint64_t*>(work + layout.s_bits),
                reinterpret_cast<uint64_t*>(work + layout.s_all), work + layout.s_part,
                work + layout.tile, 0, 0};
   for (int64_t pc = 0; pc < g.K; pc += kSKC) {
@@ -485,10 +493,12 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
                 float* c = g.c + (ic + i0) * g.N + jc + jr;
                 if (!g.c_trans && i0 + 4 <= ie && nr == kSNR) {  // a whole 4 x SNR tile of C
                   if (add) prefetch_tile(c, g.N, 4, kSNR);
-                  sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, c, g.N, add);
+                  if (every) sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, c, g.N, add);
+                  else sparse_rows_kept(w0, w1, s.kept + i0 * s.words * 64, s.words * 64, bits, bld, bp, c, g.N, add);
                   continue;
                 }
-                sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, part, kSNR, !accumulate && sub > 0);
+                if (every) sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, part, kSNR, !accumulate && sub > 0);
+                else sparse_rows_kept(w0, w1, s.kept + i0 * s.words * 64, s.words * 64, bits, bld, bp, part, kSNR, !accumulate && sub > 0);
                 if (g.c_trans || !flush) continue;  // stored below, transposed / later
                 for (int64_t r = 0; r < min64(4, ie - i0); ++r)  // an edge tile
                   for (int64_t n = 0; n < nr; ++n) {
