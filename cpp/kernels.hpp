@@ -54,6 +54,7 @@ struct GemmBlocking {
   bool sparse;  ///< whether the backend has the sparse path
   int64_t snr;  ///< its panel width (a multiple of nr dividing nc; nr where there is none)
   int64_t skc, snc;  ///< its depth and column blocking (kc, nc where there is none)
+  int64_t smc;       ///< its row blocking (mc where there is none)
 };
 
 /// Floats of the row buffer that the sparse path's build_rows uses for the segments
@@ -126,7 +127,8 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   longest = longest > skc ? longest : skc;
   longest = longest > snc ? longest : snc;
   if (b.sparse && longest < kSparseSegment) longest = kSparseSegment;  // build_rows' transposes
-  const int64_t rows = b.sparse ? round_up(mc, 4) : 0;  // the sparse path: groups of 4 rows
+  const int64_t smc = m < b.smc ? m : b.smc;
+  const int64_t rows = b.sparse ? round_up(smc, 4) : 0;  // the sparse path: groups of 4 rows
   const int64_t words = b.sparse ? (skc + 63) / 64 : 0;  // of 64-depth chunks
   GemmWork w;
   w.a_pack = 0;

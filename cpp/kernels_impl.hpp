@@ -30,9 +30,9 @@ namespace {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #if defined(FD_ISA_SPARSE)
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR, kSKC, kSNC};
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR, kSKC, kSNC, kSMC};
 #else
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR, kKC, kNC};
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR, kKC, kNC, kMC};
 #endif
 
 #if !defined(FD_ISA_TRANSPOSE)
@@ -461,8 +461,8 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
   for (int64_t pc = 0; pc < g.K; pc += kSKC) {
     const int64_t kc = min64(kSKC, g.K - pc);
     const bool accumulate = pc > 0, last = pc + kc >= g.K;
-    for (int64_t ic = m0; ic < m1; ic += kMC) {
-      const int64_t mc = min64(kMC, m1 - ic);
+    for (int64_t ic = m0; ic < m1; ic += kSMC) {
+      const int64_t mc = min64(kSMC, m1 - ic);
       build_rows(g, ic, mc, pc, kc, s, buf);
       for (int64_t jc = n0; jc < n1; jc += kSNC) {
         const int64_t nc = min64(kSNC, n1 - jc);
