@@ -248,6 +248,14 @@ inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, 
   }
 }
 
+/// Set bits of a 16-bit mask (portable: no compiler builtin or POPCNT needed).
+inline int64_t popcount16(uint32_t m) {
+  m = m - ((m >> 1) & 0x5555u);
+  m = (m & 0x3333u) + ((m >> 2) & 0x3333u);
+  m = (m + (m >> 4)) & 0x0f0fu;
+  return static_cast<int64_t>((m + (m >> 8)) & 0x1fu);
+}
+
 /// out[0 : popcount(m)] = v[d] for the set bits d < 64 of m, in order of d, and
 /// out[popcount(m) : 64] = 0.  out is 64-byte aligned.
 inline void compact64(const float* v, uint64_t m, float* out) {
@@ -256,7 +264,7 @@ inline void compact64(const float* v, uint64_t m, float* out) {
   for (int q = 0; q < 4; ++q) {
     const __mmask16 k = static_cast<__mmask16>(m >> (16 * q));
     _mm512_storeu_ps(out + at, _mm512_maskz_compress_ps(k, _mm512_loadu_ps(v + 16 * q)));
-    at += __builtin_popcount(k);
+    at += popcount16(k);
   }
 }
 
