@@ -353,7 +353,7 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
 
 #if defined(FD_ISA_SPARSE)
 // ---------------------------------------------------------------------------
-// Sparse path: op(A) is masked with p >= 0.375.  Each row of an (ic, pc) block is
+// Sparse path: op(A) is masked with p >= 0.3.  Each row of an (ic, pc) block is
 // kept as its values plus one bit per depth, set where the value is not zero, and
 // sparse_rows_kept multiplies only those (taking each chunk's kept values from a
 // compacted copy; sparse_rows, from the values by depth, for panels that multiply
