@@ -67,7 +67,8 @@ constexpr int64_t kSparsePartRows = 64;
 /// sparse path on backends that have one (avx512): op(A) is masked, and only its
 /// kept elements are multiplied.  Below it, or on avx2 and scalar (measured), the
 /// dense micro-kernel is faster than skipping: at p = 0.3 the sparse forward measured
-/// 6-12% faster from 32x512x512 to 1024x2048x2048, at p = 0.25 0-6%, or 1% slower.
+/// 6-12% faster from 32x512x512 to 1024x2048x2048, at p = 0.25 between 6% faster and
+/// 1% slower.
 constexpr uint64_t kSparseMinThreshold = 1288490189;  // round(0.3 * 2**32)
 /// grad_weight's sparse form (its depth is the batch) from p >= 0.375: at p = 0.3 it
 /// measured 5% slower than the dense kernel at 256x1024x1024, at 0.35 as fast.

@@ -491,14 +491,16 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
                 const float* vals = s.vals + i0 * s.vld;
                 float* part = s.part + (i0 - ib) * kSNR;
                 float* c = g.c + (ic + i0) * g.N + jc + jr;
+                auto rows4 = [&](float* dst, int64_t ld, bool add_to) {
+                  if (every) sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, dst, ld, add_to);
+                  else sparse_rows_kept(w0, w1, s.kept + i0 * s.words * 64, s.words * 64, bits, bld, bp, dst, ld, add_to);
+                };
                 if (!g.c_trans && i0 + 4 <= ie && nr == kSNR) {  // a whole 4 x SNR tile of C
                   if (add) prefetch_tile(c, g.N, 4, kSNR);
-                  if (every) sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, c, g.N, add);
-                  else sparse_rows_kept(w0, w1, s.kept + i0 * s.words * 64, s.words * 64, bits, bld, bp, c, g.N, add);
+                  rows4(c, g.N, add);
                   continue;
                 }
-                if (every) sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, part, kSNR, !accumulate && sub > 0);
-                else sparse_rows_kept(w0, w1, s.kept + i0 * s.words * 64, s.words * 64, bits, bld, bp, part, kSNR, !accumulate && sub > 0);
+                rows4(part, kSNR, !accumulate && sub > 0);
                 if (g.c_trans || !flush) continue;  // stored below, transposed / later
                 for (int64_t r = 0; r < min64(4, ie - i0); ++r)  // an edge tile
                   for (int64_t n = 0; n < nr; ++n) {
