@@ -214,43 +214,6 @@ inline uint64_t nonzero_bits64(const float* v) {
   return m;
 }
 
-/// Four rows of a sparse-operand GEMM over the 64-depth chunks w0 .. w1 - 1: for r < 4,
-///   c[r * ldc + 0 : SNR] (+)= sum over kept depths d in them of A(r, d) * b[d * SNR + 0 : SNR],
-/// where b is a packed B panel.  Row r's values lie at vals[r * vld], in chunks of
-/// 65 floats per 64 depths (slot 64 holds 0); bit d % 64 of bits[r * bld + d / 64] is
-/// set for each kept depth d.  Rows that run out of kept depths before the others
-/// in a chunk add 0 * (a row of b): tzcnt(0) = 64 picks slot 64.  One FMA chain per
-/// output element, in depth order, exactly as the dense micro-kernel sums: skipping
-/// a zero term never changes a bit (the accumulator starts at +0, never becomes -0).
-inline void sparse_rows(int64_t w0, int64_t w1, const float* vals, int64_t vld, const uint64_t* bits,
-                        int64_t bld, const float* b, float* c, int64_t ldc, bool accumulate) {
-  __m512 acc[4][4];
-  for (int r = 0; r < 4; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
-  for (int64_t w = w0; w < w1; ++w) {
-    uint64_t m[4];
-    for (int r = 0; r < 4; ++r) m[r] = bits[r * bld + w];
-    const float* v = vals + w * 65;
-    const float* bw = b + w * 64 * kSNR;
-    while ((m[0] | m[1] | m[2] | m[3]) != 0) {
-      for (int r = 0; r < 4; ++r) {
-        const uint64_t d = _tzcnt_u64(m[r]);
-        m[r] = _blsr_u64(m[r]);
-        const __m512 u = _mm512_set1_ps(v[r * vld + static_cast<int64_t>(d)]);
-        const float* p = bw + static_cast<int64_t>(d & 63) * kSNR;
-        for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(u, _mm512_load_ps(p + 16 * j), acc[r][j]);
-      }
-    }
-  }
-  for (int r = 0; r < 4; ++r) {
-    float* cr = c + r * ldc;
-    for (int j = 0; j < 4; ++j) {
-      if (accumulate) acc[r][j] = _mm512_add_ps(_mm512_loadu_ps(cr + 16 * j), acc[r][j]);
-      _mm512_storeu_ps(cr + 16 * j, acc[r][j]);
-    }
-  }
-}
-
 /// Set bits of a 16-bit mask (portable: no compiler builtin or POPCNT needed).
 inline int64_t popcount16(uint32_t m) {
   m = m - ((m >> 1) & 0x5555u);
@@ -271,13 +234,20 @@ inline void compact64(const float* v, uint64_t m, float* out) {
   }
 }
 
-/// sparse_rows with row r's values for chunk w taken compacted from
-/// kept[r * kld + w * 64] (compact64 of the chunk by its bits): the n-th step of a chunk
-/// multiplies the row's n-th kept value, which a permute picks out of a register
-/// loaded once per 16 steps, instead of a broadcast load per step (measured 3-5%
-/// faster at 1024x4096x4096).  Rows that run out pad with the compacted zeros.
-inline void sparse_rows_kept(int64_t w0, int64_t w1, const float* kept, int64_t kld, const uint64_t* bits,
-                             int64_t bld, const float* b, float* c, int64_t ldc, bool accumulate) {
+/// Four rows of a sparse-operand GEMM over the 64-depth chunks w0 .. w1 - 1: for r < 4,
+///   c[r * ldc + 0 : SNR] (+)= sum over the depths d in them whose bit is set of A(r, d) * b[d * SNR + 0 : SNR],
+/// where b is a packed B panel and bit d % 64 of bits[r * bld + d / 64] is row r's bit
+/// for depth d.  The n-th step of a chunk multiplies row r's n-th value of that chunk,
+/// kept[r * kld + w * 64 + n]: the kept values compacted (compact64), or, with every
+/// bit set, the values by depth.  A permute picks it out of a register loaded once per
+/// 16 steps (measured 3-5% faster at 1024x4096x4096 than a broadcast load per step).
+/// Rows that run out of set bits before the others add 0 * (row 0 of the chunk):
+/// tzcnt(0) = 64, and the compacted values end in zeros.  One FMA chain per output
+/// element, in depth order, exactly as the dense micro-kernel sums: skipping a zero
+/// term never changes a bit (the accumulator starts at +0, never becomes -0).
+/// kept and kld are 64-byte aligned.
+inline void sparse_rows(int64_t w0, int64_t w1, const float* kept, int64_t kld, const uint64_t* bits,
+                        int64_t bld, const float* b, float* c, int64_t ldc, bool accumulate) {
   __m512 acc[4][4];
   for (int r = 0; r < 4; ++r)
     for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();

@@ -74,8 +74,10 @@ constexpr uint64_t kSparseMinThreshold = 1288490189;  // round(0.3 * 2**32)
 /// measured 5% slower than the dense kernel at 256x1024x1024, at 0.35 as fast.
 constexpr uint64_t kSparseGradMinThreshold = uint64_t{3} << 29;  // 0.375 * 2**32
 
-static inline bool sparse_mask(const MaskSpec& m, const GemmBlocking& b) {
-  return b.sparse && m.enabled && m.threshold >= kSparseMinThreshold;
+/// Whether a mask is sparse enough for the sparse path (of the forward, by default).
+static inline bool sparse_mask(const MaskSpec& m, const GemmBlocking& b,
+                               uint64_t min_threshold = kSparseMinThreshold) {
+  return b.sparse && m.enabled && m.threshold >= min_threshold;
 }
 
 /// Whether gemm_tile computes `g` on the sparse path.
@@ -110,10 +112,10 @@ struct Kernels {
 
 /// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed
 /// B, a row buffer and an edge tile, then (on a backend with the sparse path) its
-/// rows: values in chunks of 65 floats per 64 depths, the same compacted (each chunk's
-/// kept values first, 64 floats per chunk), one 64-bit word of keep bits
-/// per chunk, the all-kept words and the sums of a block of kSparsePartRows rows.  Each part
-/// starts on a 64-byte boundary.
+/// rows: values by depth and the same compacted (each chunk's kept values first), 64
+/// floats per 64-depth chunk each, one 64-bit word of keep bits per chunk, the
+/// all-kept words and the sums of a block of kSparsePartRows rows.  Each part starts
+/// on a 64-byte boundary.
 struct GemmWork {
   int64_t a_pack, b_pack, buf, tile, s_vals, s_kept, s_bits, s_all, s_part, total;  // in floats
 };
@@ -141,7 +143,7 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   w.buf = round_up(w.b_pack + b_block, 16);
   w.tile = round_up(w.buf + longest, 16);
   w.s_vals = round_up(w.tile + b.mr * b.nr, 16);
-  w.s_kept = round_up(w.s_vals + rows * words * 65, 16);
+  w.s_kept = round_up(w.s_vals + rows * words * 64, 16);
   w.s_bits = round_up(w.s_kept + rows * words * 64, 16);
   w.s_all = round_up(w.s_bits + rows * words * 2, 16);
   w.s_part = round_up(w.s_all + words * 2, 16);

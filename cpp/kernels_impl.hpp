@@ -9,7 +9,7 @@
 //   bits_to_bytes64, microkernel
 // and optionally
 //   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
-//   kSNR, kSKC, kSNC, nonzero_bits64, compact64, sparse_rows, sparse_rows_kept
+//   kSNR, kSKC, kSNC, kSMC, nonzero_bits64, compact64, sparse_rows
 //   (FD_ISA_SPARSE: the sparse path)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
@@ -354,20 +354,18 @@ void epilogue(const GemmProblem& g, int64_t r0, int64_t r1, int64_t c0, int64_t 
 #if defined(FD_ISA_SPARSE)
 // ---------------------------------------------------------------------------
 // Sparse path: op(A) is masked with p >= 0.3.  Each row of an (ic, pc) block is
-// kept as its values plus one bit per depth, set where the value is not zero, and
-// sparse_rows_kept multiplies only those (taking each chunk's kept values from a
-// compacted copy; sparse_rows, from the values by depth, for panels that multiply
-// every entry).  Each output element is one FMA chain in depth
-// order, as in the dense micro-kernel: the results are the dense path's, bit for
-// bit, and never depend on the thread split.
+// kept as its values, one bit per depth (set where the value is not zero) and, per
+// 64-depth chunk, its kept values compacted; sparse_rows multiplies only those (every
+// entry, from the values by depth, for a B panel holding an inf or NaN).  Each output
+// element is one FMA chain in depth order, as in the dense micro-kernel: the results
+// are the dense path's, bit for bit, and never depend on the thread split.
 // ---------------------------------------------------------------------------
 
-/// The masked operand of one (ic, pc) block, as sparse_rows reads it (see the
-/// layout in the ISA headers): values in chunks of 65 floats per 64 depths, and one
-/// bit per depth, set where the value is not zero.
+/// The masked operand of one (ic, pc) block, as sparse_rows reads it: 64 floats per
+/// row and chunk, in vals by depth (zero past kc) and in kept compacted.
 struct SparseRows {
   float* vals;      // rows x vld
-  float* kept;      // rows x words * 64: each chunk's kept values in depth order, then zeros
+  float* kept;      // rows x vld: each chunk's kept values in depth order, then zeros
   uint64_t* bits;   // rows x words
   uint64_t* all;    // words: every depth below kc (for panels holding inf or NaN)
   float* part;      // kSparsePartRows x SNR: sums of a block of rows (transposed C, edge tiles)
@@ -378,28 +376,21 @@ struct SparseRows {
 /// Columns per segment of a transposed op(A) in build_rows (kT of them fill the row
 /// buffer, which gemm_work sizes to at least kSparseSegment floats).
 constexpr int64_t kSeg = kSparseSegment / kT;
-static_assert(64 % kT == 0 && kSeg % kT == 0, "whole transposed blocks per chunk and segment");
+static_assert(kSeg % kT == 0, "whole transposed blocks per segment");
 
 /// Fills rows [ic, ic + mc) x depth [pc, pc + kc) of op(A); rows mc .. mc + 3 (to a
 /// multiple of 4) are empty.
 void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_t kc,
                 SparseRows& s, float* buf) {
   s.words = (kc + 63) / 64;
-  s.vld = s.words * 65;
+  s.vld = s.words * 64;
   const int64_t rows = round_up(mc, 4);
-  for (int64_t i = 0; i < rows; ++i) {  // zero the slots no value lands in
-    float* v = s.vals + i * s.vld;
-    if (i >= mc)
-      for (int64_t j = 0; j < s.vld; ++j) v[j] = 0.0f;
-    for (int64_t w = 0; w < s.words; ++w) v[w * 65 + 64] = 0.0f;
-    for (int64_t d = kc; d < s.words * 64; ++d) v[(d >> 6) * 65 + (d & 63)] = 0.0f;
-  }
+  for (int64_t i = 0; i < rows; ++i)  // zero what no value lands in
+    for (int64_t d = i < mc ? kc : 0; d < s.vld; ++d) s.vals[i * s.vld + d] = 0.0f;
   if (!g.a_trans) {
     for (int64_t i = 0; i < mc; ++i) {
       const float* seg = load_segment(g.a, ic + i, pc, kc, buf);
-      for (int64_t w = 0; w < s.words; ++w)
-        std::memcpy(s.vals + i * s.vld + w * 65, seg + w * 64,
-                    static_cast<size_t>(min64(64, kc - w * 64)) * sizeof(float));
+      std::memcpy(s.vals + i * s.vld, seg, static_cast<size_t>(kc) * sizeof(float));
     }
   } else {  // op(A)(i, d) = a(d, i): kT segments of kSeg columns at a time, transposed
     for (int64_t d0 = 0; d0 < kc; d0 += kT) {
@@ -411,8 +402,7 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
           const float* seg = load_segment(g.a, pc + d0 + d, ic + i0, ni, row);
           if (seg != row) std::memcpy(row, seg, static_cast<size_t>(ni) * sizeof(float));
         }
-        // depths d0 .. d0 + kT - 1 share one 64-depth chunk (kT divides 64)
-        float* dst = s.vals + i0 * s.vld + (d0 >> 6) * 65 + (d0 & 63);
+        float* dst = s.vals + i0 * s.vld + d0;
         const int64_t fi = nd == kT ? ni / kT * kT : 0;
         for (int64_t ib = 0; ib < fi; ib += kT) transpose_block(buf + ib, kSeg, dst + ib * s.vld, s.vld);
         for (int64_t i = fi; i < ni; ++i)
@@ -422,9 +412,10 @@ void build_rows(const GemmProblem& g, int64_t ic, int64_t mc, int64_t pc, int64_
   }
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t w = 0; w < s.words; ++w) {
-      const uint64_t m = nonzero_bits64(s.vals + i * s.vld + w * 65);
+      const float* v = s.vals + i * s.vld + w * 64;
+      const uint64_t m = nonzero_bits64(v);
       s.bits[i * s.words + w] = m;
-      compact64(s.vals + i * s.vld + w * 65, m, s.kept + (i * s.words + w) * 64);
+      compact64(v, m, s.kept + i * s.vld + w * 64);
     }
   for (int64_t w = 0; w < s.words; ++w) {
     const int64_t have = min64(64, kc - w * 64);
@@ -488,19 +479,15 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
               for (int64_t i0 = ib; i0 < ie; i0 += 4) {
                 const uint64_t* bits = every ? s.all : s.bits + i0 * s.words;
                 const int64_t bld = every ? 0 : s.words;
-                const float* vals = s.vals + i0 * s.vld;
+                const float* kept = (every ? s.vals : s.kept) + i0 * s.vld;
                 float* part = s.part + (i0 - ib) * kSNR;
                 float* c = g.c + (ic + i0) * g.N + jc + jr;
-                auto rows4 = [&](float* dst, int64_t ld, bool add_to) {
-                  if (every) sparse_rows(w0, w1, vals, s.vld, bits, bld, bp, dst, ld, add_to);
-                  else sparse_rows_kept(w0, w1, s.kept + i0 * s.words * 64, s.words * 64, bits, bld, bp, dst, ld, add_to);
-                };
                 if (!g.c_trans && i0 + 4 <= ie && nr == kSNR) {  // a whole 4 x SNR tile of C
                   if (add) prefetch_tile(c, g.N, 4, kSNR);
-                  rows4(c, g.N, add);
+                  sparse_rows(w0, w1, kept, s.vld, bits, bld, bp, c, g.N, add);
                   continue;
                 }
-                rows4(part, kSNR, !accumulate && sub > 0);
+                sparse_rows(w0, w1, kept, s.vld, bits, bld, bp, part, kSNR, !accumulate && sub > 0);
                 if (g.c_trans || !flush) continue;  // stored below, transposed / later
                 for (int64_t r = 0; r < min64(4, ie - i0); ++r)  // an edge tile
                   for (int64_t n = 0; n < nr; ++n) {

@@ -203,8 +203,7 @@ void dense_backward(const DenseBackward& a) {
     // Its depth is the batch: from 256 rows it measured faster than the dense kernel
     // (23% at 256x1024x1024, p = 0.5; 15% at 300x300x300, p = 0.375), below 128 slower
     // (up to 2.7x at a batch of 8); in between it depends on p.
-    const bool sparse = sparse_mask(a.mask, active_kernels().blocking) &&
-                        a.mask.threshold >= kSparseGradMinThreshold && a.M >= 256;
+    const bool sparse = sparse_mask(a.mask, active_kernels().blocking, kSparseGradMinThreshold) && a.M >= 256;
     g.M = sparse ? a.K : a.N;
     g.N = sparse ? a.N : a.K;
     g.K = a.M;
