@@ -7,6 +7,9 @@
 #if defined(FD_HAVE_OPENMP)
 #include <omp.h>
 #endif
+#if !defined(_WIN32)
+#include <dlfcn.h>
+#endif
 #if defined(FD_HAVE_X86_BACKENDS)
 #if defined(_MSC_VER)
 #include <immintrin.h>
@@ -186,6 +189,15 @@ bool has_openmp() {
 #else
   return false;
 #endif
+}
+
+std::string openmp_runtime() {
+#if defined(FD_HAVE_OPENMP) && !defined(_WIN32)
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&omp_get_max_threads), &info) && info.dli_fname)
+    return info.dli_fname;
+#endif
+  return "";
 }
 
 int get_num_threads() {

@@ -24,5 +24,8 @@ int get_num_threads();
 /// n >= 1; throws std::invalid_argument otherwise.
 void set_num_threads(int n);
 bool has_openmp();
+/// The file of the OpenMP runtime whose functions this module calls ("" when
+/// unknown or without OpenMP): another library's, when it was loaded first and shares it.
+std::string openmp_runtime();
 
 }  // namespace fastdropout

@@ -16,6 +16,8 @@ void bind::register_runtime(py::module_& m) {
   m.def("has_openmp", &has_openmp, "Whether this build runs kernels on several threads.");
   m.def("get_num_threads", &get_num_threads, "Threads the kernels use.");
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the threads the kernels use.");
+  m.def("openmp_runtime", &openmp_runtime,
+        "Path of the OpenMP runtime library the kernels call ('' when unknown or without OpenMP).");
 }
 
 PYBIND11_MODULE(_core, m) {
@@ -25,4 +27,7 @@ PYBIND11_MODULE(_core, m) {
   bind::register_dense(m);
   // Choose the backend now, so a bad FASTDROPOUT_BACKEND fails the import clearly.
   active_kernels();
+  // Initialise the OpenMP runtime now, while the environment fastdropout._runtime set
+  // for the import holds (libgomp reads it when loaded, LLVM's libomp at first use).
+  get_num_threads();
 }

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 try:
-    from . import _core
+    from ._runtime import load_core as _load_core
+
+    _core = _load_core()
 except ImportError as exc:  # pragma: no cover - only without a build
     if "FASTDROPOUT_BACKEND" in str(exc):
         raise

@@ -22,6 +22,11 @@ def info() -> int:
     print(f"available backends: {', '.join(fd.available_backends())}")
     print(f"cpu features      : {fd._core.cpu_features()}")
     print(f"threads           : {fd.get_num_threads()} (OpenMP: {'yes' if fd._core.has_openmp() else 'no'})")
+    if fd._core.has_openmp():
+        from ._runtime import wait_policy
+
+        print(f"OpenMP runtime    : {fd._core.openmp_runtime() or 'unknown'}")
+        print(f"idle threads wait : {wait_policy.get('why', 'unknown')}")
     return 0
 
 
