@@ -855,3 +855,23 @@ def test_sparse_path_keeps_nan_of_zero_times_inf(backend, p):
         _, gw_ref, _ = ref.dropout_dense_backward(g_bad, x, weight, p, seed=1)
     assert_bits_equal(np.isnan(gw), np.isnan(gw_ref))
     assert np.isnan(gw[11]).all() and not np.isnan(np.delete(gw, 11, axis=0)).any()
+
+
+@pytest.mark.parametrize("output_mask", [(a, b, c) for a in (True, False) for b in (True, False) for c in (True, False)])
+def test_output_mask_computes_only_what_is_asked(backend, threads, output_mask):
+    x, weight, bias, grad = _problem((300,), 70, 45, seed=4)  # grad_weight's sparse form from a batch of 256
+    _, z = fd.dropout_dense(x, weight, bias, 0.5, seed=9, activation="relu", return_preactivation=True)
+    full = fd.dropout_dense_backward(grad, x, weight, 0.5, seed=9, activation="relu", preactivation=z)
+    some = fd.dropout_dense_backward(grad, x, weight, 0.5, seed=9, activation="relu", preactivation=z, output_mask=output_mask)
+    for wanted, got, want in zip(output_mask, some, full):
+        if wanted:
+            assert_bits_equal(got, want)
+        else:
+            assert got is None
+
+
+@pytest.mark.parametrize("bad", [(True, True), [True, 1, True], "xyz", None])
+def test_output_mask_must_be_three_bools(bad):
+    x, weight, _, grad = _problem((4,), 5, 3)
+    with pytest.raises(TypeError, match="output_mask"):
+        fd.dropout_dense_backward(grad, x, weight, 0.5, seed=1, output_mask=bad)

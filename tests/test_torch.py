@@ -88,6 +88,31 @@ def test_dropout_linear_matches_torch(backend, activation, bias, shape, p):
     assert torch.all(xs.grad[~torch_mask(x.shape, p, seed, offset)] == 0)
 
 
+@pytest.mark.parametrize("x_grad, w_grad, b_grad", [(False, True, True), (True, False, False), (True, True, False), (False, False, True)])
+def test_backward_computes_only_what_autograd_needs(backend, monkeypatch, x_grad, w_grad, b_grad):
+    asked = []
+    real = fdt._np_dropout_dense_backward
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["output_mask"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fdt, "_np_dropout_dense_backward", spy)
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(9, 19, generator=gen), torch.randn(7, 19, generator=gen), torch.randn(7, generator=gen)
+    xs, ws, bs = (t.clone().requires_grad_(need) for t, need in ((x, x_grad), (w, w_grad), (b, b_grad)))
+    xr, wr, br = (t.clone().requires_grad_(need) for t, need in ((x, x_grad), (w, w_grad), (b, b_grad)))
+    g = torch.randn(9, 7, generator=gen)
+    fdt.dropout_linear(xs, ws, bs, 0.5, activation="relu", seed=5).backward(g)
+    reference_linear(xr, wr, br, 0.5, 5, 0, "relu").backward(g)
+    assert asked == [(x_grad, w_grad, b_grad)]
+    for ours, theirs, need, k in ((xs, xr, x_grad, 7), (ws, wr, w_grad, 9), (bs, br, b_grad, 9)):
+        if need:
+            gemm_close(ours.grad, theirs.grad, k)
+        else:
+            assert ours.grad is None
+
+
 def test_dropout_linear_non_contiguous_input(backend):
     x = torch.randn(19, 8).t()  # (8, 19), transposed strides
     w = torch.randn(5, 19)

@@ -258,7 +258,8 @@ def dropout_dense_backward(
     preactivation: Optional[np.ndarray] = None,
     bias: bool = True,
     training: bool = True,
-) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    output_mask: Tuple[bool, bool, bool] = (True, True, True),
+) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], Optional[np.ndarray]]:
     """Gradients of :func:`dropout_dense` given ``grad_out`` = dL/dy.
 
     ``dz = grad_out * act'(z)``; ``grad_bias = dz.sum(0)``;
@@ -268,8 +269,14 @@ def dropout_dense_backward(
     ``return_preactivation=True``) is required when ``activation`` is set.
 
     Returns ``(grad_x, grad_weight, grad_bias)``; ``grad_bias`` is None when
-    ``bias`` is False.
+    ``bias`` is False.  ``output_mask`` (as in PyTorch's ``*_backward`` ops)
+    says which of the three to compute: an entry that is False is not computed
+    and comes back as None (a first layer needs no ``grad_x``, a frozen one no
+    ``grad_weight``).
     """
+    if (not isinstance(output_mask, (tuple, list)) or len(output_mask) != 3
+            or not all(isinstance(v, (bool, np.bool_)) for v in output_mask)):
+        raise TypeError(f"output_mask must be a tuple of three bools (grad_x, grad_weight, grad_bias), got {output_mask!r}")
     x, weight, _ = _dense_inputs(x, weight, None)
     grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
     p, seed, offset, act = _layer_args(p, seed, offset, activation)
@@ -288,9 +295,10 @@ def dropout_dense_backward(
         z2 = np.ascontiguousarray(preactivation).reshape(rows, n_out)
     x2 = np.ascontiguousarray(x).reshape(rows, k)
     dy2 = np.ascontiguousarray(grad_out).reshape(rows, n_out)
-    grad_x = np.empty(x2.shape, dtype=np.float32)
-    grad_w = np.empty(weight.shape, dtype=np.float32)
-    grad_b = np.empty(n_out, dtype=np.float32) if bias else None
+    want_x, want_w, want_b = (bool(v) for v in output_mask)
+    grad_x = np.empty(x2.shape, dtype=np.float32) if want_x else None
+    grad_w = np.empty(weight.shape, dtype=np.float32) if want_w else None
+    grad_b = np.empty(n_out, dtype=np.float32) if bias and want_b else None
     masked = bool(training) and p > 0.0
     _core.dense_backward(dy2, x2, weight, z2, grad_x, grad_w, grad_b, act, masked, seed, offset, threshold(p), scale(p, np.float32))
-    return grad_x.reshape(x.shape), grad_w, grad_b
+    return None if grad_x is None else grad_x.reshape(x.shape), grad_w, grad_b

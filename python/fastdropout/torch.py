@@ -115,16 +115,14 @@ class _DropoutLinearFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, z = ctx.saved_tensors
         p, seed, offset, activation, training, has_bias = ctx.options
-        grad_x, grad_w, grad_b = _np_dropout_dense_backward(
+        # only what autograd asks for: no grad_x for a first layer, no grad_weight for frozen weights
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grads = _np_dropout_dense_backward(
             _view(grad_y.to(torch.float32)), _view(x), _view(weight), p, seed=seed, offset=offset,
             activation=activation, preactivation=None if z is None else _view(z), bias=has_bias, training=training,
+            output_mask=(need_x, need_w, need_b and has_bias),
         )
-        return (
-            torch.from_numpy(grad_x),
-            torch.from_numpy(grad_w),
-            None if grad_b is None else torch.from_numpy(grad_b),
-            None, None, None, None, None,
-        )
+        return tuple(None if g is None else torch.from_numpy(g) for g in grads) + (None,) * 5
 
 
 # --------------------------------------------------------------------------- functional forms
