@@ -20,6 +20,30 @@ const Kernels& active_kernels();
 /// Forces a backend; throws std::invalid_argument if unknown or unsupported here.
 void set_backend(const std::string& name);
 
+/// The CPU as cpuid reports it: vendor string ("GenuineIntel", "AuthenticAMD", ...),
+/// display family and model.
+struct CpuId {
+  std::string vendor;
+  unsigned family = 0, model = 0;
+};
+const CpuId& cpu_id();
+
+/// Whether masks sparse enough may take the sparse GEMM path (on a backend that has
+/// one), and why.  Both paths give bit-identical results: this is a speed choice only.
+struct GemmPathChoice {
+  bool sparse = false;
+  std::string why;
+};
+/// The choice for this CPU, `backend_has_sparse` and a FASTDROPOUT_GEMM_PATH value
+/// ("", "auto", "dense" or "sparse"; std::invalid_argument otherwise).
+GemmPathChoice decide_gemm_path(const CpuId& cpu, bool backend_has_sparse, const std::string& setting);
+/// decide_gemm_path for this CPU, the active backend and the environment (read once).
+GemmPathChoice gemm_path();
+/// Overrides FASTDROPOUT_GEMM_PATH: "auto", "dense" or "sparse" (std::invalid_argument otherwise).
+void set_gemm_path(const std::string& setting);
+/// gemm_path().sparse, cheaply, for the active backend.
+bool sparse_path_enabled();
+
 int get_num_threads();
 /// n >= 1; throws std::invalid_argument otherwise.
 void set_num_threads(int n);

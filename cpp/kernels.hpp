@@ -46,6 +46,9 @@ struct GemmProblem {
   /// Store C transposed: element (i, n) goes to c[n * M + i].  Only for problems
   /// that take the sparse path (see sparse_path) and have no epilogue.
   bool c_trans = false;
+  /// Whether a sparse enough mask on op(A) may take the sparse path (the run-time
+  /// choice of dispatch.hpp's sparse_path_enabled); either path gives the same bits.
+  bool allow_sparse = false;
 };
 
 /// Register and cache blocking of a backend's GEMM.
@@ -82,7 +85,7 @@ static inline bool sparse_mask(const MaskSpec& m, const GemmBlocking& b,
 
 /// Whether gemm_tile computes `g` on the sparse path.
 static inline bool sparse_path(const GemmProblem& g, const GemmBlocking& b) {
-  return g.c_trans || sparse_mask(g.a.mask, b);
+  return g.c_trans || (g.allow_sparse && sparse_mask(g.a.mask, b));
 }
 
 struct Kernels {

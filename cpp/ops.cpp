@@ -126,7 +126,9 @@ float* scratch(size_t floats) {
   return buffer.get();
 }
 
-void gemm(const GemmProblem& g) {
+void gemm(const GemmProblem& problem) {
+  GemmProblem g = problem;
+  g.allow_sparse = sparse_path_enabled();
   const Kernels& k = active_kernels();
   const GemmBlocking& b = k.blocking;
   // ~1 MFLOP per thread at least.  Split the output's rows when each thread gets at
@@ -203,7 +205,8 @@ void dense_backward(const DenseBackward& a) {
     // Its depth is the batch: from 256 rows it measured faster than the dense kernel
     // (23% at 256x1024x1024, p = 0.5; 15% at 300x300x300, p = 0.375), below 128 slower
     // (up to 2.7x at a batch of 8); in between it depends on p.
-    const bool sparse = sparse_mask(a.mask, active_kernels().blocking, kSparseGradMinThreshold) && a.M >= 256;
+    const bool sparse = sparse_path_enabled() && sparse_mask(a.mask, active_kernels().blocking, kSparseGradMinThreshold) &&
+                        a.M >= 256;
     g.M = sparse ? a.K : a.N;
     g.N = sparse ? a.N : a.K;
     g.K = a.M;

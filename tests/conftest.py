@@ -25,10 +25,21 @@ def backend(request):
         fd._core.set_backend(previous)
 
 
+@pytest.fixture(params=["sparse", "dense"])
+def gemm_path(request):
+    """Force the GEMM path (on a backend with the sparse path; elsewhere both are dense)."""
+    fd._core.set_gemm_path(request.param)
+    try:
+        yield request.param
+    finally:
+        fd._core.set_gemm_path(os.environ.get("FASTDROPOUT_GEMM_PATH") or "auto")
+
+
 def pytest_report_header(config):
     return (
         f"fastdropout {fd.__version__} from {os.path.dirname(fd.__file__)}; backend {fd.backend()}; "
-        f"testing backends {', '.join(BACKENDS)}; cpu: {fd._core.cpu_features()}"
+        f"testing backends {', '.join(BACKENDS)}; cpu: {fd._core.cpu_features()} {fd._core.cpu_id()}; "
+        f"gemm path: {fd._core.gemm_path()[1]}"
     )
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 
 import numpy as np
@@ -493,7 +494,7 @@ THREAD_SHAPES = [(256, 300, 700), (700, 300, 64), (700, 40, 64)]
 
 
 @pytest.mark.parametrize("m,k,n", THREAD_SHAPES)
-def test_bit_identical_for_any_thread_count(backend, m, k, n):
+def test_bit_identical_for_any_thread_count(backend, gemm_path, m, k, n):
     x, weight, bias, grad = _problem((m,), k, n, seed=21)
     results = {}
     for t in (1, 2, 3):
@@ -514,7 +515,7 @@ def test_bit_identical_for_any_thread_count(backend, m, k, n):
     assert_gemm_close(y, ry, k, "y", scale=float(np.abs(z).max()))
 
 
-def test_threads_fixture_matches_single_thread(backend, threads):
+def test_threads_fixture_matches_single_thread(backend, gemm_path, threads):
     x, weight, bias, grad = _problem((3, 50), 200, 300, seed=22)
     got = _all_outputs(x, weight, bias, grad, 0.5, 8, 3, "relu")
     with num_threads(1):
@@ -818,7 +819,7 @@ def test_zero_dimensional_x():
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 300, 513, 1100])
 @pytest.mark.parametrize("p", [0.3, 0.375, 0.5, 0.9, 1.0])
 @pytest.mark.parametrize("batch", [37, 300, 1100])
-def test_sparse_path_gradients_equal_the_dense_path(backend, k, p, batch):
+def test_sparse_path_gradients_equal_the_dense_path(backend, gemm_path, k, p, batch):
     # For p >= 0.3 the kernels skip dropped elements; the sums keep the dense
     # kernel's order, so grad_weight equals that of dense(dropout(x)) bit for bit
     # (from a batch of 256 and p >= 0.375, grad_weight.T is computed with dropout(x) as the
@@ -834,7 +835,7 @@ def test_sparse_path_gradients_equal_the_dense_path(backend, k, p, batch):
 
 
 @pytest.mark.parametrize("p", [0.5, 0.9])
-def test_sparse_path_keeps_nan_of_zero_times_inf(backend, p):
+def test_sparse_path_keeps_nan_of_zero_times_inf(backend, gemm_path, p):
     # dropout(x) @ weight.T multiplies the dropped zeros too: 0 * inf and 0 * NaN are NaN,
     # as in the reference and in PyTorch.  The sparse path must not skip them.
     x, weight, bias, grad = _problem((530,), 200, 90, seed=4)
@@ -858,7 +859,7 @@ def test_sparse_path_keeps_nan_of_zero_times_inf(backend, p):
 
 
 @pytest.mark.parametrize("output_mask", [(a, b, c) for a in (True, False) for b in (True, False) for c in (True, False)])
-def test_output_mask_computes_only_what_is_asked(backend, threads, output_mask):
+def test_output_mask_computes_only_what_is_asked(backend, gemm_path, threads, output_mask):
     x, weight, bias, grad = _problem((300,), 70, 45, seed=4)  # grad_weight's sparse form from a batch of 256
     _, z = fd.dropout_dense(x, weight, bias, 0.5, seed=9, activation="relu", return_preactivation=True)
     full = fd.dropout_dense_backward(grad, x, weight, 0.5, seed=9, activation="relu", preactivation=z)
@@ -875,3 +876,52 @@ def test_output_mask_must_be_three_bools(bad):
     x, weight, _, grad = _problem((4,), 5, 3)
     with pytest.raises(TypeError, match="output_mask"):
         fd.dropout_dense_backward(grad, x, weight, 0.5, seed=1, output_mask=bad)
+
+
+# --- which path runs: chosen per CPU, forced by FASTDROPOUT_GEMM_PATH or set_gemm_path -------
+
+
+@pytest.mark.parametrize("m,k,n", [(300, 130, 70), (37, 1100, 45)])
+def test_both_gemm_paths_give_the_same_bits(backend, threads, m, k, n):
+    x, weight, bias, grad = _problem((m,), k, n, seed=m)
+    results = {}
+    for path in ("sparse", "dense"):
+        fd._core.set_gemm_path(path)
+        try:
+            results[path] = _all_outputs(x, weight, bias, grad, 0.5, 11, 2**64 - 3, "relu")
+        finally:
+            fd._core.set_gemm_path("auto")
+    for a, b in zip(results["sparse"], results["dense"]):
+        assert_bits_equal(a, b)
+
+
+@pytest.mark.parametrize("cpu, sparse", [
+    (("AuthenticAMD", 0x19, 0x11), True),   # Zen 4: measured faster
+    (("AuthenticAMD", 0x1A, 0x02), True),   # later AMD families
+    (("AuthenticAMD", 0x17, 0x31), False),  # Zen 2 has no AVX-512, but the rule does not assume it
+    (("GenuineIntel", 6, 207), False),      # Xeon: measured 1.1-1.6x slower
+    (("GenuineIntel", 6, 143), False),
+    (("HygonGenuine", 0x18, 0), False),     # not measured: the dense path
+])
+def test_gemm_path_rule(cpu, sparse):
+    assert fd._core.decide_gemm_path(*cpu, True, "")[0] is sparse
+    assert fd._core.decide_gemm_path(*cpu, True, "auto")[0] is sparse
+    assert fd._core.decide_gemm_path(*cpu, True, "dense")[0] is False
+    assert fd._core.decide_gemm_path(*cpu, True, "sparse")[0] is True
+    assert fd._core.decide_gemm_path(*cpu, False, "sparse") == (False, "dense: this backend has no sparse path")
+
+
+@pytest.mark.parametrize("bad", ["", "Sparse", "fast", "dense "])
+def test_gemm_path_setting_is_validated(bad):
+    with pytest.raises(ValueError, match="expected auto, dense or sparse"):
+        fd._core.set_gemm_path(bad)
+    assert fd._core.gemm_path()[1]  # unchanged and still answering
+
+
+def test_bad_gemm_path_environment_fails_the_import_clearly():
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTDROPOUT_GEMM_PATH="fastest")
+    r = subprocess.run([sys.executable, "-c", "import fastdropout"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "FASTDROPOUT_GEMM_PATH" in r.stderr and "forget to compile" not in r.stderr

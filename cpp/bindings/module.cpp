@@ -16,6 +16,22 @@ void bind::register_runtime(py::module_& m) {
   m.def("has_openmp", &has_openmp, "Whether this build runs kernels on several threads.");
   m.def("get_num_threads", &get_num_threads, "Threads the kernels use.");
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Set the threads the kernels use.");
+  m.def("cpu_id", [] {
+          const CpuId& c = cpu_id();
+          return py::make_tuple(c.vendor, c.family, c.model);
+        }, "(vendor, family, model) as cpuid reports them.");
+  m.def("gemm_path", [] {
+          const GemmPathChoice c = gemm_path();
+          return py::make_tuple(c.sparse, c.why);
+        }, "(whether sparse masks take the sparse GEMM path on the active backend, why).");
+  m.def("set_gemm_path", &set_gemm_path, py::arg("setting"),
+        "Force the GEMM path: 'auto' (by CPU), 'dense' or 'sparse' (ValueError otherwise).");
+  m.def("decide_gemm_path", [](const std::string& vendor, unsigned family, unsigned model,
+                               bool backend_has_sparse, const std::string& setting) {
+          const GemmPathChoice c = decide_gemm_path(CpuId{vendor, family, model}, backend_has_sparse, setting);
+          return py::make_tuple(c.sparse, c.why);
+        }, py::arg("vendor"), py::arg("family"), py::arg("model"), py::arg("backend_has_sparse"),
+        py::arg("setting"), "The GEMM path rule for a given CPU (for tests).");
   m.def("openmp_runtime", &openmp_runtime,
         "Path of the OpenMP runtime library the kernels call ('' when unknown or without OpenMP).");
 }
@@ -27,6 +43,7 @@ PYBIND11_MODULE(_core, m) {
   bind::register_dense(m);
   // Choose the backend now, so a bad FASTDROPOUT_BACKEND fails the import clearly.
   active_kernels();
+  gemm_path();  // a bad FASTDROPOUT_GEMM_PATH too
   // Initialise the OpenMP runtime now, while the environment fastdropout._runtime set
   // for the import holds (libgomp reads it when loaded, LLVM's libomp at first use).
   get_num_threads();

@@ -17,10 +17,14 @@ commands:
 def info() -> int:
     import fastdropout as fd
 
+    from ._platform import describe_cpu
+
     print(f"fastdropout {fd.__version__}")
+    print(f"cpu               : {describe_cpu()}")
     print(f"backend           : {fd.backend()}")
     print(f"available backends: {', '.join(fd.available_backends())}")
     print(f"cpu features      : {fd._core.cpu_features()}")
+    print(f"gemm path         : {fd._core.gemm_path()[1]}")
     print(f"threads           : {fd.get_num_threads()} (OpenMP: {'yes' if fd._core.has_openmp() else 'no'})")
     if fd._core.has_openmp():
         from ._runtime import wait_policy

@@ -22,6 +22,8 @@ import numpy as np
 
 import fastdropout as fd
 from . import reference
+from ._platform import caches, cpu_model, cpu_vendor
+from ._runtime import wait_policy
 
 P = 0.5
 SEED = 1234
@@ -129,21 +131,14 @@ def _jax():
         return None
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def header(threads: int) -> Dict[str, object]:
     torch = _torch() if _have("torch") else None
     info: Dict[str, object] = {
         "cpu": cpu_model(),
+        "cpu_vendor": cpu_vendor(),
+        "caches": caches(),
+        "gemm_path": fd._core.gemm_path()[1],
+        "openmp_wait": wait_policy.get("why"),
         "cores": os.cpu_count(),
         "isa": fd._core.cpu_features(),
         "backend": fd.backend(),
