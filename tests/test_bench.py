@@ -12,7 +12,10 @@ from fastdropout.__main__ import main as cli_main
 RESULT_FIELDS = {
     "group", "kernel", "impl", "size", "threads", "median_s", "min_s", "max_s", "repeats", "rate", "unit", "ratios",
 }
-HEADER_FIELDS = {"cpu", "isa", "backend", "available_backends", "threads", "fastdropout", "numpy", "torch", "jax", "date"}
+HEADER_FIELDS = {
+    "cpu", "cpu_vendor", "caches", "gemm_path", "openmp_wait", "isa", "backend", "available_backends", "threads",
+    "fastdropout", "numpy", "torch", "jax", "date", "notes",
+}
 
 
 def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
@@ -26,7 +29,8 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
     assert data["header"]["backend"] == backend
     rows = data["results"]
     assert rows and all(set(r) == RESULT_FIELDS for r in rows)
-    assert {r["group"] for r in rows} == {"elementwise", "dense", "threads"}
+    groups = {"elementwise", "dense", "threads", "mixed"} | ({"training"} if _have_torch() else set())
+    assert {r["group"] for r in rows} == groups
     for r in rows:
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["rate"] > 0 and r["unit"] in ("Gelem/s", "GFLOP/s")
@@ -37,11 +41,28 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
     drop = next(r for r in rows if r["impl"] == "fastdropout (out=)" and r["kernel"] == "dropout forward")
     assert drop["ratios"]["numpy copyto"] == pytest.approx(copy["median_s"] / drop["median_s"])
     assert {r["threads"] for r in rows if r["group"] == "threads"} >= {1}
+    # like with like: a forward+backward is compared with forward+backward peers only
+    fwd_bwd = [r for r in ours if r["kernel"] == "forward+backward"]
+    assert all(not any("numpy" in k for k in r["ratios"]) for r in fwd_bwd)
+    # the mixed rows: every call after its own kind (slowdown 1) and after each other library's call
+    mixed = [r for r in rows if r["group"] == "mixed"]
+    assert {r["impl"] for r in mixed} >= {"fastdropout dropout_dense", "numpy x @ W.T + b"}
+    for r in mixed:
+        assert r["kernel"].startswith("after ")
+        if r["kernel"] == "after " + r["impl"]:
+            assert r["ratios"] == {"after its own kind": 1.0}
+    assert "Mixed process" in report and "Notes:" in report
+    assert "1 threads" not in report
+
+
+def _have_torch() -> bool:
+    return _bench._have("torch")
 
 
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
-    info, results = _bench.run(element_sizes={"a": 256, "b": 4096}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False, progress=False, settle_s=0.0)
+    info, results = _bench.run(element_sizes={"a": 256, "b": 4096}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False,
+                               progress=False, mixed_shapes=[], train_batches=[])
     _bench.plot(results, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
@@ -53,3 +74,18 @@ def test_cli_usage_and_errors(capsys):
     assert fd.backend() in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_main(["bench", "--threads", "0"])
+
+
+def test_bench_help_is_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["bench", "--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not _have_torch(), reason="needs torch")
+def test_training_step_rows_compare_the_same_model():
+    info, results = _bench.run(element_sizes={"a": 256}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False,
+                               progress=False, mixed_shapes=[], train_batches=[4], mlp=(6, 8, 3), compile_torch=False)
+    rows = [r for r in results if r.group == "training"]
+    assert [r.impl for r in rows] == ["fastdropout.torch", "torch eager"]
+    assert set(rows[0].ratios) == {"torch eager"}

@@ -1,9 +1,12 @@
 """``python -m fastdropout bench``: fastdropout next to its peers, in one run.
 
-Every figure is the median of several timed repeats of the same work; peers
+Every figure is the median of several timed samples of the same work; peers
 (NumPy, and PyTorch and JAX when installed) run in the same process on the
-same inputs, so the ratios hold even where absolute times drift.
+same inputs, timed in turn (A B C A B C ...) with no sleep between calls, so
+the ratios hold where absolute times drift and each call meets what a user's
+process would leave behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,6 +30,8 @@ from ._runtime import wait_policy
 
 P = 0.5
 SEED = 1234
+DESCRIPTION = ("Time fastdropout next to NumPy (and PyTorch and JAX when installed) in one process: "
+               "medians with their spread, peers timed in turn, no sleeps.")
 
 ELEMENT_SIZES = {"small": 1 << 16, "medium": 1 << 20, "large": 1 << 24}
 DENSE_SHAPES = [(64, 784, 512), (256, 1024, 1024), (1024, 4096, 4096)]
@@ -53,29 +58,40 @@ class Result:
 # --------------------------------------------------------------------------- timing
 
 
-SETTLE_S = 0.3
-
-
-def measure(fn: Callable[[], object], repeats: int, min_sample_s: float = 2e-3, settle_s: float = SETTLE_S) -> Tuple[float, float, float]:
-    """(median, min, max) seconds per call; each sample loops until >= min_sample_s.
-
-    It first waits `settle_s`: thread pools of the previous case (OpenBLAS's
-    workers spin for a long while after a call, so do OpenMP's and XLA's) must
-    not steal the cores from the next one, whoever it is.
-    """
-    time.sleep(settle_s)
+def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
+    """Calls per sample so that one sample lasts >= min_sample_s (after a warm-up call)."""
     fn()  # warm up: page faults, caches, lazy initialisation, JIT
     t0 = time.perf_counter()
     fn()
     once = time.perf_counter() - t0
-    inner = max(1, min(1000, int(min_sample_s / max(once, 1e-9))))
-    samples = []
+    return max(1, min(1000, int(min_sample_s / max(once, 1e-9))))
+
+
+def measure_interleaved(fns: Sequence[Callable[[], object]], repeats: int, min_sample_s: float = 2e-3,
+                        before: Optional[Callable[[Callable[[], object]], None]] = None) -> List[Tuple[float, float, float]]:
+    """(median, min, max) seconds per call of each fn, timed A B C A B C ... in turn.
+
+    No sleep anywhere: each call meets whatever the previous one left behind (other
+    libraries' spinning threads, caches), as in a user's process, and the host's
+    drift falls on every fn alike.  `before(fn)`, when given, runs untimed before each
+    sample of fn.
+    """
+    inner = [_calibrate(fn, min_sample_s) for fn in fns]
+    samples: List[List[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples), min(samples), max(samples)
+        for i, fn in enumerate(fns):
+            if before is not None:
+                before(fn)
+            t0 = time.perf_counter()
+            for _ in range(inner[i]):
+                fn()
+            samples[i].append((time.perf_counter() - t0) / inner[i])
+    return [(statistics.median(v), min(v), max(v)) for v in samples]
+
+
+def measure(fn: Callable[[], object], repeats: int, min_sample_s: float = 2e-3) -> Tuple[float, float, float]:
+    """(median, min, max) seconds per call of one fn."""
+    return measure_interleaved([fn], repeats, min_sample_s)[0]
 
 
 class Progress:
@@ -283,6 +299,92 @@ def dense_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, st
 # --------------------------------------------------------------------------- run
 
 
+MIXED_SHAPES = [(64, 784, 512), (256, 1024, 1024)]
+MLP = (784, 1024, 1024, 10)
+MLP_P = (0.2, 0.5, 0.5)
+TRAIN_BATCHES = [64, 256, 1024]
+
+
+def mixed_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, Callable[[], object]]]:
+    """(name, fn) of the layer and its neighbours in a user's process, for one shape."""
+    m, k, n = shape
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    w = (rng.standard_normal((n, k), dtype=np.float32) / math.sqrt(k)).astype(np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    cases: List[Tuple[str, Callable[[], object]]] = [
+        ("fastdropout dropout_dense", lambda: fd.dropout_dense(x, w, b, P, seed=SEED)),
+        ("numpy x @ W.T + b", lambda: x @ w.T + b),
+    ]
+    torch = _torch()
+    if torch is not None:
+        torch.set_num_threads(threads)
+        tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+        cases.append(("torch F.linear", lambda: torch.nn.functional.linear(tx, tw, tb)))
+    return cases
+
+
+def measure_mixed(cases: List[Tuple[str, Callable[[], object]]], repeats: int) -> List[Tuple[str, str, Tuple[float, float, float]]]:
+    """Each call timed right after one call of its own kind and right after one of each other kind.
+
+    Returns (target, before, (median, min, max)); all pairs are interleaved.
+    """
+    pairs = [(t, b) for t in cases for b in cases if t is b or t[0].startswith("fastdropout") or b[0].startswith("fastdropout")]
+    samples: List[List[float]] = [[] for _ in pairs]
+    for name_fn in cases:
+        name_fn[1]()  # warm up
+    for _ in range(repeats):
+        for i, (target, before) in enumerate(pairs):
+            before[1]()
+            t0 = time.perf_counter()
+            target[1]()
+            samples[i].append(time.perf_counter() - t0)
+    return [(t[0], b[0], (statistics.median(v), min(v), max(v))) for (t, b), v in zip(pairs, samples)]
+
+
+def training_cases(batch: int, threads: int, sizes: Sequence[int] = MLP, ps: Sequence[float] = MLP_P,
+                   compile_torch: bool = True) -> List[Tuple[str, Callable[[], object]]]:
+    """One SGD step (forward, cross-entropy, backward, update) of an MLP with dropout before
+    every Linear and ReLU between them: fastdropout.torch, torch eager, torch.compile."""
+    torch = _torch()
+    if torch is None:
+        return []
+    import fastdropout.torch as fdt
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, sizes[0], generator=gen)
+    y = torch.randint(0, sizes[-1], (batch,), generator=gen)
+
+    def torch_model():
+        layers: List[object] = []
+        for i, (a, b_) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers += [torch.nn.Dropout(ps[i]), torch.nn.Linear(a, b_)]
+            if i < len(sizes) - 2:
+                layers.append(torch.nn.ReLU())
+        return torch.nn.Sequential(*layers)
+
+    def fd_model():
+        layers = [fdt.DropoutLinear(a, b_, p=ps[i], activation="relu" if i < len(sizes) - 2 else None)
+                  for i, (a, b_) in enumerate(zip(sizes[:-1], sizes[1:]))]
+        return torch.nn.Sequential(*layers)
+
+    def step_fn(model):
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+        def step():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return step
+
+    cases = [("fastdropout.torch", step_fn(fd_model())), ("torch eager", step_fn(torch_model()))]
+    if compile_torch:
+        cases.append(("torch.compile", step_fn(torch.compile(torch_model()))))
+    return cases
+
+
 def run(
     quick: bool = False,
     threads: Optional[int] = None,
@@ -292,7 +394,10 @@ def run(
     dense_shapes: Optional[Sequence[Tuple[int, int, int]]] = None,
     scaling: bool = True,
     progress: bool = True,
-    settle_s: Optional[float] = None,
+    mixed_shapes: Optional[Sequence[Tuple[int, int, int]]] = None,
+    train_batches: Optional[Sequence[int]] = None,
+    mlp: Sequence[int] = MLP,
+    compile_torch: Optional[bool] = None,
 ) -> Tuple[Dict[str, object], List[Result]]:
     """Measure everything; returns (header, results)."""
     if backend is not None:
@@ -304,37 +409,14 @@ def run(
         element_sizes = {"large": ELEMENT_SIZES["large"]} if quick else ELEMENT_SIZES
     if dense_shapes is None:
         dense_shapes = DENSE_SHAPES[:2] if quick else DENSE_SHAPES
-    repeats = repeats or (3 if quick else 7)
+    if mixed_shapes is None:
+        mixed_shapes = MIXED_SHAPES
+    if train_batches is None:
+        train_batches = TRAIN_BATCHES[:2] if quick else TRAIN_BATCHES
+    if compile_torch is None:
+        compile_torch = not quick
+    repeats = repeats or (5 if quick else 9)
     info = header(threads)
-
-    plan: List[Tuple[str, str, str, Callable[[], object], float, str]] = []
-    for label, n in element_sizes.items():
-        for kernel, impl, fn in elementwise_cases(n, threads):
-            if quick and impl == "numpy reference" and kernel == "dropout backward":
-                continue  # ~0.7 s a call at 16M: the forward row already shows the reference
-            plan.append(("elementwise", kernel, impl, fn, float(n), str(n)))
-    for shape in dense_shapes:
-        for kernel, impl, fn, flops in dense_cases(shape, threads):
-            plan.append(("dense", kernel, impl, fn, flops, "x".join(map(str, shape))))
-    scale_threads = sorted({1, *range(2, (os.cpu_count() or 1) + 1)}) if scaling else []
-    scale_plan = []
-    if scaling:
-        n = max(element_sizes.values())
-        shape = dense_shapes[min(1, len(dense_shapes) - 1)]
-        m, k, nn = shape
-        rng = np.random.default_rng(1)
-        x = rng.standard_normal(n, dtype=np.float32)
-        y = np.empty_like(x)
-        xd = rng.standard_normal((m, k), dtype=np.float32)
-        w = rng.standard_normal((nn, k), dtype=np.float32)
-        dy = rng.standard_normal((m, nn), dtype=np.float32)
-        for t in scale_threads:
-            scale_plan += [
-                ("mask (packed)", str(n), t, lambda: fd.dropout_mask(n, P, seed=SEED, packed=True), float(n)),
-                ("dropout forward", str(n), t, lambda: fd.dropout(x, P, seed=SEED, out=y), float(n)),
-                ("dropout_dense forward", "x".join(map(str, shape)), t, lambda: fd.dropout_dense(xd, w, None, P, seed=SEED), 2.0 * m * k * nn),
-                ("dropout_dense backward", "x".join(map(str, shape)), t, lambda: fd.dropout_dense_backward(dy, xd, w, P, seed=SEED), 4.0 * m * k * nn),
-            ]
 
     # NumPy's BLAS gets the same thread count as fastdropout and torch, when
     # threadpoolctl is there to set it.
@@ -344,53 +426,122 @@ def run(
 
         limiter = threadpool_limits(threads)
     info["numpy_threads"] = threads if limiter is not None else "OpenBLAS default"
+    groups = []  # (group, size, [(kernel, impl, fn, work, unit)])
+    for n in element_sizes.values():
+        cases = [c for c in elementwise_cases(n, threads)
+                 if not (quick and c[1] == "numpy reference" and c[0] == "dropout backward")]  # ~0.7 s a call at 16M
+        groups.append(("elementwise", str(n), [(k, i, f, float(n), "Gelem/s") for k, i, f in cases]))
+    for shape in dense_shapes:
+        groups.append(("dense", "x".join(map(str, shape)), [(k, i, f, w, "GFLOP/s") for k, i, f, w in dense_cases(shape, threads)]))
+    total = sum(len(g[2]) for g in groups) + len(mixed_shapes) + len(train_batches)
+    bar = Progress(total + (len(_scaling_threads()) if scaling else 0), progress)
+    results: List[Result] = []
     try:
-        results = _measure_all(plan, scale_plan, repeats, threads, progress, settle_s=(0.1 if quick else SETTLE_S) if settle_s is None else settle_s)
+        for group, size, cases in groups:
+            for kernel, impl, *_ in cases:
+                bar.step(f"{group} {size}: {kernel} | {impl}")
+            timed = measure_interleaved([c[2] for c in cases], repeats)
+            for (kernel, impl, _, work, unit), (med, lo, hi) in zip(cases, timed):
+                results.append(Result(group, kernel, impl, size, threads, med, lo, hi, repeats, work / med / 1e9, unit))
+        for shape in mixed_shapes:
+            bar.step(f"mixed process {'x'.join(map(str, shape))}")
+            m, k, n = shape
+            for target, before, (med, lo, hi) in measure_mixed(mixed_cases(shape, threads), max(repeats, 15)):
+                results.append(Result("mixed", f"after {before}", target, "x".join(map(str, shape)), threads, med, lo, hi,
+                                      max(repeats, 15), 2.0 * m * k * n / med / 1e9, "GFLOP/s"))
+        for batch in train_batches:
+            bar.step(f"training step, batch {batch}")
+            cases = training_cases(batch, threads, mlp, compile_torch=compile_torch)
+            if not cases:
+                continue
+            flops = 6.0 * batch * sum(a * b for a, b in zip(mlp[:-1], mlp[1:]))
+            timed = measure_interleaved([c[1] for c in cases], repeats, min_sample_s=2e-2)
+            for (impl, _), (med, lo, hi) in zip(cases, timed):
+                results.append(Result("training", "SGD step", impl, f"batch {batch}",
+                                      threads, med, lo, hi, repeats, flops / med / 1e9, "GFLOP/s"))
+        if scaling:
+            results += _measure_scaling(element_sizes, dense_shapes, repeats, bar)
     finally:
+        bar.close()
+        fd.set_num_threads(threads)
         if limiter is not None:
             limiter.restore_original_limits()
     _add_ratios(results)
+    info["notes"] = disturbance_notes(results)
     return info, results
 
 
-def _measure_all(plan, scale_plan, repeats: int, threads: int, progress: bool, settle_s: float) -> List[Result]:
-    bar = Progress(len(plan) + len(scale_plan), progress)
-    results: List[Result] = []
-    for group, kernel, impl, fn, work, size in plan:
-        bar.step(f"{kernel} | {impl} | {size}")
-        med, lo, hi = measure(fn, repeats, settle_s=settle_s)
-        unit = "Gelem/s" if group == "elementwise" else "GFLOP/s"
-        results.append(Result(group, kernel, impl, size, threads, med, lo, hi, repeats, work / med / 1e9, unit))
-    for kernel, size, t, fn, work in scale_plan:
-        bar.step(f"scaling: {kernel} | {t} threads")
-        fd.set_num_threads(t)
-        med, lo, hi = measure(fn, repeats, settle_s=settle_s)
-        unit = "Gelem/s" if "dense" not in kernel else "GFLOP/s"
-        results.append(Result("threads", kernel, "fastdropout", size, t, med, lo, hi, repeats, work / med / 1e9, unit))
-    fd.set_num_threads(threads)
-    bar.close()
-    return results
+def _scaling_threads() -> List[int]:
+    return sorted({1, *range(2, (os.cpu_count() or 1) + 1)})
+
+
+def _measure_scaling(element_sizes, dense_shapes, repeats: int, bar: Progress) -> List[Result]:
+    """fastdropout alone at 1..cores threads, interleaved over the thread counts."""
+    n = max(element_sizes.values())
+    shape = dense_shapes[min(1, len(dense_shapes) - 1)]
+    m, k, nn = shape
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(n, dtype=np.float32)
+    y = np.empty_like(x)
+    xd = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((nn, k), dtype=np.float32)
+    dy = rng.standard_normal((m, nn), dtype=np.float32)
+    kernels = [
+        ("mask (packed)", str(n), lambda: fd.dropout_mask(n, P, seed=SEED, packed=True), float(n), "Gelem/s"),
+        ("dropout forward", str(n), lambda: fd.dropout(x, P, seed=SEED, out=y), float(n), "Gelem/s"),
+        ("dropout_dense forward", "x".join(map(str, shape)), lambda: fd.dropout_dense(xd, w, None, P, seed=SEED), 2.0 * m * k * nn, "GFLOP/s"),
+        ("dropout_dense backward", "x".join(map(str, shape)), lambda: fd.dropout_dense_backward(dy, xd, w, P, seed=SEED), 4.0 * m * k * nn, "GFLOP/s"),
+    ]
+    counts = _scaling_threads()
+    out = []
+    for t in counts:
+        bar.step(f"scaling: {t} threads")
+    for kernel, size, fn, work, unit in kernels:
+        def at(t, fn=fn):
+            def call():
+                fd.set_num_threads(t)
+                return fn()
+            return call
+        for t, (med, lo, hi) in zip(counts, measure_interleaved([at(t) for t in counts], repeats)):
+            out.append(Result("threads", kernel, "fastdropout", size, t, med, lo, hi, repeats, work / med / 1e9, unit))
+    return out
 
 
 def _add_ratios(results: List[Result]) -> None:
-    """For each fastdropout row: peer time / our time for the peers doing the same work."""
+    """For each fastdropout row: peer time / our time, for peers doing the same work."""
     by_key: Dict[Tuple[str, str, str], List[Result]] = {}
     for r in results:
-        if r.group != "threads":
+        if r.group in ("elementwise", "dense", "training"):
             by_key.setdefault((r.group, r.kernel, r.size), []).append(r)
     for (group, kernel, size), rows in by_key.items():
         peers = [r for r in rows if not r.impl.startswith("fastdropout")]
         if group == "elementwise":
             peers += by_key.get((group, "memory limit", size), [])
-        if group == "dense" and kernel == "forward+backward":
-            peers += [r for r in by_key.get((group, "forward", size), []) if r.impl == "numpy x @ W.T + b"]
+        if group == "dense" and kernel == "forward":
+            peers += [r for r in rows if r.impl == "fastdropout dense (p=0)"]
         for r in rows:
             if r.impl.startswith("fastdropout"):
-                r.ratios = {p.impl: p.median_s / r.median_s for p in peers}
-    for r in results:  # thread scaling: speed-up over one thread
-        if r.group == "threads":
+                r.ratios = {p.impl: p.median_s / r.median_s for p in peers if p is not r}
+    for r in results:
+        if r.group == "threads":  # speed-up over one thread
             one = next(q for q in results if q.group == "threads" and q.kernel == r.kernel and q.threads == 1)
             r.ratios = {"1 thread": one.median_s / r.median_s}
+        if r.group == "mixed":  # slowdown against the same call after one of its own kind
+            own = next(q for q in results if q.group == "mixed" and q.impl == r.impl and q.size == r.size and q.kernel == f"after {r.impl}")
+            r.ratios = {"after its own kind": r.median_s / own.median_s}
+
+
+def disturbance_notes(results: List[Result]) -> List[str]:
+    """Signs that the host was busy during the run (a skeptic's first question)."""
+    notes = []
+    wide = [r for r in results if r.group not in ("mixed",) and r.min_s > 0 and r.max_s / r.min_s > 1.5]
+    if wide:
+        notes.append(f"{len(wide)} of {len(results)} rows spread by more than 1.5x between their fastest and slowest repeat "
+                     "(the host was busy at times: compare medians, and rerun)")
+    two = [r for r in results if r.group == "threads" and r.threads == 2 and r.unit == "GFLOP/s"]
+    if two and (os.cpu_count() or 1) >= 2 and min(r.ratios.get("1 thread", 2.0) for r in two) < 1.5:
+        notes.append("the GEMM scaled below 1.5x from 1 to 2 threads: another process probably held a core")
+    return notes
 
 
 # --------------------------------------------------------------------------- report
@@ -400,34 +551,63 @@ def _fmt_time(s: float) -> str:
     return f"{s * 1e3:9.3f} ms" if s >= 1e-4 else f"{s * 1e6:9.1f} us"
 
 
+def _spread(r: Result) -> str:
+    return f"{_fmt_time(r.min_s).strip()}-{_fmt_time(r.max_s).strip()}"
+
+
 def format_report(info: Dict[str, object], results: List[Result]) -> str:
     out = []
+    threads = info["threads"]
     out.append("fastdropout benchmark")
-    out.append(f"  cpu      : {info['cpu']} ({info['cores']} cores; {info['isa']})")
-    out.append(f"  backend  : {info['backend']} (available: {', '.join(info['available_backends'])}); threads: {info['threads']}")
+    caches = ", ".join(f"{k} {v}" for k, v in (info.get("caches") or {}).items())
+    out.append(f"  cpu      : {info['cpu']} ({info.get('cpu_vendor', '?')}; {info['cores']} cores{'; ' + caches if caches else ''})")
+    out.append(f"  isa      : {info['isa']}; backend {info['backend']} (available: {', '.join(info['available_backends'])})")
+    out.append(f"  threads  : {threads} thread{'s' if threads != 1 else ''} for fastdropout, NumPy's BLAS ({info.get('numpy_threads')}) and torch")
+    out.append(f"  gemm path: {info.get('gemm_path')}")
+    if info.get("openmp_wait"):
+        out.append(f"  openmp   : idle threads wait {info['openmp_wait']}")
     vers = ", ".join(f"{k} {info[k]}" for k in ("fastdropout", "numpy", "torch", "jax") if info.get(k))
     out.append(f"  versions : python {info['python']}, {vers}")
     if info.get("numpy_blas"):
         out.append(f"  numpy blas: {info['numpy_blas']}")
-    out.append(f"  date     : {info['date']}; median of {results[0].repeats if results else 0} repeats each")
-    out.append("  ratios   : peer time / fastdropout time (>1 means fastdropout is faster)")
-    for group, title in (("elementwise", "Elementwise, float32, p=0.5"), ("dense", "Dropout -> dense, float32, p=0.5 (size = batch x in x out)")):
+    reps = results[0].repeats if results else 0
+    out.append(f"  date     : {info['date']}; each row: median of {reps} samples (fastest-slowest beside it), "
+               "the implementations of a row group timed in turn (A B C A B C ...), no sleeps")
+    out.append("  ratios   : peer time / fastdropout time for the same work (>1: fastdropout is faster)")
+    titles = (("elementwise", "Elementwise, float32, p=0.5"),
+              ("dense", "Dropout -> dense, float32, p=0.5 (size = batch x in x out)"),
+              ("training", "Training step: SGD on an MLP (784-1024-1024-10 unless said) with dropout before each Linear (0.2, 0.5, 0.5), ReLU, cross-entropy"))
+    for group, title in titles:
         rows = [r for r in results if r.group == group]
         if not rows:
             continue
         out.append("")
         out.append(title)
-        out.append(f"  {'size':>15} {'kernel':<18} {'implementation':<38} {'median':>12} {'rate':>16}  ratios")
+        out.append(f"  {'size':>15} {'kernel':<18} {'implementation':<38} {'median':>12} {'fastest-slowest':>22} {'rate':>16}  ratios")
         for r in rows:
             ratios = "  ".join(f"{v:.2f}x vs {k}" for k, v in r.ratios.items())
-            out.append(f"  {r.size:>15} {r.kernel:<18} {r.impl:<38} {_fmt_time(r.median_s)} {r.rate:9.2f} {r.unit:<7}  {ratios}")
+            out.append(f"  {r.size:>15} {r.kernel[:18]:<18} {r.impl:<38} {_fmt_time(r.median_s)} {_spread(r):>22} "
+                       f"{r.rate:9.2f} {r.unit:<7}  {ratios}")
+    rows = [r for r in results if r.group == "mixed"]
+    if rows:
+        out.append("")
+        out.append("Mixed process: each call timed right after one call of another library (no pause between),")
+        out.append("against the same call right after one of its own kind (slowdown > 1: the neighbour's threads got in the way)")
+        out.append(f"  {'size':>15} {'call':<28} {'right after':<28} {'median':>12} {'fastest-slowest':>22}  slowdown")
+        for r in rows:
+            out.append(f"  {r.size:>15} {r.impl:<28} {r.kernel[len('after '):]:<28} {_fmt_time(r.median_s)} {_spread(r):>22}  "
+                       f"{r.ratios.get('after its own kind', 1.0):.2f}x")
     rows = [r for r in results if r.group == "threads"]
     if rows:
         out.append("")
-        out.append("Thread scaling (fastdropout)")
-        out.append(f"  {'kernel':<24} {'size':>15} {'threads':>7} {'median':>12} {'rate':>16}  speed-up")
+        out.append("Thread scaling (fastdropout alone)")
+        out.append(f"  {'kernel':<24} {'size':>15} {'threads':>7} {'median':>12} {'fastest-slowest':>22} {'rate':>16}  speed-up")
         for r in rows:
-            out.append(f"  {r.kernel:<24} {r.size:>15} {r.threads:>7} {_fmt_time(r.median_s)} {r.rate:9.2f} {r.unit:<7}  {r.ratios.get('1 thread', 1.0):.2f}x")
+            out.append(f"  {r.kernel:<24} {r.size:>15} {r.threads:>7} {_fmt_time(r.median_s)} {_spread(r):>22} "
+                       f"{r.rate:9.2f} {r.unit:<7}  {r.ratios.get('1 thread', 1.0):.2f}x")
+    notes = info.get("notes") or []
+    out.append("")
+    out.append("Notes: " + ("; ".join(notes) if notes else "no sign of a disturbed run (spreads under 1.5x, 2-thread scaling >= 1.5x)"))
     return "\n".join(out)
 
 
@@ -472,13 +652,15 @@ def plot(results: List[Result], path: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fastdropout bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="16M elements and the two smaller layers, 3 repeats (under 30 s)")
+    ap = argparse.ArgumentParser(prog="python -m fastdropout bench", description=DESCRIPTION)
+    ap.add_argument("--quick", action="store_true",
+                    help="16M elements, the two smaller layers, training steps at batch 64 and 256 without torch.compile, 5 repeats")
     ap.add_argument("--json", metavar="PATH", help="save every figure as JSON")
     ap.add_argument("--plot", metavar="PATH", help="draw throughput against size to a PNG (needs matplotlib)")
     ap.add_argument("--threads", type=int, help="threads for fastdropout and the peers (default: all cores)")
     ap.add_argument("--backend", choices=fd._core.compiled_backends(), help="force a SIMD backend")
-    ap.add_argument("--repeats", type=int, help="timed repeats per figure (default 7, 3 with --quick)")
+    ap.add_argument("--repeats", type=int, help="timed samples per figure (default 9, 5 with --quick)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile training-step rows")
     ap.add_argument("--no-scaling", action="store_true", help="skip the thread-scaling table")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
     args = ap.parse_args(argv)
@@ -488,10 +670,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         ap.error("--plot needs matplotlib: pip install 'fastdropout[bench]'")
     kwargs = {}
     if args.tiny:
-        kwargs = dict(element_sizes={"tiny": 4096}, dense_shapes=[(8, 16, 24)], repeats=1, settle_s=0.0)
+        kwargs = dict(element_sizes={"tiny": 4096}, dense_shapes=[(8, 16, 24)], repeats=1, mixed_shapes=[(8, 16, 24)],
+                      train_batches=[8], mlp=(16, 32, 32, 10), compile_torch=False)
     info, results = run(
         quick=args.quick, threads=args.threads, backend=args.backend, repeats=args.repeats or kwargs.pop("repeats", None),
-        scaling=not args.no_scaling, **kwargs,
+        scaling=not args.no_scaling, **{**kwargs, **({"compile_torch": False} if args.no_compile else {})},
     )
     print(format_report(info, results))
     if args.json:
