@@ -25,7 +25,7 @@ namespace fastdropout {
 namespace {
 
 struct CpuFlags {
-  bool avx2 = false, fma = false, bmi1 = false, bmi2 = false;
+  bool avx2 = false, fma = false, f16c = false, bmi1 = false, bmi2 = false;
   bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
   bool os_avx = false, os_avx512 = false;
 };
@@ -78,6 +78,7 @@ CpuFlags detect() {
   cpuid(1, 0, r);
   const bool osxsave = (r[2] >> 27) & 1, avx = (r[2] >> 28) & 1;
   f.fma = (r[2] >> 12) & 1;
+  f.f16c = (r[2] >> 29) & 1;
   if (osxsave && avx) {
     // The OS must save the YMM (and for AVX-512 the opmask and ZMM) state.
     const uint64_t xcr0 = xgetbv0();
@@ -108,7 +109,7 @@ const CpuFlags& cpu() {
 
 bool can_run_avx2() {
   const CpuFlags& f = cpu();
-  return f.os_avx && f.avx2 && f.fma;
+  return f.os_avx && f.avx2 && f.fma && f.f16c;  // every AVX2 CPU has F16C (since Ivy Bridge)
 }
 
 bool can_run_avx512() {
@@ -184,6 +185,7 @@ std::string cpu_features() {
   };
   add(f.avx2 && f.os_avx, "avx2");
   add(f.fma, "fma");
+  add(f.f16c, "f16c");
   add(f.bmi2, "bmi2");
   add(f.avx512f && f.os_avx512, "avx512f");
   add(f.avx512bw && f.os_avx512, "avx512bw");

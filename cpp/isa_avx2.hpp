@@ -179,6 +179,8 @@ inline void microkernel(int64_t kc, const float* a, const float* b, float* c, in
   }
 }
 
+#include "half_x86.hpp"
+
 }  // namespace
 }  // namespace avx2
 }  // namespace fastdropout

@@ -281,6 +281,8 @@ inline void sparse_rows(int64_t w0, int64_t w1, const float* kept, int64_t kld, 
   }
 }
 
+#include "half_x86.hpp"
+
 }  // namespace
 }  // namespace avx512
 }  // namespace fastdropout

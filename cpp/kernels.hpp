@@ -104,6 +104,10 @@ struct Kernels {
                       uint64_t threshold, float scale, bool stream);
   void (*dropout_f64)(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey key,
                       uint64_t threshold, double scale, bool stream);
+  /// The same for 16-bit floats (SPEC section 12): float16, or bfloat16 when `bf16`;
+  /// kept values are x * s in float32, rounded once to the format.
+  void (*dropout_h16)(const uint16_t* x, uint16_t* y, int64_t n, uint64_t j0, PhiloxKey key,
+                      uint64_t threshold, float scale, bool bf16);
   GemmBlocking blocking;
   /// The rows [m0, m1) x columns [n0, n1) of a GemmProblem, on one thread.
   /// `work` holds gemm_work(blocking, m1 - m0, n1 - n0, K).total floats, 64-byte aligned.

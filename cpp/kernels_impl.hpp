@@ -166,6 +166,8 @@ void dropout_entry(const T* x, T* y, int64_t n, uint64_t j0, PhiloxKey key, uint
   stream_fence();
 }
 
+#include "half_impl.hpp"
+
 void dropout_f32(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key, uint64_t t,
                  float s, bool stream) {
   dropout_entry<float>(x, y, n, j0, key, t, s, stream);
@@ -607,7 +609,7 @@ const Kernels& kernels() {
   static const Kernels table = {
       FD_ISA_NAME,  philox_many, random_words,
       mask_packed,  mask_bool,   dropout_f32,
-      dropout_f64,  kBlocking,
+      dropout_f64,  dropout_h16, kBlocking,
       gemm_tile,    col_sums,
   };
   return table;

@@ -100,6 +100,14 @@ void dropout(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offs
   dropout_any(active_kernels().dropout_f64, x, y, n, seed, offset, threshold, scale);
 }
 
+void dropout_h16(const uint16_t* x, uint16_t* y, int64_t n, uint64_t seed, uint64_t offset,
+                 uint64_t threshold, float scale, bool bf16) {
+  const Kernels& k = active_kernels();
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    k.dropout_h16(x + b, y + b, len, j, key, threshold, scale, bf16);
+  });
+}
+
 MaskSpec make_mask(bool enabled, uint64_t seed, uint64_t offset, uint64_t threshold, float scale) {
   MaskSpec m;
   // p = 0 keeps everything with scale 1: no mask to apply at all

@@ -19,6 +19,10 @@ void dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset
 void dropout(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset,
              uint64_t threshold, double scale);
 
+/// Dropout of float16 (bf16 false) or bfloat16 (bf16 true) values stored as uint16.
+void dropout_h16(const uint16_t* x, uint16_t* y, int64_t n, uint64_t seed, uint64_t offset,
+                 uint64_t threshold, float scale, bool bf16);
+
 MaskSpec make_mask(bool enabled, uint64_t seed, uint64_t offset, uint64_t threshold, float scale);
 
 /// y (M x N) = act(dropout(x) @ w.T + bias); z (optional) = the pre-activation.

@@ -86,6 +86,21 @@ void dropout(const py::array& x, py::array out, uint64_t seed, uint64_t offset,
   }
 }
 
+void dropout_h16(const py::array& x, py::array out, uint64_t seed, uint64_t offset, uint64_t threshold,
+                 double scale, bool bf16) {
+  require_threshold(threshold);
+  require<uint16_t>(x, "x");
+  require<uint16_t>(out, "out", true);
+  if (out.size() != x.size())
+    throw py::value_error("out: expected " + std::to_string(x.size()) + " elements, got " +
+                          std::to_string(out.size()));
+  const auto* xp = static_cast<const uint16_t*>(x.data());
+  auto* yp = static_cast<uint16_t*>(out.mutable_data());
+  const int64_t n = x.size();
+  py::gil_scoped_release nogil;
+  ops::dropout_h16(xp, yp, n, seed, offset, threshold, static_cast<float>(scale), bf16);
+}
+
 }  // namespace
 
 void register_rng(py::module_& m) {
@@ -99,6 +114,10 @@ void register_rng(py::module_& m) {
   m.def("dropout", &dropout, py::arg("x"), py::arg("out"), py::arg("seed"), py::arg("offset"),
         py::arg("threshold"), py::arg("scale"),
         "out = keep ? x * scale : 0 over C-contiguous arrays; out may be x.");
+  m.def("dropout_h16", &dropout_h16, py::arg("x"), py::arg("out"), py::arg("seed"), py::arg("offset"),
+        py::arg("threshold"), py::arg("scale"), py::arg("bf16"),
+        "Dropout of float16 (bf16=False) or bfloat16 bits held in C-contiguous uint16 arrays: "
+        "x * scale in float32, rounded once to the format.");
 }
 
 }  // namespace bind

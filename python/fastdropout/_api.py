@@ -9,6 +9,7 @@ import numpy as np
 from . import _core
 from ._checks import (
     check_activation,
+    elementwise_dtypes,
     check_float_array,
     check_out,
     check_p,
@@ -62,7 +63,11 @@ def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[
         or (out.__array_interface__["data"][0] == src.__array_interface__["data"][0] and out.strides == src.strides)
     )
     target = out if direct else np.empty(src.shape, dtype=src.dtype)
-    _core.dropout(src.reshape(-1), target.reshape(-1), seed, offset, threshold(p), scale(p, src.dtype))
+    if src.dtype.itemsize == 2:  # float16 / bfloat16: float32 arithmetic, one rounding (SPEC 12)
+        _core.dropout_h16(src.reshape(-1).view(np.uint16), target.reshape(-1).view(np.uint16), seed, offset,
+                          threshold(p), scale(p, np.float32), src.dtype.name == "bfloat16")
+    else:
+        _core.dropout(src.reshape(-1), target.reshape(-1), seed, offset, threshold(p), scale(p, src.dtype))
     if out is None:
         return target
     if not direct:
@@ -88,7 +93,9 @@ def dropout(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64, any shape and strides.
+    x : ndarray of float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``), any
+        shape and strides.  For float16 and bfloat16 a kept value is ``x * s`` in
+        float32, rounded once to the dtype (SPEC section 12).
     p : drop probability in [0, 1].
     seed, offset : the Philox stream; when ``seed`` is None, ``(seed, offset)``
         is drawn from ``generator`` (default: the package's default generator,
@@ -101,7 +108,7 @@ def dropout(
     -------
     ndarray of ``x``'s dtype: ``out`` if given, else a new C-contiguous array.
     """
-    x = check_float_array(x, "x")
+    x = check_float_array(x, "x", elementwise_dtypes())
     p = check_p(p)
     if out is not None:
         check_out(out, x.shape, x.dtype)
@@ -132,7 +139,7 @@ def dropout_backward(
     The mask is regenerated from ``(seed, offset, p)``; pass the values the
     forward used.  Same dtypes, shapes and ``out`` rules as :func:`dropout`.
     """
-    grad = check_float_array(grad, "grad")
+    grad = check_float_array(grad, "grad", elementwise_dtypes())
     p = check_p(p)
     seed = check_u64(seed, "seed")
     offset = check_u64(offset, "offset")

@@ -46,8 +46,27 @@ def scale(p: float, dtype: np.dtype) -> float:
     return float(np.dtype(dtype).type(s))
 
 
+def _bfloat16():
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return ml_dtypes.bfloat16
+
+
+def elementwise_dtypes() -> Tuple[type, ...]:
+    """What dropout takes: float32, float64, float16, and bfloat16 when ml_dtypes is installed."""
+    bf16 = _bfloat16()
+    return (np.float32, np.float64, np.float16) + ((bf16,) if bf16 is not None else ())
+
+
 def check_float_array(x: Any, name: str, dtypes: Tuple[type, ...] = (np.float32, np.float64)) -> np.ndarray:
     """A NumPy array of one of `dtypes`; lists are converted, other dtypes rejected."""
+    if type(x).__module__.split(".")[0] == "torch":
+        raise TypeError(
+            f"{name} is a torch.Tensor: this is fastdropout's NumPy API, which would lose autograd; "
+            "use fastdropout.torch (e.g. fastdropout.torch.dropout, DropoutLinear) for tensors"
+        )
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
             raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")

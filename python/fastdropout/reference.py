@@ -39,6 +39,13 @@ _MASK32 = 0xFFFFFFFF
 _TWO32 = 2**32
 _TWO64 = 2**64
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+try:  # bfloat16 in NumPy comes from ml_dtypes, when installed
+    import ml_dtypes as _ml_dtypes
+
+    _FLOAT_DTYPES += (np.dtype(_ml_dtypes.bfloat16),)
+except ImportError:  # pragma: no cover - depends on the environment
+    _ml_dtypes = None
+_HALF_DTYPES = tuple(d for d in _FLOAT_DTYPES if d.itemsize == 2)
 _ACTIVATIONS = (None, "relu", "gelu")
 
 
@@ -97,10 +104,10 @@ def _check_shape(shape) -> tuple:
 
 def _check_float_array(a, name: str) -> np.ndarray:
     a = np.asarray(a)
-    if a.dtype.kind == "f" and not a.dtype.isnative:
+    if a.dtype.kind == "f" and a.dtype.itemsize > 1 and not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))  # byte-swapped data: same values, native order
     if a.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a float16, float32 or float64 array, got dtype {a.dtype}")
+        raise TypeError(f"{name} must be a float16, bfloat16 (ml_dtypes), float32 or float64 array, got dtype {a.dtype}")
     return a
 
 
@@ -254,7 +261,9 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> n
 
     ``s = dropout_scale(p, x.dtype)``; the mask is ``dropout_mask(x.shape, p, seed, offset)``
     over the flat C-order index of the logical array. Returns a new C-contiguous array of
-    ``x``'s dtype (float16, float32 or float64). ``training=False`` returns a copy of ``x``.
+    ``x``'s dtype (float16, bfloat16, float32 or float64). For float16 and bfloat16 (SPEC
+    section 12) a kept value is ``x * s`` computed in float32 with ``s`` rounded to float32,
+    then rounded once to the dtype. ``training=False`` returns a copy of ``x``.
     """
     x = _check_float_array(x, "x")
     p = _check_p(p)
@@ -264,6 +273,11 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> n
     if not training:
         return x.copy(order="C")
     keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
+    if x.dtype in _HALF_DTYPES:
+        # SPEC section 12: x * s in float32 (s rounded once to float32), rounded once to the dtype
+        with np.errstate(over="ignore", invalid="ignore"):
+            kept = (x.astype(np.float32) * dropout_scale(p, np.float32)).astype(x.dtype)
+        return np.where(keep, kept, x.dtype.type(0))
     return _apply_mask(x, keep, dropout_scale(p, x.dtype))
 
 
