@@ -190,6 +190,34 @@ def _dense_inputs(x, weight, bias):
     return x, np.ascontiguousarray(weight), bias
 
 
+def dense_forward_checked(x, weight, bias, p, seed, offset, act, masked, want_z):
+    """(y, z) as 2-D arrays (z None unless want_z), from arguments already checked:
+    float32 arrays of fitting shapes, weight and bias C-contiguous."""
+    k = x.shape[-1]
+    rows = math.prod(x.shape[:-1])  # (reshape(-1, k) cannot infer the rows when k == 0)
+    x2 = np.ascontiguousarray(x).reshape(rows, k)
+    y = np.empty((rows, weight.shape[0]), dtype=np.float32)
+    z = np.empty_like(y) if want_z else None
+    _core.dense_forward(x2, weight, bias, y, z, act, masked, seed, offset, threshold(p), scale(p, np.float32))
+    return y, z
+
+
+def dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, masked, want):
+    """(grad_x, grad_weight, grad_bias) from checked arguments (see dense_forward_checked);
+    `want` says which to compute (the others are None)."""
+    k, n_out = x.shape[-1], weight.shape[0]
+    rows = math.prod(x.shape[:-1])
+    x2 = np.ascontiguousarray(x).reshape(rows, k)
+    dy2 = np.ascontiguousarray(grad_out).reshape(rows, n_out)
+    z2 = None if z is None else np.ascontiguousarray(z).reshape(rows, n_out)
+    grad_x = np.empty(x2.shape, dtype=np.float32) if want[0] else None
+    grad_w = np.empty(weight.shape, dtype=np.float32) if want[1] else None
+    grad_b = np.empty(n_out, dtype=np.float32) if want[2] else None
+    _core.dense_backward(dy2, x2, weight, z2, grad_x, grad_w, grad_b, act, masked, seed, offset, threshold(p),
+                         scale(p, np.float32))
+    return None if grad_x is None else grad_x.reshape(x.shape), grad_w, grad_b
+
+
 def _layer_args(p, seed, offset, activation) -> Tuple[float, int, int, int]:
     return check_p(p), check_u64(seed, "seed"), check_u64(offset, "offset"), check_activation(activation)
 
@@ -240,13 +268,8 @@ def dropout_dense(
     x, weight, bias = _dense_inputs(x, weight, bias)
     p, seed, offset, act = _layer_args(p, seed, offset, activation)
     lead = x.shape[:-1]
-    k, n_out = x.shape[-1], weight.shape[0]
-    rows = math.prod(lead)  # (reshape(-1, k) cannot infer the rows when k == 0)
-    x2 = np.ascontiguousarray(x).reshape(rows, k)
-    y = np.empty((rows, n_out), dtype=np.float32)
-    z = np.empty_like(y) if return_preactivation else None
-    masked = bool(training) and p > 0.0
-    _core.dense_forward(x2, weight, bias, y, z, act, masked, seed, offset, threshold(p), scale(p, np.float32))
+    n_out = weight.shape[0]
+    y, z = dense_forward_checked(x, weight, bias, p, seed, offset, act, bool(training) and p > 0.0, return_preactivation)
     y = y.reshape(lead + (n_out,))
     if return_preactivation:
         return y, z.reshape(lead + (n_out,))
@@ -288,24 +311,15 @@ def dropout_dense_backward(
     grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
     p, seed, offset, act = _layer_args(p, seed, offset, activation)
     lead = x.shape[:-1]
-    k, n_out = x.shape[-1], weight.shape[0]
+    n_out = weight.shape[0]
     if grad_out.shape != lead + (n_out,):
         raise ValueError(f"grad_out must have shape {lead + (n_out,)}, got {grad_out.shape}")
-    rows = math.prod(lead)
-    z2 = None
+    z = None
     if act:
         if preactivation is None:
             raise ValueError(f"preactivation is required with activation={activation!r}")
-        preactivation = check_float_array(preactivation, "preactivation", (np.float32,))
-        if preactivation.shape != grad_out.shape:
-            raise ValueError(f"preactivation must have shape {grad_out.shape}, got {preactivation.shape}")
-        z2 = np.ascontiguousarray(preactivation).reshape(rows, n_out)
-    x2 = np.ascontiguousarray(x).reshape(rows, k)
-    dy2 = np.ascontiguousarray(grad_out).reshape(rows, n_out)
-    want_x, want_w, want_b = (bool(v) for v in output_mask)
-    grad_x = np.empty(x2.shape, dtype=np.float32) if want_x else None
-    grad_w = np.empty(weight.shape, dtype=np.float32) if want_w else None
-    grad_b = np.empty(n_out, dtype=np.float32) if bias and want_b else None
-    masked = bool(training) and p > 0.0
-    _core.dense_backward(dy2, x2, weight, z2, grad_x, grad_w, grad_b, act, masked, seed, offset, threshold(p), scale(p, np.float32))
-    return None if grad_x is None else grad_x.reshape(x.shape), grad_w, grad_b
+        z = check_float_array(preactivation, "preactivation", (np.float32,))
+        if z.shape != grad_out.shape:
+            raise ValueError(f"preactivation must have shape {grad_out.shape}, got {z.shape}")
+    want = (bool(output_mask[0]), bool(output_mask[1]), bool(bias) and bool(output_mask[2]))
+    return dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, bool(training) and p > 0.0, want)

@@ -1,6 +1,7 @@
 """Argument checks shared by the public functions: clear errors before any work."""
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import operator
@@ -40,6 +41,7 @@ def threshold(p: float) -> int:
     return round(p * 4294967296.0)
 
 
+@functools.lru_cache(maxsize=256)
 def scale(p: float, dtype: np.dtype) -> float:
     """1 / (1 - p) in double, rounded once to dtype; inf for p = 1 (never used)."""
     s = math.inf if p == 1.0 else 1.0 / (1.0 - p)

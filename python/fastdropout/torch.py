@@ -1,21 +1,26 @@
 """PyTorch modules over the fused kernels: drop-in ``Dropout`` and ``DropoutLinear``.
 
-Install with ``pip install "fastdropout[torch]"``.  Each op is a
-``torch.autograd.Function`` whose forward and backward call the native kernels
-on ``tensor.numpy()`` views, so contiguous CPU float32 tensors are never copied.
+Install with ``pip install "fastdropout[torch]"``.  Every module and function here
+runs on PyTorch custom operators (``torch.library``, see ``fastdropout._torch_ops``):
+``torch.compile(model, fullgraph=True)``, ``torch.export``, ``torch.func`` (``grad``,
+``functional_call``, ``vmap`` with ``randomness="different"`` or ``"same"``) and
+second derivatives work as they do with ``torch.nn``.
 
 Randomness: every training-mode call draws one 63-bit Philox seed from torch's
-default CPU generator (``torch.randint(0, 2**63 - 1, ())``) and uses offset 0,
-so ``torch.manual_seed(s)`` makes a run reproducible, and ``model.eval()`` turns
-dropout off (and draws nothing).  The backward regenerates the mask from that
-seed; no mask is stored.
+default CPU generator, inside the op when it runs (offset 0), so
+``torch.manual_seed(s)`` makes a run reproducible, compiled or not, and
+``model.eval()`` turns dropout off (and draws nothing).  The backward regenerates
+the mask from that seed; no mask is stored.  Give ``seed=`` (and ``offset=``) to the
+functional forms for a fixed stream: the mask is then exactly
+``fastdropout.dropout_mask(x.shape, p, seed=seed, offset=offset)``.
 
-Supported inputs: CPU tensors with the strided layout; ``float32`` for
-:class:`DropoutLinear` and :func:`dropout_linear`, ``float32`` or ``float64``
-for :class:`Dropout` and :func:`dropout`.  Anything else (a CUDA tensor,
-``float16``/``bfloat16``, a sparse tensor, ...) raises ``TypeError``: there is
-no silent fallback, so a result always comes from these kernels.  Second
-derivatives are not supported.
+Supported inputs: dense CPU tensors.  :class:`Dropout` and :func:`dropout`: float32,
+float64, float16 and bfloat16 (a kept value is ``x * s`` in float32, rounded once).
+:class:`DropoutLinear` and :func:`dropout_linear`: float32, bfloat16 and float16,
+computed in float32 (inputs and parameters of one dtype, as ``torch.nn.Linear``
+requires); under ``torch.autocast("cpu", dtype=torch.bfloat16)`` they take bfloat16
+as ``nn.Linear`` does.  Anything else (a CUDA tensor, an integer dtype, a sparse
+tensor, ...) raises ``TypeError``: there is no silent fallback.
 
 Example::
 
@@ -29,7 +34,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 try:
     import torch
@@ -38,22 +43,13 @@ except ImportError as exc:  # pragma: no cover - only without torch
         f"fastdropout.torch needs PyTorch ({exc}); install it with `pip install \"fastdropout[torch]\"`"
     ) from exc
 
-from torch.autograd.function import once_differentiable
+from . import _torch_ops as _ops
+from ._checks import ACTIVATIONS, check_activation, check_p, check_u64
 
-from ._api import dropout as _np_dropout
-from ._api import dropout_backward as _np_dropout_backward
-from ._api import dropout_dense as _np_dropout_dense
-from ._api import dropout_dense_backward as _np_dropout_dense_backward
-from ._checks import check_activation, check_p, check_u64
+__all__ = ["Dropout", "DropoutLinear", "convert", "dropout", "dropout_linear"]
 
-__all__ = ["Dropout", "DropoutLinear", "dropout", "dropout_linear"]
-
-_SEED_BOUND = 2**63 - 1
-
-
-def _draw_seed() -> int:
-    """One Philox seed from torch's default CPU generator (reproducible under torch.manual_seed)."""
-    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64).item())
+_DROPOUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_tensor(t, name: str, dtypes: Tuple[torch.dtype, ...]) -> None:
@@ -65,86 +61,71 @@ def _check_tensor(t, name: str, dtypes: Tuple[torch.dtype, ...]) -> None:
             "fastdropout.torch runs on the CPU only (move it with .cpu(), or use torch.nn.Dropout/Linear)"
         )
     if t.dtype not in dtypes:
-        want = " or ".join(str(d) for d in dtypes)
-        raise TypeError(f"{name} must have dtype {want}, got {t.dtype}")
+        want = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{name} must have dtype {want}; got {t.dtype}")
 
 
-def _view(t: torch.Tensor):
-    """A NumPy view of a CPU tensor's data (no copy; strides are kept)."""
-    return t.detach().resolve_neg().numpy()
-
-
-def _stream(seed: Optional[int], offset: int) -> Tuple[int, int]:
+def _fixed_state(seed: Optional[int], offset: int) -> Optional[torch.Tensor]:
+    """None (the op draws a seed) or the state of a fixed (seed, offset)."""
+    offset = check_u64(offset, "offset")
     if seed is None:
-        return _draw_seed(), 0
-    return check_u64(seed, "seed"), check_u64(offset, "offset")
+        return None
+    return _ops.make_state(check_u64(seed, "seed"), offset)
 
 
-# --------------------------------------------------------------------------- autograd functions
-
-
-class _DropoutFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float, seed: int, offset: int) -> torch.Tensor:
-        ctx.stream = (p, seed, offset, x.dtype)
-        return torch.from_numpy(_np_dropout(_view(x), p, seed=seed, offset=offset))
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        p, seed, offset, dtype = ctx.stream
-        grad_x = _np_dropout_backward(_view(grad.to(dtype)), p, seed=seed, offset=offset)
-        return torch.from_numpy(grad_x), None, None, None
-
-
-class _DropoutLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, p, seed, offset, activation, training):
-        out = _np_dropout_dense(
-            _view(x), _view(weight), None if bias is None else _view(bias), p, seed=seed, offset=offset,
-            activation=activation, training=training, return_preactivation=activation is not None,
-        )
-        y, z = out if activation is not None else (out, None)
-        z = None if z is None else torch.from_numpy(z)
-        ctx.save_for_backward(x, weight, z)
-        ctx.options = (p, seed, offset, activation, training, bias is not None)
-        return torch.from_numpy(y)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        x, weight, z = ctx.saved_tensors
-        p, seed, offset, activation, training, has_bias = ctx.options
-        # only what autograd asks for: no grad_x for a first layer, no grad_weight for frozen weights
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grads = _np_dropout_dense_backward(
-            _view(grad_y.to(torch.float32)), _view(x), _view(weight), p, seed=seed, offset=offset,
-            activation=activation, preactivation=None if z is None else _view(z), bias=has_bias, training=training,
-            output_mask=(need_x, need_w, need_b and has_bias),
-        )
-        return tuple(None if g is None else torch.from_numpy(g) for g in grads) + (None,) * 5
+def _check_factory(device, dtype, dtypes, what: str) -> None:
+    """Module construction: refuse a device or dtype the kernels cannot run, with what to pass."""
+    if device is not None and torch.device(device).type != "cpu":
+        raise TypeError(f"{what} runs on the CPU only; got device={device!r} (pass device='cpu' or None)")
+    if dtype is not None and dtype not in dtypes:
+        want = ", ".join(str(d) for d in dtypes)
+        raise TypeError(f"{what} supports dtype {want} (or None for the default); got dtype={dtype}")
 
 
 # --------------------------------------------------------------------------- functional forms
 
 
 def dropout(
-    x: torch.Tensor, p: float = 0.5, training: bool = True, *, seed: Optional[int] = None, offset: int = 0
+    x: torch.Tensor,
+    p: float = 0.5,
+    training: bool = True,
+    inplace: bool = False,
+    *,
+    seed: Optional[int] = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Inverted dropout, as ``torch.nn.functional.dropout`` but with fastdropout's mask.
 
-    ``x`` is a CPU float32 or float64 tensor of any shape.  With ``seed=None``
-    a seed is drawn from torch's default generator; give ``seed`` and
-    ``offset`` to use a fixed Philox stream (the mask is then exactly
-    ``fastdropout.dropout_mask(x.shape, p, seed=seed, offset=offset)``).
-    ``training=False`` returns ``x`` itself and draws nothing.
+    Parameters
+    ----------
+    x : CPU tensor of float32, float64, float16 or bfloat16, any shape and memory format
+        (the result keeps it).
+    p : drop probability in [0, 1].
+    training : False returns ``x`` itself and draws nothing.
+    inplace : write the result into ``x`` (returned).  Where autograd needs the
+        input's graph (``x`` requires grad and grad mode is on) the result is computed
+        aside and copied in, so autograd sees an in-place copy, as with torch.
+    seed, offset : a fixed Philox stream (64-bit); with ``seed=None`` a seed is drawn
+        from torch's default generator when the op runs.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a dense CPU tensor of a supported dtype, or ``seed``/``offset`` are not ints.
+    ValueError
+        ``p`` outside [0, 1] or NaN; ``seed``/``offset`` outside [0, 2**64).
     """
-    _check_tensor(x, "x", (torch.float32, torch.float64))
+    _check_tensor(x, "x", _DROPOUT_DTYPES)
     p = check_p(p)
+    state = _fixed_state(seed, offset)
     if not training:
         return x
-    seed, offset = _stream(seed, offset)
-    return _DropoutFunction.apply(x, p, seed, offset)
+    if inplace:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return x.copy_(_ops.call_dropout(x, p, state)[0])
+        _ops.dropout_inplace_op(x, p, state)
+        return x
+    return _ops.call_dropout(x, p, state)[0]
 
 
 def dropout_linear(
@@ -158,50 +139,91 @@ def dropout_linear(
     seed: Optional[int] = None,
     offset: int = 0,
 ) -> torch.Tensor:
-    """Fused ``act(F.linear(F.dropout(x, p), weight, bias))`` on the CPU in float32.
+    """Fused ``act(F.linear(F.dropout(x, p), weight, bias))`` on the CPU.
 
-    ``x`` has shape ``(..., in_features)``, ``weight`` ``(out_features,
-    in_features)`` and ``bias`` ``(out_features,)`` (``torch.nn.Linear``'s
-    layout); ``activation`` is None, ``"relu"`` or ``"gelu"`` (erf form).  The
-    mask over ``x`` is exactly ``fastdropout.dropout_mask(x.shape, p, seed=...,
-    offset=...)``; with ``seed=None`` the seed comes from torch's default
-    generator.  ``training=False`` skips dropout and draws nothing.
+    Parameters
+    ----------
+    x : tensor of shape ``(..., in_features)``.
+    weight : ``(out_features, in_features)`` (``torch.nn.Linear``'s layout).
+    bias : ``(out_features,)`` or None.
+    p : drop probability in [0, 1], on ``x``.
+    training : False skips dropout and draws nothing.
+    activation : None, ``"relu"`` or ``"gelu"`` (the erf form, as ``torch.nn.GELU()``).
+    seed, offset : a fixed Philox stream; the mask over ``x`` is then exactly
+        ``fastdropout.dropout_mask(x.shape, p, seed=seed, offset=offset)``.
+
+    Returns
+    -------
+    Tensor of shape ``(..., out_features)`` and ``x``'s dtype.  float32, bfloat16 and
+    float16 are computed in float32 (products accumulated in float32) and rounded once.
+
+    Raises
+    ------
+    TypeError
+        Not dense CPU tensors, unsupported or mixed dtypes, bad ``activation`` type.
+    ValueError
+        Shapes that do not fit, ``p`` outside [0, 1], unknown ``activation``.
     """
-    _check_tensor(x, "x", (torch.float32,))
-    _check_tensor(weight, "weight", (torch.float32,))
-    if bias is not None:
-        _check_tensor(bias, "bias", (torch.float32,))
-    p = check_p(p)
-    check_activation(activation)
-    if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(
-            f"expected x of shape (..., in_features) and weight of shape (out_features, in_features), "
-            f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
-        )
+    if not _usual_linear_call(x, weight, bias, p, activation):  # the common case is checked in one go
+        _check_tensor(x, "x", _LINEAR_DTYPES)
+        _check_tensor(weight, "weight", _LINEAR_DTYPES)
+        if bias is not None:
+            _check_tensor(bias, "bias", _LINEAR_DTYPES)
+        if not torch.is_autocast_enabled("cpu"):
+            dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+            if len(dtypes) > 1:
+                raise TypeError(
+                    f"x, weight and bias must have one dtype (as torch.nn.Linear needs), got {sorted(map(str, dtypes))}")
+        p = check_p(p)
+        check_activation(activation)
+        if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
+            raise ValueError(
+                f"expected x of shape (..., in_features) and weight of shape (out_features, in_features), "
+                f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+            )
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    state = None if seed is None and offset == 0 else _fixed_state(seed, offset)
     masked = bool(training) and p > 0.0
-    seed, offset = _stream(seed, offset) if training else (0, 0)
-    return _DropoutLinearFunction.apply(x, weight, bias, p, seed, offset, activation, masked)
+    return _ops.call_dropout_linear(x, weight, bias, p, state, ACTIVATIONS[activation], masked)[0]
+
+
+def _usual_linear_call(x, weight, bias, p, activation) -> bool:
+    """True for the everyday call (float32 CPU tensors of fitting shapes, a float p in
+    [0, 1], a known activation); anything else goes through the detailed checks."""
+    return (type(p) is float and 0.0 <= p <= 1.0 and activation in ACTIVATIONS
+            and isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and x.dtype is torch.float32 and weight.dtype is torch.float32
+            and x.device.type == "cpu" and weight.device.type == "cpu"
+            and x.layout is torch.strided and weight.layout is torch.strided
+            and weight.dim() == 2 and x.dim() >= 1 and weight.shape[1] == x.shape[-1]
+            and (bias is None or (isinstance(bias, torch.Tensor) and bias.dtype is torch.float32
+                                  and bias.device.type == "cpu" and bias.layout is torch.strided
+                                  and bias.shape == weight.shape[:1])))
 
 
 # --------------------------------------------------------------------------- modules
 
 
 class Dropout(torch.nn.Module):
-    """Drop-in for ``torch.nn.Dropout(p)`` on CPU float32/float64 tensors.
+    """Drop-in for ``torch.nn.Dropout(p, inplace)`` on CPU tensors (float32, float64,
+    float16, bfloat16).
 
     In training mode each call draws a seed from torch's default generator;
-    in eval mode it returns its input unchanged.
+    in eval mode it returns its input unchanged.  ``p`` assigned after construction
+    is checked at the next call (ValueError).
     """
 
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
         super().__init__()
         self.p = check_p(p)
+        self.inplace = bool(inplace)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dropout(x, self.p, self.training)
+        return dropout(x, self.p, self.training, self.inplace)
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, inplace={self.inplace}"
 
 
 class DropoutLinear(torch.nn.Module):
@@ -211,9 +233,10 @@ class DropoutLinear(torch.nn.Module):
     in_features, out_features, bias))`` computes (then ReLU or GELU when
     ``activation`` is ``"relu"`` or ``"gelu"``), with the parameters named,
     shaped and initialised exactly as ``torch.nn.Linear``'s, so a state dict
-    loads either way.  Requires CPU float32 parameters and inputs; ``device``
-    and ``dtype`` are accepted for signature parity, but anything other than
-    CPU float32 raises ``TypeError`` in ``forward``.
+    loads either way.  ``dtype`` may be float32 (the default), bfloat16 or float16
+    (computed in float32); ``device`` must be the CPU.  Anything else raises
+    ``TypeError`` here, at construction.  ``p`` assigned after construction is
+    checked at the next call (ValueError).
     """
 
     def __init__(
@@ -227,6 +250,7 @@ class DropoutLinear(torch.nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        _check_factory(device, dtype, _LINEAR_DTYPES, "DropoutLinear")
         self.in_features = in_features
         self.out_features = out_features
         self.p = check_p(p)
@@ -256,3 +280,78 @@ class DropoutLinear(torch.nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, p={self.p}, "
             f"bias={self.bias is not None}, activation={self.activation!r}"
         )
+
+
+# --------------------------------------------------------------------------- converting a model
+
+
+def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn.Module]]:
+    """Replace, in place, the dropout of an existing model with fastdropout's.
+
+    Walks every submodule of ``model``.  Inside an ``nn.Sequential``, an
+    ``nn.Dropout`` directly followed by an ``nn.Linear`` becomes one
+    :class:`DropoutLinear` at the Linear's place (the Dropout's place takes an
+    ``nn.Identity``); the new module holds the *same* ``weight`` and ``bias``
+    Parameter objects, so an optimizer built before keeps working and the state dict
+    is unchanged (it loads into the original model and back).  Every other
+    ``nn.Dropout`` becomes :class:`Dropout` with its ``p`` and ``inplace``.
+
+    Returns
+    -------
+    list of ``(qualified name, old module, new module)``, in the order replaced.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a ``torch.nn.Module``; a Linear to fuse has parameters on
+        another device or of a dtype :class:`DropoutLinear` does not support.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    replaced: List[Tuple[str, torch.nn.Module, torch.nn.Module]] = []
+
+    def qualified(prefix: str, name: str) -> str:
+        return f"{prefix}.{name}" if prefix else name
+
+    def walk(module: torch.nn.Module, prefix: str) -> None:
+        names = list(module._modules)
+        if isinstance(module, torch.nn.Sequential):
+            for i in range(len(names) - 1):
+                first, second = module._modules[names[i]], module._modules[names[i + 1]]
+                if type(first) is torch.nn.Dropout and type(second) is torch.nn.Linear:
+                    fused = _fused_from(first, second)
+                    module._modules[names[i]] = torch.nn.Identity()
+                    module._modules[names[i + 1]] = fused
+                    replaced.append((qualified(prefix, names[i + 1]), second, fused))
+                    replaced.append((qualified(prefix, names[i]), first, module._modules[names[i]]))
+        for name in names:
+            child = module._modules[name]
+            if child is None:
+                continue
+            if type(child) is torch.nn.Dropout:
+                new = Dropout(child.p, inplace=child.inplace)
+                new.train(child.training)
+                module._modules[name] = new
+                replaced.append((qualified(prefix, name), child, new))
+            else:
+                walk(child, qualified(prefix, name))
+
+    walk(model, "")
+    return replaced
+
+
+def _fused_from(drop: torch.nn.Dropout, linear: torch.nn.Linear) -> "DropoutLinear":
+    w = linear.weight
+    _check_factory(w.device, w.dtype, _LINEAR_DTYPES, f"DropoutLinear (fusing {linear})")
+    fused = DropoutLinear.__new__(DropoutLinear)
+    torch.nn.Module.__init__(fused)
+    fused.in_features, fused.out_features = linear.in_features, linear.out_features
+    fused.p = check_p(drop.p)
+    fused.activation = None
+    fused.weight = linear.weight  # the same Parameter objects: optimizers and state dicts carry over
+    if linear.bias is not None:
+        fused.bias = linear.bias
+    else:
+        fused.register_parameter("bias", None)
+    fused.train(linear.training and drop.training)
+    return fused

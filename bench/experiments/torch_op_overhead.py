@@ -1,0 +1,91 @@
+"""The PyTorch custom-op layer's cost, and torch.compile of a training step, in one process.
+
+1. fastdropout.torch.dropout_linear (custom op, forward only, no grad) against the
+   NumPy API's fd.dropout_dense on the same data (the kernels called directly), and
+   the same for forward + backward (autograd through the op against fd.dropout_dense
+   + fd.dropout_dense_backward), at 64x784x512 and p = 0.5.
+2. One SGD step of the 784-1024-1024-10 MLP of fastdropout.torch.DropoutLinear layers:
+   eager against torch.compile(model, fullgraph=True), batch 64 and 256.
+
+Timed in turn (A B A B ...), no sleeps; medians and ranges of N samples.
+Usage: python bench/experiments/torch_op_overhead.py [N]
+"""
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+import fastdropout as fd
+import fastdropout.torch as fdt
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 15
+
+
+def interleaved(fns, samples=N, inner=20):
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(samples):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            times[k].append((time.perf_counter() - t0) / inner)
+    return {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+
+
+def show(title, res, base):
+    print(title)
+    for k, (med, lo, hi) in res.items():
+        print(f"  {k:42s} {med * 1e3:8.3f} ms  ({lo * 1e3:.3f}-{hi * 1e3:.3f})  {med / res[base][0]:.3f}x of {base}")
+
+
+m, k, n = 64, 784, 512
+rng = np.random.default_rng(0)
+x = rng.standard_normal((m, k), dtype=np.float32)
+w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+b = np.zeros(n, np.float32)
+dy = rng.standard_normal((m, n), dtype=np.float32)
+tx, tw, tb, tdy = (torch.from_numpy(a) for a in (x, w, b, dy))
+txg, twg, tbg = (t.clone().requires_grad_() for t in (tx, tw, tb))
+
+
+def direct_fwd_bwd():
+    fd.dropout_dense(x, w, b, 0.5, seed=3)
+    fd.dropout_dense_backward(dy, x, w, 0.5, seed=3)
+
+
+def op_fwd_bwd():
+    fdt.dropout_linear(txg, twg, tbg, 0.5, seed=3).backward(tdy)
+    txg.grad = twg.grad = tbg.grad = None
+
+
+with torch.no_grad():
+    res = interleaved({"kernels (fd.dropout_dense)": lambda: fd.dropout_dense(x, w, b, 0.5, seed=3),
+                       "custom op (fdt.dropout_linear)": lambda: fdt.dropout_linear(tx, tw, tb, 0.5, seed=3)})
+show(f"forward {m}x{k}x{n}, p=0.5", res, "kernels (fd.dropout_dense)")
+res = interleaved({"kernels (forward + backward)": direct_fwd_bwd, "custom op + autograd": op_fwd_bwd})
+show(f"forward+backward {m}x{k}x{n}, p=0.5", res, "kernels (forward + backward)")
+
+for batch in (64, 256):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(fdt.DropoutLinear(784, 1024, p=0.2, activation="relu"),
+                                fdt.DropoutLinear(1024, 1024, p=0.5, activation="relu"),
+                                fdt.DropoutLinear(1024, 10, p=0.5))
+    compiled = torch.compile(model, fullgraph=True)
+    xb, yb = torch.randn(batch, 784), torch.randint(0, 10, (batch,))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step(mod):
+        def run():
+            loss = torch.nn.functional.cross_entropy(mod(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return run
+
+    res = interleaved({"eager fastdropout.torch": step(model), "torch.compile(fullgraph=True)": step(compiled)},
+                      inner=3)
+    show(f"training step, batch {batch}", res, "eager fastdropout.torch")

@@ -1,0 +1,401 @@
+"""Every PyTorch custom operator of fastdropout, registered in one place.
+
+Each op has a schema (``torch.library.custom_op``), a fake implementation for
+shapes (so ``torch.compile`` and ``torch.export`` trace it without running it),
+an autograd formula and a vmap rule.  The modules and functional forms in
+:mod:`fastdropout.torch` are thin wrappers over these ops.
+
+The random stream.  An op that drops takes ``state``: an int64 tensor
+``[seed, offset]`` (the two's complements of the 64-bit values), or None, in which
+case the op itself draws a seed from torch's default CPU generator when it runs
+(offset 0).  Drawing inside the op keeps the draw out of any traced graph, so a
+compiled model draws exactly what the eager one draws, and ``torch.manual_seed``
+reproduces both.  The op returns the state it used; the backward regenerates the
+mask from it.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from . import _core
+from ._api import dense_backward_checked, dense_forward_checked
+from ._api import dropout as _np_dropout
+from ._checks import scale as _scale
+from ._checks import threshold as _threshold
+
+_SEED_BOUND = 2**63 - 1
+_U64 = 1 << 64
+_HALF = (torch.float16, torch.bfloat16)
+_SEEDED = (torch.Tag.nondeterministic_seeded,)  # never merged or reordered as if pure
+_NO_STATE = torch.zeros(2, dtype=torch.int64)  # evaluation mode: nothing drawn
+
+VMAP_RANDOMNESS_ERROR = (
+    "vmap: called random operation while in randomness error mode. Please either use the 'same' or "
+    "'different' randomness flags on vmap or perform the randomness operation out of vmap"
+)
+
+
+# --------------------------------------------------------------------------- the stream state
+
+
+def make_state(seed: int, offset: int) -> torch.Tensor:
+    """An int64 state tensor from 64-bit unsigned ``seed`` and ``offset``."""
+    return torch.from_numpy(np.array([seed, offset], dtype=np.uint64).view(np.int64))
+
+
+def read_state(state: torch.Tensor) -> Tuple[int, int]:
+    seed, offset = state.numpy().view(np.uint64).tolist()
+    return seed, offset
+
+
+def _draw_state() -> torch.Tensor:
+    return make_state(int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64)), 0)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of a CPU tensor's data (no copy; strides are kept)."""
+    t = t.detach()
+    return (t.resolve_neg() if t.is_neg() else t).numpy()
+
+
+def _apply_dropout(x: torch.Tensor, p: float, state: torch.Tensor, out: torch.Tensor) -> None:
+    """out = dropout(x) under `state` (any strides; out may be x)."""
+    seed, offset = read_state(state)
+    if x.dtype in _HALF:
+        src = x.contiguous()
+        dst = out if out.is_contiguous() else torch.empty_like(src)
+        _core.dropout_h16(_numpy(src.view(torch.int16)).reshape(-1).view(np.uint16),
+                          _numpy(dst.view(torch.int16)).reshape(-1).view(np.uint16),
+                          seed, offset, _threshold(p), _scale(p, np.float32), x.dtype == torch.bfloat16)
+        if dst is not out:
+            out.copy_(dst)
+        return
+    _np_dropout(_numpy(x), p, seed=seed, offset=offset, out=_numpy(out))
+
+
+# --------------------------------------------------------------------------- dropout
+
+
+def _dropout_impl(x: torch.Tensor, p: float, state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    state = _draw_state() if state is None else state
+    y = torch.empty_like(x)  # keeps x's memory format
+    _apply_dropout(x, p, state, y)
+    return y, state
+
+
+def _fresh_state(impl):
+    """The implementation as an op body: an op's outputs may not alias its inputs."""
+    @functools.wraps(impl)  # (the schema is inferred from impl's signature)
+    def body(*args):
+        out = impl(*args)
+        return out[:-1] + (out[-1].clone(),) if any(out[-1] is a for a in args) else out
+    return body
+
+
+dropout_op = torch.library.custom_op("fastdropout::dropout", mutates_args=(), device_types="cpu", tags=_SEEDED)(
+    _fresh_state(_dropout_impl))
+
+
+@dropout_op.register_fake
+def _(x, p, state):
+    return torch.empty_like(x), x.new_empty((2,), dtype=torch.int64)
+
+
+@torch.library.custom_op("fastdropout::dropout_", mutates_args=("x",), device_types="cpu", tags=_SEEDED)
+def dropout_inplace_op(x: torch.Tensor, p: float, state: Optional[torch.Tensor]) -> torch.Tensor:
+    state = _draw_state() if state is None else state.clone()
+    _apply_dropout(x, p, state, x)
+    return state  # (a fresh tensor: an op's output may not alias its input)
+
+
+@dropout_inplace_op.register_fake
+def _(x, p, state):
+    return x.new_empty((2,), dtype=torch.int64)
+
+
+def _dropout_backward_impl(grad: torch.Tensor, p: float, state: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(grad)
+    _apply_dropout(grad, p, state, out)
+    return out
+
+
+dropout_backward_op = torch.library.custom_op("fastdropout::dropout_backward", mutates_args=(),
+                                              device_types="cpu")(_dropout_backward_impl)
+
+
+@dropout_backward_op.register_fake
+def _(grad, p, state):
+    return torch.empty_like(grad)
+
+
+def _dropout_setup(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _dropout_bwd(ctx, grad_y, grad_state):
+    (state,) = ctx.saved_tensors
+    return call_dropout_backward(grad_y, ctx.p, state), None, None
+
+
+def _dropout_backward_setup(ctx, inputs, output):
+    ctx.p = inputs[1]
+    ctx.save_for_backward(inputs[2])
+
+
+def _dropout_backward_bwd(ctx, gg):
+    (state,) = ctx.saved_tensors  # the map grad -> mask * grad * s is its own adjoint
+    return call_dropout_backward(gg, ctx.p, state), None, None
+
+
+dropout_op.register_autograd(_dropout_bwd, setup_context=_dropout_setup)
+dropout_backward_op.register_autograd(_dropout_backward_bwd, setup_context=_dropout_backward_setup)
+
+
+# --------------------------------------------------------------------------- dropout -> linear
+
+
+def _as_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else (t if t.dtype == torch.float32 else t.float())
+
+
+def _dropout_linear_impl(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, state: Optional[torch.Tensor],
+    activation: int, train: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, z, state): y = act(dropout(x) @ weight.T + bias) in float32 arithmetic, z the
+    pre-activation (empty without an activation), and the stream state used."""
+    state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
+    seed, offset = read_state(state)
+    w, b = _numpy(_as_f32(weight)), None if bias is None else _numpy(_as_f32(bias))
+    y2, z2 = dense_forward_checked(_numpy(_as_f32(x)), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
+                                   p, seed, offset, activation, train, activation != 0)
+    y, z = torch.from_numpy(y2), torch.from_numpy(z2) if z2 is not None else torch.empty(0)
+    if x.dim() != 2:
+        out_shape = x.shape[:-1] + (weight.shape[0],)
+        y, z = y.view(out_shape), z.view(out_shape) if z2 is not None else z
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y, z, state
+
+
+dropout_linear_op = torch.library.custom_op("fastdropout::dropout_linear", mutates_args=(), device_types="cpu",
+                                            tags=_SEEDED)(_fresh_state(_dropout_linear_impl))
+
+
+@dropout_linear_op.register_fake
+def _(x, weight, bias, p, state, activation, train):
+    y = x.new_empty(x.shape[:-1] + (weight.shape[0],))
+    z = x.new_empty(y.shape if activation else (0,), dtype=torch.float32)
+    return y, z, x.new_empty((2,), dtype=torch.int64)
+
+
+def _dropout_linear_backward_impl(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor, p: float, state: torch.Tensor,
+    activation: int, train: bool, has_bias: bool, output_mask: Sequence[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_weight, grad_bias) in x's, weight's and weight's dtype; an entry
+    that output_mask leaves out is an empty tensor."""
+    seed, offset = read_state(state)
+    want = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and has_bias)
+    grads = dense_backward_checked(
+        _numpy(_as_f32(grad_y)), _numpy(_as_f32(x)), np.ascontiguousarray(_numpy(_as_f32(weight))),
+        _numpy(z) if activation else None, p, seed, offset, activation, train, want,
+    )
+    dtypes = (x.dtype, weight.dtype, weight.dtype)
+    return tuple(  # type: ignore[return-value]
+        torch.empty(0, dtype=d) if g is None else (torch.from_numpy(g) if d == torch.float32 else torch.from_numpy(g).to(d))
+        for g, d in zip(grads, dtypes)
+    )
+
+
+dropout_linear_backward_op = torch.library.custom_op("fastdropout::dropout_linear_backward", mutates_args=(),
+                                                     device_types="cpu")(_dropout_linear_backward_impl)
+
+
+@dropout_linear_backward_op.register_fake
+def _(grad_y, x, weight, z, p, state, activation, train, has_bias, output_mask):
+    shapes = (x.shape, weight.shape, weight.shape[:1])
+    dtypes = (x.dtype, weight.dtype, weight.dtype)
+    return tuple(x.new_empty(s if keep else (0,), dtype=d) for s, d, keep in zip(shapes, dtypes, output_mask))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, p, _, activation, train = inputs
+    ctx.options = (p, activation, train, bias is not None)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+
+
+def _activation_grad(z: torch.Tensor, activation: int) -> torch.Tensor:
+    if activation == 1:
+        return (z > 0).to(z.dtype)
+    cdf = 0.5 * (1.0 + torch.erf(z * (1.0 / math.sqrt(2.0))))
+    pdf = torch.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + z * pdf
+
+
+def _linear_bwd(ctx, grad_y, grad_z, grad_state):
+    x, weight, bias, z, state = ctx.saved_tensors
+    p, activation, train, has_bias = ctx.options
+    need = ctx.needs_input_grad[:3]
+    if torch.is_grad_enabled():
+        # create_graph: the same gradients from differentiable pieces (this op's dropout,
+        # torch's matmuls), so that second derivatives (a gradient penalty) are right
+        return _linear_bwd_composite(grad_y, x, weight, bias, p, state, activation, train)
+    fused = _dropout_linear_backward_impl if _route(grad_y, x, weight, z) == "fast" else dropout_linear_backward_op
+    gx, gw, gb = fused(grad_y, x, weight, z, p, state, activation, train, has_bias, [bool(n) for n in need])
+    return (gx if need[0] else None, gw if need[1] else None, gb if need[2] and has_bias else None,
+            None, None, None, None)
+
+
+def _linear_bwd_composite(grad_y, x, weight, bias, p, state, activation, train):
+    xd = call_dropout(x, p, state)[0] if train and p > 0 else x
+    dz = grad_y
+    if activation:
+        zz = torch.nn.functional.linear(xd, weight, bias)
+        dz = grad_y * _activation_grad(zz, activation)
+    gx = dz @ weight
+    if train and p > 0:
+        gx = call_dropout_backward(gx, p, state)
+    dz2, xd2 = dz.reshape(-1, dz.shape[-1]), xd.reshape(-1, xd.shape[-1])
+    gw = dz2.t() @ xd2
+    gb = dz2.sum(0) if bias is not None else None
+    return gx, gw, gb, None, None, None, None
+
+
+dropout_linear_op.register_autograd(_linear_bwd, setup_context=_linear_setup)
+torch.library.register_autocast("fastdropout::dropout_linear", "cpu", torch.bfloat16)
+
+
+# --------------------------------------------------------------------------- autograd.Function forms
+
+
+def _function(name: str, op, setup, backward):
+    """The op as a torch.autograd.Function in setup_context style, with the same
+    formula as its register_autograd: the form that torch.func's transforms (grad,
+    jacrev, ...) accept, where (torch 2.13) an op's register_autograd is not."""
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(lambda *args: op(*args)),
+        "setup_context": staticmethod(setup),
+        "backward": staticmethod(backward),
+        "generate_vmap_rule": True,  # vmap runs forward and backward over the ops' own vmap rules
+    })
+
+
+# Under torch.func transforms: Functions around the ops (whose vmap rules vmap needs).
+_FUNC = {
+    "dropout": _function("Dropout", dropout_op, _dropout_setup, _dropout_bwd),
+    "dropout_backward": _function("DropoutBackward", dropout_backward_op, _dropout_backward_setup, _dropout_backward_bwd),
+    "dropout_linear": _function("DropoutLinear", dropout_linear_op, _linear_setup, _linear_bwd),
+}
+def _fast_function(name: str, impl, setup, backward):
+    """The implementation as a ctx-style Function with the same formula: for plain eager
+    calls, past the dispatcher (whose Python custom-op path costs ~75 us a call) and past
+    the signature binding that setup_context-style Functions do on every call (~60 us;
+    both measured with torch 2.13)."""
+    def forward(ctx, *args):
+        out = impl(*args)
+        setup(ctx, args, out)
+        return out
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+_FAST = {
+    "dropout": _fast_function("FastDropout", _dropout_impl, _dropout_setup, _dropout_bwd),
+    "dropout_backward": _fast_function("FastDropoutBackward", _dropout_backward_impl, _dropout_backward_setup,
+                                       _dropout_backward_bwd),
+    "dropout_linear": _fast_function("FastDropoutLinear", _dropout_linear_impl, _linear_setup, _linear_bwd),
+}
+_OPS = {"dropout": dropout_op, "dropout_backward": dropout_backward_op, "dropout_linear": dropout_linear_op}
+
+
+def _route(*tensors) -> str:
+    """How to call an op here: "op" while torch.compile or torch.export traces, under
+    autocast, with tensor subclasses or a dispatch mode (the dispatcher must see it);
+    "func" under a torch.func transform; else "fast"."""
+    if torch.compiler.is_compiling():
+        return "op"
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return "func"
+    if (torch.is_autocast_enabled("cpu") or torch._C._is_torch_function_mode_enabled()
+            or _get_current_dispatch_mode() is not None
+            or not all(t is None or type(t) is torch.Tensor for t in tensors)):
+        return "op"
+    return "fast"
+
+
+_IMPLS = {"dropout": _dropout_impl, "dropout_backward": _dropout_backward_impl, "dropout_linear": _dropout_linear_impl}
+
+
+def _call(name: str, tensors, args):
+    how = _route(*tensors)
+    if how == "op":
+        return _OPS[name](*args)
+    if how == "fast" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        return _IMPLS[name](*args)  # nothing to differentiate: no autograd node at all
+    return (_FAST if how == "fast" else _FUNC)[name].apply(*args)
+
+
+def call_dropout(x, p, state):
+    """(y, state) of fastdropout::dropout, by the route that fits the call."""
+    return _call("dropout", (x, state), (x, p, state))
+
+
+def call_dropout_backward(grad, p, state):
+    return _call("dropout_backward", (grad, state), (grad, p, state))
+
+
+def call_dropout_linear(x, weight, bias, p, state, activation, train):
+    """(y, z, state) of fastdropout::dropout_linear, by the route that fits the call."""
+    return _call("dropout_linear", (x, weight, bias, state), (x, weight, bias, p, state, activation, train))
+
+
+# --------------------------------------------------------------------------- vmap
+
+
+def _slice(a, dim, b):
+    return a.select(dim, b) if dim is not None else a
+
+
+def _vmap_loop(op, state_index: Optional[int]):
+    """A vmap rule that runs the op once per batch element and stacks the results.
+
+    For an op that draws (state None), vmap's randomness decides: "different" draws
+    per element, "same" draws once and reuses that state, "error" raises torch's error.
+    """
+    def rule(info, in_dims, *args):
+        draws = state_index is not None and args[state_index] is None
+        if draws and info.randomness == "error":
+            raise RuntimeError(VMAP_RANDOMNESS_ERROR)
+        if info.batch_size == 0:
+            raise ValueError("fastdropout ops under vmap need a batch of at least one element")
+        outs: List[object] = []
+        shared = None
+        for b in range(info.batch_size):
+            call = [_slice(a, d, b) if isinstance(a, torch.Tensor) else a for a, d in zip(args, in_dims)]
+            if draws and info.randomness == "same" and shared is not None:
+                call[state_index] = shared
+            out = op(*call)
+            if draws and info.randomness == "same" and shared is None:
+                shared = out[-1] if isinstance(out, tuple) else out
+            outs.append(out)
+        if isinstance(outs[0], tuple):
+            stacked = tuple(torch.stack([o[i] for o in outs]) for i in range(len(outs[0])))
+            return stacked, tuple(0 for _ in stacked)
+        return torch.stack(outs), 0
+    return rule
+
+
+torch.library.register_vmap(dropout_op, _vmap_loop(dropout_op, 2))
+torch.library.register_vmap(dropout_backward_op, _vmap_loop(dropout_backward_op, None))
+torch.library.register_vmap(dropout_linear_op, _vmap_loop(dropout_linear_op, 4))
+torch.library.register_vmap(dropout_linear_backward_op, _vmap_loop(dropout_linear_backward_op, None))

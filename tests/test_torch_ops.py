@@ -1,0 +1,437 @@
+"""fastdropout.torch as a drop-in: custom operators under torch.compile, torch.export,
+torch.func (grad, functional_call, vmap), second derivatives, bfloat16/float16 and
+autocast, inplace and memory formats, eval-mode backward, model conversion and DDP."""
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+from torch.func import functional_call, grad, vmap  # noqa: E402
+
+import fastdropout as fd  # noqa: E402
+import fastdropout.torch as fdt  # noqa: E402
+from fastdropout import _torch_ops  # noqa: E402
+
+
+def mixed_model():
+    """fastdropout modules between torch layers."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 16), torch.nn.ReLU(), fdt.Dropout(0.3),
+        fdt.DropoutLinear(16, 20, p=0.5, activation="gelu"), torch.nn.LayerNorm(20),
+        fdt.DropoutLinear(20, 5, p=0.2),
+    )
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+def _train_step_grads(model, x, seed):
+    torch.manual_seed(seed)
+    out = model(x)
+    loss = out.square().mean()
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    return out, grads
+
+
+def test_compile_fullgraph_gives_the_eager_result(backend):
+    model = mixed_model()
+    x = torch.randn(7, 12)
+    compiled = torch.compile(model, fullgraph=True)  # any graph break raises
+    out_e, g_e = _train_step_grads(model, x, 5)
+    out_c, g_c = _train_step_grads(compiled, x, 5)
+    close(out_c, out_e)  # the same masks: the seeds are drawn inside the ops, as in eager
+    for a, b in zip(g_c, g_e):
+        close(a, b)
+    model.eval()
+    close(compiled(x), model(x))
+
+
+def test_compile_counts_one_graph():
+    import torch._dynamo
+
+    model = mixed_model()
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(torch.randn(3, 12))
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0
+
+
+# --------------------------------------------------------------------------- torch.export
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_export(backend, train):
+    model = mixed_model().train(train)
+    x = torch.randn(4, 12)
+    exported = torch.export.export(model, (x,))
+    names = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert any("fastdropout.dropout_linear" in n for n in names)
+    torch.manual_seed(3)
+    want = model(x)
+    torch.manual_seed(3)
+    close(exported.module()(x), want)
+
+
+# --------------------------------------------------------------------------- torch.func
+
+
+def test_func_grad_with_functional_call_gives_autograds_gradients(backend):
+    model = mixed_model()
+    x = torch.randn(6, 12)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p):
+        return functional_call(model, p, (x,)).sum()
+
+    torch.manual_seed(9)
+    g = grad(loss)(params)
+    torch.manual_seed(9)
+    model.zero_grad()
+    model(x).sum().backward()
+    for name, param in model.named_parameters():
+        close(g[name], param.grad)
+
+
+def test_vmap_randomness_different_and_same(backend):
+    x = torch.ones(5, 400)
+    d = fdt.Dropout(0.5)
+    different = vmap(d, randomness="different")(x)
+    same = vmap(d, randomness="same")(x)
+    masks_d, masks_s = different != 0, same != 0
+    assert not all(torch.equal(masks_d[0], masks_d[i]) for i in range(1, 5))
+    assert all(torch.equal(masks_s[0], masks_s[i]) for i in range(1, 5))
+    assert 0.3 < masks_s.float().mean() < 0.7 and 0.3 < masks_d.float().mean() < 0.7
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        vmap(d, randomness="error")(x)
+    with pytest.raises(RuntimeError, match="randomness error mode"):  # torch's own error, for comparison
+        vmap(torch.nn.Dropout(0.5), randomness="error")(x)
+
+
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_per_sample_gradients_through_dropout_linear(backend, randomness):
+    layer = fdt.DropoutLinear(6, 3, p=0.5, activation="relu")
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    xs, ys = torch.randn(4, 6), torch.randn(4, 3)
+
+    def loss(p, x, y):
+        return (functional_call(layer, p, (x.unsqueeze(0),)) - y).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness=randomness)(params, xs, ys)
+    assert per_sample["weight"].shape == (4, 3, 6) and per_sample["bias"].shape == (4, 3)
+    if randomness == "same":
+        # one mask for every sample: the per-sample gradients sum to the batch gradient with it
+        torch.manual_seed(4)
+        per_sample = vmap(grad(loss), in_dims=(None, 0, 0), randomness="same")(params, xs, ys)
+        torch.manual_seed(4)
+        state = _torch_ops.dropout_linear_op(xs[:1], layer.weight, layer.bias, 0.5, None, 1, True)[2]
+        seed, offset = _torch_ops.read_state(state)
+        keep = torch.from_numpy(fd.dropout_mask((1, 6), 0.5, seed=seed, offset=offset))
+        w, b = layer.weight.detach().clone().requires_grad_(), layer.bias.detach().clone().requires_grad_()
+        total = sum(((F.relu(F.linear(torch.where(keep, xs[i:i + 1] * 2, 0.0), w, b)) - ys[i]) ** 2).sum()
+                    for i in range(4))
+        gw, gb = torch.autograd.grad(total, (w, b))
+        close(per_sample["weight"].sum(0), gw, rtol=1e-4, atol=1e-5)
+        close(per_sample["bias"].sum(0), gb, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- second derivatives
+
+
+def test_gradient_penalty_equals_torch_nn(backend):
+    # the issue's case: d(penalty)/dW = 8 W for Linear(3, 1) without dropout, x of shape (4, 3)
+    torch.manual_seed(0)
+    lin = fdt.DropoutLinear(3, 1, p=0.0)
+    ref = torch.nn.Linear(3, 1)
+    ref.load_state_dict(lin.state_dict())
+    x = torch.randn(4, 3)
+    for m in (lin, ref):
+        xx = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(m(xx).sum(), xx, create_graph=True)
+        (g ** 2).sum().backward()
+    close(lin.weight.grad, ref.weight.grad)
+    close(lin.weight.grad, 8 * lin.weight.detach())
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_second_derivatives_match_torch_with_the_same_mask(backend, activation, p):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 7, generator=gen)
+    w = torch.randn(4, 7, generator=gen)
+    b = torch.randn(4, generator=gen)
+    seed = 77
+    keep = torch.from_numpy(fd.dropout_mask(x.shape, p, seed=seed))
+    act = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}[activation]
+    results = []
+    for ours in (True, False):
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        if ours:
+            y = fdt.dropout_linear(xx, ww, bb, p, activation=activation, seed=seed)
+        else:
+            y = act(F.linear(torch.where(keep, xx * (1 / (1 - p)), 0.0), ww, bb))
+        (gx,) = torch.autograd.grad((y * y).sum(), xx, create_graph=True)
+        results.append(torch.autograd.grad((gx ** 2).sum() + gx.sum(), (xx, ww, bb), allow_unused=True))
+    for a, b_ in zip(*results):
+        if b_ is None:
+            assert a is None or torch.count_nonzero(a) == 0
+        else:
+            close(a, b_, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_double_backward_and_gradgradcheck():
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    fn = lambda t: fdt.dropout(t, 0.3, seed=12) * t  # noqa: E731  (nonlinear, so the second derivative is not 0)
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+# --------------------------------------------------------------------------- half precision
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_dropout_rounds_the_float32_result_once(backend, dtype):
+    x = torch.randn(33, 65).to(dtype)
+    y = fdt.dropout(x, 0.3, seed=4, offset=1)
+    assert y.dtype == dtype
+    want = fdt.dropout(x.float(), 0.3, seed=4, offset=1).to(dtype)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))
+    xr = x.clone().requires_grad_()
+    fdt.dropout(xr, 0.3, seed=4, offset=1).backward(torch.ones_like(x))
+    assert xr.grad.dtype == dtype
+    assert torch.equal(xr.grad, fdt.dropout(torch.ones_like(x), 0.3, seed=4, offset=1))  # the same mask and scale
+
+
+def _bf16_close(a, b):
+    a, b = a.float(), b.float()
+    scale = max(b.abs().max().item(), 1e-30)
+    assert (a - b).abs().max().item() / scale < 2 ** -6
+
+
+def test_dropout_linear_bf16_matches_torch_bf16(backend):
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 32, generator=gen).bfloat16()
+    lin = torch.nn.Linear(32, 8).bfloat16()
+    layer = fdt.DropoutLinear(32, 8, dtype=torch.bfloat16)
+    layer.load_state_dict(lin.state_dict())
+    seed = 5
+    keep = torch.from_numpy(fd.dropout_mask(x.shape, 0.5, seed=seed))
+    ours = fdt.dropout_linear(x, layer.weight, layer.bias, 0.5, seed=seed)
+    theirs = lin(torch.where(keep, x * 2, torch.zeros((), dtype=x.dtype)))
+    assert ours.dtype == torch.bfloat16
+    _bf16_close(ours, theirs)
+
+
+def test_dropout_linear_follows_autocast_as_linear_does(backend):
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(16, 32, generator=gen)
+    layer, lin = fdt.DropoutLinear(32, 8, p=0.0), torch.nn.Linear(32, 8)
+    lin.load_state_dict(layer.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = layer(x), lin(x)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    _bf16_close(ours, theirs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = layer(x).float().square().sum()
+    loss.backward()
+    assert layer.weight.grad.dtype == torch.float32  # the parameters stay float32, as with nn.Linear
+
+
+# --------------------------------------------------------------------------- inplace, memory formats
+
+
+def test_inplace_writes_into_the_input(backend):
+    x = torch.randn(4, 300)
+    ref = fdt.dropout(x, 0.5, seed=8)
+    y = fdt.dropout(x, 0.5, inplace=True, seed=8)
+    assert y is x and torch.equal(x, ref)
+    m = fdt.Dropout(0.5, inplace=True)
+    assert "inplace=True" in repr(m)
+
+
+def test_inplace_under_autograd_matches_out_of_place(backend):
+    a = torch.randn(3, 50, requires_grad=True)
+    h = a * 2  # not a leaf
+    out = fdt.dropout(h, 0.5, inplace=True, seed=3)
+    assert out is h
+    out.sum().backward()
+    b = torch.randn(3, 50).copy_(a.detach()).requires_grad_()
+    fdt.dropout(b * 2, 0.5, seed=3).sum().backward()
+    close(a.grad, b.grad)
+    with pytest.raises(RuntimeError, match="leaf"):  # as torch.nn.Dropout(inplace=True) does
+        fdt.dropout(torch.ones(3, requires_grad=True), 0.5, inplace=True)
+
+
+def test_memory_format_is_kept(backend):
+    x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)
+    y = fdt.dropout(x, 0.4, seed=6)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(y, fdt.dropout(x.contiguous(), 0.4, seed=6))  # the mask follows the logical index
+
+
+# --------------------------------------------------------------------------- eval mode
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_every_module_backward_in_eval_mode_is_the_plain_layers(backend, activation):
+    torch.manual_seed(0)
+    layer = fdt.DropoutLinear(9, 4, p=0.9, activation=activation).eval()
+    ref = torch.nn.Linear(9, 4)
+    ref.load_state_dict(layer.state_dict())
+    act = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}[activation]
+    x1, x2 = (torch.randn(6, 9, generator=torch.Generator().manual_seed(1)).requires_grad_() for _ in range(2))
+    layer(x1).square().sum().backward()
+    act(ref(x2)).square().sum().backward()
+    close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
+    close(layer.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    d = fdt.Dropout(0.9).eval()
+    x = torch.randn(5, requires_grad=True)
+    d(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones(5))
+
+
+# --------------------------------------------------------------------------- hyperparameters after construction
+
+
+def test_p_assigned_later_is_checked_when_used():
+    for module in (fdt.Dropout(0.5), fdt.DropoutLinear(3, 2)):
+        module.p = -0.5
+        with pytest.raises(ValueError, match="p must be in"):
+            module(torch.ones(2, 3))
+        module.p = float("nan")
+        with pytest.raises(ValueError, match="p must be in"):
+            module(torch.ones(2, 3))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"dtype": torch.float64}, "supports dtype torch.float32"),
+    ({"dtype": torch.int32}, "supports dtype"),
+    ({"device": "meta"}, "CPU only"),
+])
+def test_unsupported_factory_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        fdt.DropoutLinear(8, 3, **kwargs)
+
+
+# --------------------------------------------------------------------------- convert
+
+
+def test_convert_replaces_dropout_and_fuses_dropout_linear():
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(10, 12), torch.nn.ReLU(),
+                                            torch.nn.Dropout(0.5), torch.nn.Linear(12, 4))
+            self.side = torch.nn.Dropout(0.1)
+
+        def forward(self, x):
+            return self.body(self.side(x))
+
+    model = Net()
+    original = Net()
+    original.load_state_dict(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    params_before = [id(p) for p in model.parameters()]
+    keys_before = list(model.state_dict())
+    replaced = fdt.convert(model)
+    names = sorted(name for name, _, _ in replaced)
+    assert names == ["body.0", "body.1", "body.3", "body.4", "side"]
+    assert isinstance(model.body[1], fdt.DropoutLinear) and model.body[1].p == 0.2
+    assert isinstance(model.body[4], fdt.DropoutLinear) and model.body[4].p == 0.5
+    assert isinstance(model.side, fdt.Dropout) and model.side.p == 0.1
+    assert [id(p) for p in model.parameters()] == params_before  # same Parameter objects
+    assert list(model.state_dict()) == keys_before
+    original.load_state_dict(model.state_dict())
+    model.load_state_dict(original.state_dict())
+    x = torch.randn(3, 10)
+    close(model.eval()(x), original.eval()(x))
+    model.train()
+    loss = model(x).sum()
+    opt.zero_grad()
+    loss.backward()
+    before = model.body[1].weight.detach().clone()
+    opt.step()  # the optimizer built before the conversion still updates the layer
+    assert not torch.equal(model.body[1].weight, before)
+
+
+def test_convert_rejects_non_modules():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fdt.convert([torch.nn.Dropout()])
+
+
+# --------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(fdt.DropoutLinear(8, 16, p=0.5, activation="relu"), fdt.DropoutLinear(16, 2, p=0.5))
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        data = torch.randn(world * 4, 8, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(100 + rank)  # ranks seeded differently
+        for step in range(3):
+            x = data[rank * 4:(rank + 1) * 4]
+            state = torch.random.get_rng_state()
+            loss = ddp(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            grads = [p.grad.clone() for p in model.parameters()]
+            torch.save({"x": x, "rng": state, "grads": grads, "params": [p.detach().clone() for p in model.parameters()]},
+                       os.path.join(result_dir, f"rank{rank}_step{step}.pt"))
+            opt.step()
+        torch.save([p.detach().clone() for p in model.parameters()], os.path.join(result_dir, f"rank{rank}_final.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_ddp_two_processes_on_loopback(tmp_path):
+    import torch.multiprocessing as mp
+
+    world = 2
+    mp.start_processes(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="spawn")
+    finals = [torch.load(tmp_path / f"rank{r}_final.pt") for r in range(world)]
+    for a, b in zip(*finals):
+        assert torch.equal(a, b)  # the replicas stay identical
+    recs = [torch.load(tmp_path / f"rank{r}_step0.pt") for r in range(world)]
+    # ranks seeded differently draw different masks
+    torch.random.set_rng_state(recs[0]["rng"])
+    s0 = torch.randint(0, 2**63 - 1, ()).item()
+    torch.random.set_rng_state(recs[1]["rng"])
+    s1 = torch.randint(0, 2**63 - 1, ()).item()
+    assert s0 != s1
+    # the averaged gradient equals the one of one process on the concatenated batch with the same masks
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(fdt.DropoutLinear(8, 16, p=0.5, activation="relu"), fdt.DropoutLinear(16, 2, p=0.5))
+    for p, v in zip(model.parameters(), recs[0]["params"]):
+        p.data.copy_(v)
+    total = 0
+    for r in range(world):
+        torch.random.set_rng_state(recs[r]["rng"])
+        total = total + model(recs[r]["x"]).square().mean() / world
+    total.backward()
+    for p, a, b in zip(model.parameters(), recs[0]["grads"], recs[1]["grads"]):
+        close(a, b)
+        close(p.grad, a, rtol=1e-5, atol=1e-6)
