@@ -36,7 +36,9 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
         assert r["rate"] > 0 and r["unit"] in ("Gelem/s", "GFLOP/s")
     ours = [r for r in rows if r["impl"].startswith("fastdropout") and r["group"] != "threads"]
     # every fastdropout row is compared with a peer doing the same work in the same run
-    assert ours and all(r["ratios"] for r in ours)
+    # (a forward+backward has peers only where torch or jax is installed)
+    have_fwd_bwd_peer = _have_torch() or _bench._have("jax")
+    assert ours and all(r["ratios"] for r in ours if r["kernel"] != "forward+backward" or have_fwd_bwd_peer)
     copy = next(r for r in rows if r["impl"] == "numpy copyto")
     drop = next(r for r in rows if r["impl"] == "fastdropout (out=)" and r["kernel"] == "dropout forward")
     assert drop["ratios"]["numpy copyto"] == pytest.approx(copy["median_s"] / drop["median_s"])

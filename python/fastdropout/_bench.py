@@ -586,6 +586,8 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
         out.append(f"  {'size':>15} {'kernel':<18} {'implementation':<38} {'median':>12} {'fastest-slowest':>22} {'rate':>16}  ratios")
         for r in rows:
             ratios = "  ".join(f"{v:.2f}x vs {k}" for k, v in r.ratios.items())
+            if not ratios and r.impl.startswith("fastdropout"):
+                ratios = "(no peer for this work installed: torch or jax)"
             out.append(f"  {r.size:>15} {r.kernel[:18]:<18} {r.impl:<38} {_fmt_time(r.median_s)} {_spread(r):>22} "
                        f"{r.rate:9.2f} {r.unit:<7}  {ratios}")
     rows = [r for r in results if r.group == "mixed"]
