@@ -69,7 +69,8 @@ def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
 
 def measure_interleaved(fns: Sequence[Callable[[], object]], repeats: int, min_sample_s: float = 2e-3,
                         before: Optional[Callable[[Callable[[], object]], None]] = None) -> List[Tuple[float, float, float]]:
-    """(median, min, max) seconds per call of each fn, timed A B C A B C ... in turn.
+    """(median, min, max) seconds per call of each fn, timed in turn (A B C, C A B, ...:
+    every round in a new order).
 
     No sleep anywhere: each call meets whatever the previous one left behind (other
     libraries' spinning threads, caches), as in a user's process, and the host's
@@ -78,8 +79,12 @@ def measure_interleaved(fns: Sequence[Callable[[], object]], repeats: int, min_s
     """
     inner = [_calibrate(fn, min_sample_s) for fn in fns]
     samples: List[List[float]] = [[] for _ in fns]
+    order = np.random.default_rng(SEED)
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
+        # a new order each round, so that no fn always follows the same neighbour (whose
+        # threads may still be spinning) and no fn is always first after a pause
+        for i in order.permutation(len(fns)):
+            fn = fns[i]
             if before is not None:
                 before(fn)
             t0 = time.perf_counter()
@@ -572,7 +577,7 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
         out.append(f"  numpy blas: {info['numpy_blas']}")
     reps = results[0].repeats if results else 0
     out.append(f"  date     : {info['date']}; each row: median of {reps} samples (fastest-slowest beside it), "
-               "the implementations of a row group timed in turn (A B C A B C ...), no sleeps")
+               "the implementations of a row group timed in turn, in a new order each round, no sleeps")
     out.append("  ratios   : peer time / fastdropout time for the same work (>1: fastdropout is faster)")
     titles = (("elementwise", "Elementwise, float32, p=0.5"),
               ("dense", "Dropout -> dense, float32, p=0.5 (size = batch x in x out)"),
