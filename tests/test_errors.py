@@ -412,3 +412,53 @@ def test_reference_validation():
         ref.philox4x32(np.zeros((1, 4), np.int64), np.zeros(2, np.uint32))
     with pytest.raises(ValueError):
         ref.philox4x32(np.zeros((1, 3), np.uint32), np.zeros(2, np.uint32))
+
+
+# --- what a newcomer trips over ------------------------------------------------------------
+
+
+def test_torch_tensors_given_to_the_numpy_api_name_fastdropout_torch():
+    torch = pytest.importorskip("torch")
+    for call in (lambda t: fd.dropout(t, 0.5, seed=1), lambda t: fd.dropout_backward(t, 0.5, seed=1),
+                 lambda t: fd.dropout_dense(t, np.ones((2, 3), np.float32), seed=1)):
+        with pytest.raises(TypeError, match="fastdropout.torch"):
+            call(torch.ones(4, 3))
+
+
+def test_set_num_threads_above_the_cores_warns():
+    import os
+    previous = fd.get_num_threads()
+    try:
+        with pytest.warns(fd.OversubscriptionWarning, match="cores"):
+            fd.set_num_threads((os.cpu_count() or 1) + 1)
+    finally:
+        fd.set_num_threads(previous)
+
+
+def test_version_flag(capsys):
+    from fastdropout.__main__ import main
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"fastdropout {fd.__version__}"
+
+
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), 1.5])
+def test_layer_p_assigned_after_construction_is_checked_when_used(bad):
+    import fastdropout.nn as fnn
+    for layer in (fnn.Dropout(0.5, seed=0), fnn.DropoutDense(4, 3, p=0.5, seed=0)):
+        layer.p = bad
+        with pytest.raises(ValueError, match="p must be in"):
+            layer(np.ones((2, 4), np.float32))
+
+
+def test_dropout_drawn_from_a_generator_can_be_backpropagated():
+    x = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
+    g = fd.Generator(seed=5)
+    y, (seed, offset) = fd.dropout(x, 0.3, generator=g, return_stream=True)
+    assert (seed, offset) == (5, 0) and g.offset == 1000
+    dx = fd.dropout_backward(np.ones_like(x), 0.3, seed=seed, offset=offset)
+    np.testing.assert_array_equal(dx != 0, y != 0)  # the very mask of the forward
+    y2, stream = fd.dropout(x, 0.3, generator=g, return_stream=True)
+    assert stream == (5, 1000) and not np.array_equal(y2 != 0, y != 0)
+    assert fd.dropout(x, 0.3, training=False, return_stream=True)[1] == (None, None)
+    with pytest.raises(TypeError):
+        fd.dropout_backward(np.ones_like(x), 0.3, generator=g)  # the backward never draws

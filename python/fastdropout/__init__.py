@@ -17,6 +17,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from . import reference
 from ._generator import Generator, default_generator, manual_seed
 from ._api import (
+    OversubscriptionWarning,
     available_backends,
     backend,
     dense,
@@ -33,6 +34,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Generator",
+    "OversubscriptionWarning",
     "available_backends",
     "backend",
     "default_generator",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from typing import List, Optional
 
-USAGE = """usage: python -m fastdropout COMMAND [options]
+USAGE = """usage: python -m fastdropout [--version] COMMAND [options]
 
 commands:
   bench   time fastdropout's kernels next to NumPy (and PyTorch / JAX when installed)
@@ -39,6 +39,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        import fastdropout as fd
+
+        print(f"fastdropout {fd.__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command == "bench":
         from ._bench import main as bench_main

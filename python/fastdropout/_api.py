@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from typing import List, Optional, Tuple, Union
 
 import numpy as np
@@ -29,22 +31,49 @@ ArrayPair = Tuple[np.ndarray, np.ndarray]
 def backend() -> str:
     """The SIMD backend the kernels run on: ``"scalar"``, ``"avx2"`` or ``"avx512"``.
 
-    Chosen once from cpuid/xgetbv; ``FASTDROPOUT_BACKEND`` forces one.
+    Chosen once from cpuid/xgetbv; ``FASTDROPOUT_BACKEND`` forces one.  Results never
+    depend on it.
     """
     return _core.backend()
 
 
 def available_backends() -> List[str]:
-    """Backends this CPU can run, slowest first."""
+    """Backends this CPU (and operating system) can run, slowest first, e.g. ``["scalar", "avx2"]``."""
     return list(_core.available_backends())
 
 
+class OversubscriptionWarning(RuntimeWarning):
+    """More kernel threads were asked for than the machine has cores."""
+
+
 def set_num_threads(n: int) -> None:
-    """Set how many OpenMP threads the kernels use (results never depend on it)."""
+    """Set how many OpenMP threads the kernels use (results never depend on it).
+
+    Parameters
+    ----------
+    n : int >= 1.  More than the machine's cores is allowed (a test of thread
+        counts may want it) but warns: threads then share cores and run slower.
+
+    Raises
+    ------
+    TypeError
+        ``n`` is not an int.
+    ValueError
+        ``n`` < 1.
+
+    Warns
+    -----
+    OversubscriptionWarning
+        ``n`` exceeds ``os.cpu_count()``.
+    """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int >= 1, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    cores = os.cpu_count() or 1
+    if n > cores:
+        warnings.warn(f"set_num_threads({n}) on a machine with {cores} cores: threads will share cores "
+                      f"and run slower (results are the same for any count)", OversubscriptionWarning, stacklevel=2)
     _core.set_num_threads(int(min(n, 1 << 16)))
 
 
@@ -84,7 +113,8 @@ def dropout(
     generator: Optional[Generator] = None,
     training: bool = True,
     out: Optional[np.ndarray] = None,
-) -> np.ndarray:
+    return_stream: bool = False,
+) -> Union[np.ndarray, Tuple[np.ndarray, Tuple[int, int]]]:
     """Inverted dropout: ``y = x / (1 - p)`` where kept, ``+0.0`` where dropped.
 
     The mask of element ``i`` (flat C-order index of ``x``, whatever its
@@ -103,10 +133,38 @@ def dropout(
     training : when False, returns a copy of ``x`` and draws nothing.
     out : optional array of ``x``'s shape and dtype to write into; it may be
         ``x`` itself.
+    return_stream : also return the ``(seed, offset)`` the mask was drawn with (the
+        ones given, or those drawn from the generator; ``(None, None)`` when
+        ``training`` is False), for :func:`dropout_backward`.  This is how to
+        backpropagate dropout drawn from a generator: the backward never draws.
 
     Returns
     -------
-    ndarray of ``x``'s dtype: ``out`` if given, else a new C-contiguous array.
+    ndarray of ``x``'s dtype: ``out`` if given, else a new C-contiguous array;
+    with ``return_stream``, ``(y, (seed, offset))``.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not a float32/float64/float16/bfloat16 array (a torch tensor names
+        ``fastdropout.torch``), ``out`` has another dtype, ``seed``/``offset`` are
+        not integers, ``generator`` is not a :class:`Generator`.
+    ValueError
+        ``p`` outside [0, 1] or NaN, ``seed``/``offset`` outside [0, 2**64), ``out``
+        of another shape or read-only, both ``seed`` and ``generator`` given.
+
+    References
+    ----------
+    N. Srivastava, G. Hinton, A. Krizhevsky, I. Sutskever, R. Salakhutdinov, "Dropout: A
+    Simple Way to Prevent Neural Networks from Overfitting", JMLR 15 (2014).  J. Salmon,
+    M. Moraes, R. Dror, D. Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3", SC 2011
+    (Philox).
+
+    Examples
+    --------
+    >>> import numpy as np, fastdropout as fd
+    >>> fd.dropout(np.ones(8, np.float32), 0.5, seed=1)
+    array([2., 2., 2., 2., 2., 2., 0., 2.], dtype=float32)
     """
     x = check_float_array(x, "x", elementwise_dtypes())
     p = check_p(p)
@@ -123,12 +181,15 @@ def dropout(
             raise ValueError("give either seed (and offset) or generator, not both")
     if not training:
         if out is None:
-            return np.array(x, order="C", copy=True)
-        np.copyto(out, x)
-        return out
+            y = np.array(x, order="C", copy=True)
+        else:
+            np.copyto(out, x)
+            y = out
+        return (y, (None, None)) if return_stream else y
     if seed is None:
         seed, offset = (generator or default_generator).draw(x.size)
-    return _elementwise(x, p, seed, offset, out)
+    y = _elementwise(x, p, seed, offset, out)
+    return (y, (seed, offset)) if return_stream else y
 
 
 def dropout_backward(
@@ -137,7 +198,34 @@ def dropout_backward(
     """Gradient of :func:`dropout`: ``grad / (1 - p)`` where kept, ``+0.0`` where dropped.
 
     The mask is regenerated from ``(seed, offset, p)``; pass the values the
-    forward used.  Same dtypes, shapes and ``out`` rules as :func:`dropout`.
+    forward used (``return_stream=True`` gives them).  It never draws from a
+    generator, so it cannot apply another mask by accident.
+
+    Parameters
+    ----------
+    grad : array of float32, float64, float16 or bfloat16, the forward output's shape
+        (any strides).
+    p : the forward's drop probability, in [0, 1].
+    seed, offset : the forward's Philox stream, ints in [0, 2**64).
+    out : optional array of ``grad``'s shape and dtype (it may be ``grad``).
+
+    Returns
+    -------
+    ndarray of ``grad``'s dtype and shape: ``out`` if given, else a new C-contiguous array.
+
+    Raises
+    ------
+    TypeError
+        Not a float array of a supported dtype (a torch tensor names ``fastdropout.torch``),
+        ``out`` of another dtype, non-integer ``seed``/``offset``.
+    ValueError
+        ``p`` outside [0, 1] or NaN, ``seed``/``offset`` outside [0, 2**64), ``out`` of
+        another shape or read-only.
+
+    Examples
+    --------
+    >>> fd.dropout_backward(np.ones(4, np.float32), 0.5, seed=1)
+    array([2., 2., 2., 2.], dtype=float32)
     """
     grad = check_float_array(grad, "grad", elementwise_dtypes())
     p = check_p(p)
@@ -149,11 +237,39 @@ def dropout_backward(
 
 
 def dropout_mask(shape, p: float, *, seed: int, offset: int = 0, packed: bool = False) -> np.ndarray:
-    """The keep mask of an array of ``shape`` (True = kept).
+    """The keep mask of an array of ``shape`` (True = kept), without the array.
 
-    With ``packed=True``, a ``uint8`` array of ``ceil(n / 8)`` bytes, bit
-    ``i & 7`` of byte ``i >> 3`` set when element ``i`` is kept: the same as
-    ``np.packbits(mask.ravel(), bitorder="little")``.
+    Element ``i`` (flat C-order index) is kept iff its Philox word ``u_i`` is
+    ``>= round_half_even(p * 2**32)`` (see the contract).
+
+    Parameters
+    ----------
+    shape : int or tuple of ints >= 0.
+    p : drop probability in [0, 1].
+    seed, offset : the Philox stream, ints in [0, 2**64).
+    packed : return the packed form instead of bools.
+
+    Returns
+    -------
+    ndarray of bool of ``shape``; with ``packed=True``, a ``uint8`` array of
+    ``ceil(n / 8)`` bytes, bit ``i & 7`` of byte ``i >> 3`` set when element ``i`` is
+    kept: the same as ``np.packbits(mask.ravel(), bitorder="little")``.
+
+    Raises
+    ------
+    TypeError
+        ``shape`` not ints, non-integer ``seed``/``offset``.
+    ValueError
+        Negative dimensions or 2**62 elements or more, ``p`` outside [0, 1],
+        ``seed``/``offset`` outside [0, 2**64).
+
+    Examples
+    --------
+    >>> fd.dropout_mask((2, 3), 0.5, seed=1)
+    array([[ True,  True,  True],
+           [ True,  True,  True]])
+    >>> fd.dropout_mask(8, 0.5, seed=1, packed=True)
+    array([191], dtype=uint8)
     """
     shape = check_shape(shape)
     p = check_p(p)
@@ -225,8 +341,23 @@ def _layer_args(p, seed, offset, activation) -> Tuple[float, int, int, int]:
 def dense(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, *, activation: Optional[str] = None) -> np.ndarray:
     """``act(x @ weight.T + bias)``: a plain dense layer (``torch.nn.Linear`` weight layout).
 
-    float32 only (float64 and other dtypes raise ``TypeError``); ``x`` has shape
-    ``(..., in_features)``, ``weight`` ``(out_features, in_features)``.
+    Parameters
+    ----------
+    x : float32 array of shape ``(..., in_features)``.
+    weight : float32 array of shape ``(out_features, in_features)``.
+    bias : optional float32 array of shape ``(out_features,)``.
+    activation : None, ``"relu"`` or ``"gelu"`` (the erf form).
+
+    Returns
+    -------
+    float32 array of shape ``(..., out_features)``.
+
+    Raises
+    ------
+    TypeError
+        Other dtypes (float64 included: convert with ``astype(np.float32)``), a torch tensor.
+    ValueError
+        Shapes that do not fit, an unknown activation.
     """
     return dropout_dense(x, weight, bias, 0.0, seed=0, activation=activation, training=False)
 
@@ -264,6 +395,27 @@ def dropout_dense(
     Returns
     -------
     ``y`` of shape (..., out_features), or ``(y, z)``.
+
+    Raises
+    ------
+    TypeError
+        Other dtypes than float32 (float64 included), a torch tensor, non-integer
+        ``seed``/``offset``, an activation that is not a string.
+    ValueError
+        Shapes that do not fit, ``p`` outside [0, 1], ``seed``/``offset`` outside
+        [0, 2**64), an unknown activation.
+
+    References
+    ----------
+    F. Van Zee, R. van de Geijn, "BLIS: A Framework for Rapidly Instantiating BLAS
+    Functionality", ACM TOMS 41 (2015): the GEMM structure the mask is fused into.
+
+    Examples
+    --------
+    >>> x = np.ones((2, 4), np.float32); w = np.ones((3, 4), np.float32)
+    >>> fd.dropout_dense(x, w, None, 0.5, seed=1)
+    array([[8., 8., 8.],
+           [6., 6., 6.]], dtype=float32)
     """
     x, weight, bias = _dense_inputs(x, weight, bias)
     p, seed, offset, act = _layer_args(p, seed, offset, activation)
@@ -298,11 +450,32 @@ def dropout_dense_backward(
     mask is stored.  ``preactivation`` (the ``z`` returned by the forward with
     ``return_preactivation=True``) is required when ``activation`` is set.
 
-    Returns ``(grad_x, grad_weight, grad_bias)``; ``grad_bias`` is None when
-    ``bias`` is False.  ``output_mask`` (as in PyTorch's ``*_backward`` ops)
-    says which of the three to compute: an entry that is False is not computed
-    and comes back as None (a first layer needs no ``grad_x``, a frozen one no
-    ``grad_weight``).
+    Parameters
+    ----------
+    grad_out : float32 array of shape ``(..., out_features)``, dL/dy.
+    x, weight : the forward's inputs (float32).
+    p, seed, offset, activation : the forward's.
+    preactivation : the forward's ``z`` (``return_preactivation=True``), required with an
+        activation.
+    bias : whether the layer has a bias (else ``grad_bias`` is None).
+    training : False gives the plain dense layer's gradients.
+    output_mask : which of ``(grad_x, grad_weight, grad_bias)`` to compute, as in
+        PyTorch's ``*_backward`` ops; an entry that is False is not computed and comes
+        back as None (a first layer needs no ``grad_x``, a frozen one no ``grad_weight``).
+
+    Returns
+    -------
+    ``(grad_x, grad_weight, grad_bias)``: float32 arrays of ``x``'s, ``weight``'s and
+    ``(out_features,)`` shapes, or None where not computed.
+
+    Raises
+    ------
+    TypeError
+        Other dtypes than float32, a torch tensor, ``output_mask`` not three bools.
+    ValueError
+        Shapes that do not fit (``grad_out`` and ``preactivation`` must be
+        ``(..., out_features)``), a missing ``preactivation`` with an activation, ``p``
+        outside [0, 1], ``seed``/``offset`` outside [0, 2**64).
     """
     if (not isinstance(output_mask, (tuple, list)) or len(output_mask) != 3
             or not all(isinstance(v, (bool, np.bool_)) for v in output_mask)):

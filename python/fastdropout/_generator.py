@@ -23,6 +23,19 @@ class Generator:
     seed : int or None
         A 64-bit seed in ``[0, 2**64)``; ``None`` takes one from the operating
         system's entropy source.
+
+    Raises
+    ------
+    TypeError
+        ``seed`` is not an int (or None).
+    ValueError
+        ``seed`` outside [0, 2**64).
+
+    Examples
+    --------
+    >>> g = fd.Generator(seed=3)
+    >>> g.draw(10), g.draw(1), g.offset
+    ((3, 0), (3, 12), 16)
     """
 
     __slots__ = ("_seed", "_offset", "_lock")
@@ -45,7 +58,11 @@ class Generator:
         return self._offset
 
     def draw(self, n: int) -> Tuple[int, int]:
-        """Reserve ``n`` elements of the stream; returns ``(seed, offset)`` to use for them."""
+        """Reserve ``n`` elements of the stream; returns ``(seed, offset)`` to use for them.
+
+        The offset then advances by ``n`` rounded up to a multiple of 4 (mod 2**64).
+        Raises ``TypeError`` for a non-integer ``n``, ``ValueError`` outside [0, 2**64).
+        """
         n = check_u64(n, "n")
         step = -(-n // 4) * 4
         with self._lock:
@@ -54,7 +71,7 @@ class Generator:
         return seed, offset
 
     def manual_seed(self, seed: int) -> "Generator":
-        """Reset to ``seed`` with offset 0; returns self."""
+        """Reset to ``seed`` with offset 0; returns self (``TypeError``/``ValueError`` as the constructor)."""
         seed = check_u64(seed, "seed")
         with self._lock:
             self._seed, self._offset = seed, 0
@@ -66,7 +83,11 @@ class Generator:
             return {"seed": self._seed, "offset": self._offset}
 
     def set_state(self, state: Dict[str, Any]) -> None:
-        """Restore a state returned by :meth:`get_state`."""
+        """Restore a state returned by :meth:`get_state`.
+
+        Raises ``TypeError`` if ``state`` is not a dict (or its values not ints), and
+        ``ValueError`` if a key is missing or a value is outside [0, 2**64).
+        """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict with 'seed' and 'offset', got {type(state).__name__}")
         missing = {"seed", "offset"} - set(state)
@@ -93,5 +114,8 @@ default_generator = Generator()
 
 
 def manual_seed(seed: int) -> Generator:
-    """Seed the default generator (used when no ``seed`` is given); returns it."""
+    """Seed the default generator (used when no ``seed`` is given); returns it.
+
+    Raises ``TypeError`` for a non-integer ``seed`` and ``ValueError`` outside [0, 2**64).
+    """
     return default_generator.manual_seed(seed)

@@ -264,6 +264,7 @@ class Dropout(Module):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         x = _as_float(x, "x")
+        self.p = check_p(self.p)  # p may have been assigned since construction
         if not (self.training and self.p > 0.0):
             self._saved = _IDENTITY
             return x
@@ -318,6 +319,7 @@ class _DenseLayer(Module):
         x = _as_float32(x, "x")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self!r} expects x of shape (..., {self.in_features}), got {x.shape}")
+        self.p = check_p(self.p)  # p may have been assigned since construction
         masked = self.training and self.p > 0.0
         seed, offset = self.generator.draw(x.size) if masked else (0, 0)
         out = dropout_dense(
