@@ -92,7 +92,7 @@ def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[
         or (out.__array_interface__["data"][0] == src.__array_interface__["data"][0] and out.strides == src.strides)
     )
     target = out if direct else np.empty(src.shape, dtype=src.dtype)
-    if src.dtype.itemsize == 2:  # float16 / bfloat16: float32 arithmetic, one rounding (SPEC 12)
+    if src.dtype.itemsize == 2:  # float16 / bfloat16: float32 arithmetic, one rounding (the contract's half-precision rule)
         _core.dropout_h16(src.reshape(-1).view(np.uint16), target.reshape(-1).view(np.uint16), seed, offset,
                           threshold(p), scale(p, np.float32), src.dtype.name == "bfloat16")
     else:
@@ -118,14 +118,14 @@ def dropout(
     """Inverted dropout: ``y = x / (1 - p)`` where kept, ``+0.0`` where dropped.
 
     The mask of element ``i`` (flat C-order index of ``x``, whatever its
-    strides) depends only on ``(seed, offset + i, p)`` (SPEC sections 1-3), so
+    strides) depends only on ``(seed, offset + i, p)`` (see the contract: the random stream, the mask, dropout), so
     it is the same for every backend, thread count and call split.
 
     Parameters
     ----------
     x : ndarray of float32, float64, float16 or bfloat16 (``ml_dtypes.bfloat16``), any
         shape and strides.  For float16 and bfloat16 a kept value is ``x * s`` in
-        float32, rounded once to the dtype (SPEC section 12).
+        float32, rounded once to the dtype (the contract's half-precision rule).
     p : drop probability in [0, 1].
     seed, offset : the Philox stream; when ``seed`` is None, ``(seed, offset)``
         is drawn from ``generator`` (default: the package's default generator,
@@ -377,7 +377,7 @@ def dropout_dense(
     """Fused ``act(dropout(x, p, seed, offset) @ weight.T + bias)`` in one GEMM.
 
     The mask is generated inside the matrix multiply while ``x`` is packed
-    (SPEC section 4); it is exactly the mask :func:`dropout` would apply to
+    (the contract's fused layer); it is exactly the mask :func:`dropout` would apply to
     ``x``.  float32 only: float64 inputs raise ``TypeError`` (convert with
     ``astype(np.float32)``).  Results are bit-identical for any thread count.
 

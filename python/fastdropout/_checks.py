@@ -37,7 +37,7 @@ def check_p(p: Any) -> float:
 
 
 def threshold(p: float) -> int:
-    """round_half_even(p * 2**32) (SPEC section 2)."""
+    """round_half_even(p * 2**32) (the contract's mask)."""
     return round(p * 4294967296.0)
 
 

@@ -11,7 +11,7 @@ _U64 = 1 << 64
 
 
 class Generator:
-    """Hands out ``(seed, offset)`` pairs for the Philox stream (SPEC section 5).
+    """Hands out ``(seed, offset)`` pairs for the Philox stream (the contract's generator).
 
     Each :meth:`draw` of ``n`` elements returns the current ``(seed, offset)``
     and advances ``offset`` by ``n`` rounded up to a multiple of 4 (modulo

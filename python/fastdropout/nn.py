@@ -254,6 +254,23 @@ class Dropout(Module):
 
     float32 and float64 inputs keep their dtype; other real dtypes become float32.
     Each training-mode forward draws ``x.size`` elements from the generator.
+
+    Raises
+    ------
+    TypeError
+        A non-real ``p`` or a ``generator`` that is not a :class:`fastdropout.Generator`;
+        at the call, a non-numeric ``x``.
+    ValueError
+        ``p`` outside [0, 1] or NaN (checked again at each call, so a ``p`` assigned later
+        is checked too); both ``seed`` and ``generator``; a ``backward`` whose ``grad``
+        does not have the forward output's shape.
+    RuntimeError
+        ``backward`` without a ``forward`` before it.
+
+    References
+    ----------
+    N. Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
+    Overfitting", JMLR 15 (2014).
     """
 
     def __init__(self, p: float = 0.5, *, seed: Optional[int] = None, generator: Optional[Generator] = None) -> None:
@@ -363,6 +380,17 @@ class DropoutDense(_DenseLayer):
     Attributes ``weight`` (out, in) and ``bias`` (out,) are float32 arrays, and
     ``grad_weight`` / ``grad_bias`` accumulate their gradients.  Inputs of any
     real dtype are converted to float32; outputs and input gradients are float32.
+
+    Raises
+    ------
+    TypeError
+        Non-integer sizes, a non-real ``p``, an activation that is not a string.
+    ValueError
+        Negative sizes, ``p`` outside [0, 1] (checked again at each call), an unknown
+        activation, both ``seed`` and ``generator``; at the call, ``x`` not of shape
+        ``(..., in_features)``.
+    RuntimeError
+        ``backward`` without a ``forward`` before it.
     """
 
     def __init__(
@@ -388,7 +416,7 @@ class DropoutDense(_DenseLayer):
 class Dense(_DenseLayer):
     """``act(x @ weight.T + bias)``: a plain dense layer (``torch.nn.Linear`` plus activation).
 
-    Same attributes, dtypes and initialisation as :class:`DropoutDense`;
+    Same attributes, dtypes, initialisation and errors as :class:`DropoutDense`;
     ``seed`` / ``generator`` only drive the initialisation.
     """
 
@@ -415,7 +443,7 @@ class Sequential(Module):
     """Layers applied in order; ``backward`` runs them in reverse.
 
     State-dict keys are prefixed with the layer's position (``"0.weight"``), as
-    in ``torch.nn.Sequential``.
+    in ``torch.nn.Sequential``.  Raises ``TypeError`` when a layer is not a :class:`Module`.
     """
 
     def __init__(self, *layers: Module) -> None:
@@ -456,7 +484,11 @@ class Sequential(Module):
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax along ``axis`` (same dtype for float inputs)."""
+    """Numerically stable softmax along ``axis`` (same dtype for float inputs).
+
+    Raises ``TypeError`` for non-numeric input and ``numpy.AxisError`` (a ``ValueError``)
+    for an ``axis`` the array does not have.
+    """
     x = _as_float(x, "x")
     e = np.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
@@ -467,6 +499,14 @@ def cross_entropy(logits: np.ndarray, target: np.ndarray) -> Tuple[float, np.nda
 
     Returns ``(loss, grad)`` where ``grad`` = d loss / d logits (float32), ready
     for ``model.backward(grad)``; as ``torch.nn.functional.cross_entropy``.
+
+    Raises
+    ------
+    TypeError
+        ``target`` not of an integer dtype.
+    ValueError
+        ``logits`` not 2-D, ``target`` not of shape ``(N,)``, class indices outside
+        ``[0, C)``, an empty batch.
     """
     logits = _as_array(logits, "logits").astype(np.float64)
     target = _as_array(target, "target")
@@ -491,7 +531,11 @@ def cross_entropy(logits: np.ndarray, target: np.ndarray) -> Tuple[float, np.nda
 
 
 def mse_loss(prediction: np.ndarray, target: np.ndarray) -> Tuple[float, np.ndarray]:
-    """Mean squared error and its gradient with respect to ``prediction`` (float32)."""
+    """Mean squared error and its gradient with respect to ``prediction`` (float32).
+
+    Returns ``(loss, grad)``.  Raises ``ValueError`` when the shapes differ or are empty,
+    ``TypeError`` for non-numeric input.
+    """
     prediction = _as_array(prediction, "prediction").astype(np.float64)
     target = _as_array(target, "target").astype(np.float64)
     if prediction.shape != target.shape:
@@ -580,6 +624,14 @@ class SGD(Optimizer):
     ``g = grad + weight_decay * param``; with momentum ``buf = momentum * buf + g``
     (``buf = g`` on the first step) and ``g = buf`` (or ``g + momentum * buf``
     with ``nesterov``); then ``param -= lr * g``.
+
+    Raises
+    ------
+    TypeError
+        ``params`` neither a :class:`Module` nor ``(param, grad)`` pairs of arrays; non-real
+        hyperparameters.
+    ValueError
+        Negative ``lr``, ``momentum`` or ``weight_decay``; ``nesterov`` without momentum.
     """
 
     def __init__(
@@ -614,7 +666,16 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam (Kingma & Ba 2015) with L2 weight decay, as ``torch.optim.Adam``."""
+    """Adam with L2 weight decay, as ``torch.optim.Adam``.
+
+    Raises ``TypeError`` for ``params`` that are neither a :class:`Module` nor
+    ``(param, grad)`` pairs, or non-real hyperparameters, and ``ValueError`` for a negative
+    ``lr``/``eps``/``weight_decay`` or ``betas`` outside [0, 1).
+
+    References
+    ----------
+    D. Kingma, J. Ba, "Adam: A Method for Stochastic Optimization", ICLR 2015.
+    """
 
     def __init__(
         self,
@@ -674,6 +735,29 @@ def mc_predict(
     the population standard deviation (ddof = 0) over the passes, in the
     output's dtype.  The spread across this ensemble of thinned networks says
     how sure the model is.  The model's training flags are restored afterwards.
+
+    Parameters
+    ----------
+    model : a :class:`Module` with dropout layers.
+    x : its input.
+    samples : number of forward passes, >= 1.
+    transform : optional function applied to each output (e.g. :func:`softmax`).
+
+    Returns
+    -------
+    ``(mean, std)``, each of the (transformed) output's shape.
+
+    Raises
+    ------
+    TypeError
+        ``model`` not a :class:`Module`, ``samples`` not an int, ``transform`` not callable.
+    ValueError
+        ``samples`` < 1.
+
+    References
+    ----------
+    Y. Gal, Z. Ghahramani, "Dropout as a Bayesian Approximation: Representing Model
+    Uncertainty in Deep Learning", ICML 2016.
     """
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastdropout.nn.Module, got {type(model).__name__}")

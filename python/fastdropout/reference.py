@@ -1,9 +1,9 @@
 """Plain NumPy reference implementation of fastdropout: the oracle every kernel is tested against.
 
-Everything here follows ``SPEC.md`` literally and favours clarity over speed. The module imports
+Everything here follows the contract (the documentation's *The contract* page) literally and favours clarity over speed. The module imports
 nothing from the package (only NumPy and the standard library), so it can be loaded on its own.
 
-The random stream (SPEC section 1): element ``i`` of a logical array, under a 64-bit ``seed`` and
+The random stream (the contract's random stream): element ``i`` of a logical array, under a 64-bit ``seed`` and
 ``offset``, uses the random word ``u_i = Philox4x32_10(counter, key)[lane]`` with
 ``j = (offset + i) mod 2**64``, ``counter = (block & 0xffffffff, block >> 32, 0, 0)``,
 ``block = j >> 2``, ``lane = j & 3`` and ``key = (seed & 0xffffffff, seed >> 32)``.
@@ -150,6 +150,18 @@ def philox4x32(counter, key, rounds: int = 10) -> np.ndarray:
     Returns
     -------
     uint32 array of shape (n, 4)
+
+    Raises
+    ------
+    TypeError
+        ``counter`` or ``key`` not uint32-convertible integer arrays, ``rounds`` not an int.
+    ValueError
+        Shapes other than (n, 4) and (2,), values outside [0, 2**32), ``rounds`` < 0.
+
+    References
+    ----------
+    J. Salmon, M. Moraes, R. Dror, D. Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3",
+    SC 2011.
     """
     counter = np.asarray(counter)
     key = np.asarray(key)
@@ -179,11 +191,18 @@ def philox4x32(counter, key, rounds: int = 10) -> np.ndarray:
 
 
 def random_words(n: int, seed: int, offset: int = 0) -> np.ndarray:
-    """The random words ``u_0 .. u_{n-1}`` of SPEC section 1, as a uint32 array of length ``n``.
+    """The random words ``u_0 .. u_{n-1}`` of the contract's random stream, as a uint32 array of length ``n``.
 
     ``u_i`` is lane ``j & 3`` of ``Philox4x32_10((block & 0xffffffff, block >> 32, 0, 0), key)``
     with ``j = (offset + i) mod 2**64``, ``block = j >> 2`` and
     ``key = (seed & 0xffffffff, seed >> 32)``. Wraps around at ``2**64``.
+
+    Raises
+    ------
+    TypeError
+        Non-integer ``n``/``seed``/``offset``.
+    ValueError
+        Values outside [0, 2**64) (``n`` below 2**62).
     """
     n = _check_count(n)
     seed = _check_u64(seed, "seed")
@@ -213,7 +232,8 @@ def random_words(n: int, seed: int, offset: int = 0) -> np.ndarray:
 def threshold(p) -> int:
     """The keep threshold ``t = round_half_even(p * 2**32)``, an int in [0, 2**32].
 
-    Element ``i`` is kept iff ``u_i >= t``. ``p`` must be a real number in [0, 1].
+    Element ``i`` is kept iff ``u_i >= t``. ``p`` must be a real number in [0, 1]:
+    ``TypeError`` otherwise, ``ValueError`` outside [0, 1] or NaN.
     """
     p = _check_p(p)
     return round(p * float(_TWO32))  # exact product (power of two); round() is half-even
@@ -223,7 +243,7 @@ def dropout_scale(p, dtype):
     """The inverted-dropout scale ``1 / (1 - p)``, computed in double and rounded once to ``dtype``.
 
     Returns a NumPy scalar of ``dtype``. For ``p == 1`` (every element dropped, the scale is never
-    used) it returns 0.
+    used) it returns 0.  ``TypeError``/``ValueError`` for a bad ``p`` as :func:`threshold`.
     """
     p = _check_p(p)
     dtype = np.dtype(dtype)
@@ -238,6 +258,13 @@ def dropout_mask(shape, p, *, seed: int, offset: int = 0, packed: bool = False) 
 
     Returns a bool array of ``shape`` (True = kept), or with ``packed=True`` a uint8 array of
     ``ceil(n / 8)`` bytes equal to ``np.packbits(keep.ravel(), bitorder="little")``.
+
+    Raises
+    ------
+    TypeError
+        ``shape`` not ints, a non-real ``p``, non-integer ``seed``/``offset``.
+    ValueError
+        Negative dimensions, ``p`` outside [0, 1], ``seed``/``offset`` outside [0, 2**64).
     """
     shape = _check_shape(shape)
     t = threshold(p)
@@ -257,12 +284,13 @@ def _apply_mask(values: np.ndarray, keep: np.ndarray, s) -> np.ndarray:
 
 
 def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> np.ndarray:
-    """Inverted dropout (SPEC section 3): ``y = where(keep, x * s, +0.0)``.
+    """Inverted dropout (the contract's dropout): ``y = where(keep, x * s, +0.0)``.
 
     ``s = dropout_scale(p, x.dtype)``; the mask is ``dropout_mask(x.shape, p, seed, offset)``
-    over the flat C-order index of the logical array. Returns a new C-contiguous array of
-    ``x``'s dtype (float16, bfloat16, float32 or float64). For float16 and bfloat16 (SPEC
-    section 12) a kept value is ``x * s`` computed in float32 with ``s`` rounded to float32,
+    over the flat C-order index of the logical array (errors as :func:`dropout_mask`, and
+    ``TypeError`` for an array of another dtype). Returns a new C-contiguous array of
+    ``x``'s dtype (float16, bfloat16, float32 or float64). For float16 and bfloat16 (the contract's
+    half-precision rule) a kept value is ``x * s`` computed in float32 with ``s`` rounded to float32,
     then rounded once to the dtype. ``training=False`` returns a copy of ``x``.
     """
     x = _check_float_array(x, "x")
@@ -274,7 +302,7 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> n
         return x.copy(order="C")
     keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
     if x.dtype in _HALF_DTYPES:
-        # SPEC section 12: x * s in float32 (s rounded once to float32), rounded once to the dtype
+        # the contract's half-precision rule: x * s in float32 (s rounded once to float32), rounded once to the dtype
         with np.errstate(over="ignore", invalid="ignore"):
             kept = (x.astype(np.float32) * dropout_scale(p, np.float32)).astype(x.dtype)
         return np.where(keep, kept, x.dtype.type(0))
@@ -282,7 +310,10 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> n
 
 
 def dropout_backward(grad, p, *, seed: int, offset: int = 0) -> np.ndarray:
-    """Gradient of :func:`dropout`: ``where(keep, grad * s, +0.0)`` with the same mask and scale."""
+    """Gradient of :func:`dropout`: ``where(keep, grad * s, +0.0)`` with the same mask and scale.
+
+    Same arguments, dtypes and errors as :func:`dropout`.
+    """
     return dropout(grad, p, seed=seed, offset=offset, training=True)
 
 
@@ -317,6 +348,13 @@ def dense(x, weight, bias=None, *, activation=None) -> np.ndarray:
 
     ``x`` has shape (..., in); the result has shape (..., out) and dtype float64.
     ``activation`` is None, ``"relu"`` or ``"gelu"`` (erf form).
+
+    Raises
+    ------
+    TypeError
+        Arrays that are not float16/32/64 (or bfloat16).
+    ValueError
+        Shapes that do not fit, an unknown activation.
     """
     x = _check_float_array(x, "x")
     weight = _check_float_array(weight, "weight")
@@ -342,12 +380,20 @@ def dropout_dense(
     training: bool = True,
     return_preactivation: bool = False,
 ):
-    """Fused dropout -> dense (SPEC section 4), in float64.
+    """Fused dropout -> dense (the contract's fused layer), in float64.
 
     ``z = dropout(x, p, seed, offset).astype(float64) @ weight.T + bias`` and ``y = act(z)``:
     the dropped-and-scaled ``x`` is exactly :func:`dropout`'s output in ``x``'s dtype (so the
     scale is rounded to that dtype), then widened. Returns ``y``, or ``(y, z)`` with
     ``return_preactivation=True``.
+
+    Raises
+    ------
+    TypeError
+        Arrays of other dtypes, non-integer ``seed``/``offset``.
+    ValueError
+        Shapes that do not fit, ``p`` outside [0, 1], ``seed``/``offset`` outside
+        [0, 2**64), an unknown activation.
     """
     x = _check_float_array(x, "x")
     weight = _check_float_array(weight, "weight")
@@ -380,6 +426,14 @@ def dropout_dense_backward(
     (``s`` rounded to ``x``'s dtype, i.e. the exact derivative of the forward), reshaped to
     ``x.shape``. ``preactivation`` (``z`` of the forward) is required when ``activation`` is
     set. Returns ``(grad_x, grad_weight, grad_bias)``.
+
+    Raises
+    ------
+    TypeError
+        Arrays of other dtypes, non-integer ``seed``/``offset``.
+    ValueError
+        Shapes that do not fit, a missing ``preactivation`` with an activation, ``p``
+        outside [0, 1], ``seed``/``offset`` outside [0, 2**64).
     """
     x = _check_float_array(x, "x")
     weight = _check_float_array(weight, "weight")

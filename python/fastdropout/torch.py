@@ -212,6 +212,13 @@ class Dropout(torch.nn.Module):
     In training mode each call draws a seed from torch's default generator;
     in eval mode it returns its input unchanged.  ``p`` assigned after construction
     is checked at the next call (ValueError).
+
+    Raises
+    ------
+    TypeError
+        A non-real ``p``; at the call, what :func:`dropout` refuses.
+    ValueError
+        ``p`` outside [0, 1] or NaN.
     """
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
@@ -237,6 +244,15 @@ class DropoutLinear(torch.nn.Module):
     (computed in float32); ``device`` must be the CPU.  Anything else raises
     ``TypeError`` here, at construction.  ``p`` assigned after construction is
     checked at the next call (ValueError).
+
+    Raises
+    ------
+    TypeError
+        ``dtype`` other than float32/bfloat16/float16, ``device`` other than the CPU, a
+        non-real ``p``, an activation that is not a string; at the call, what
+        :func:`dropout_linear` refuses.
+    ValueError
+        ``p`` outside [0, 1], an unknown activation.
     """
 
     def __init__(
