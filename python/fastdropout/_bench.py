@@ -458,6 +458,7 @@ def run(
             bar.step(f"training step, batch {batch}")
             cases = training_cases(batch, threads, mlp, compile_torch=compile_torch)
             if not cases:
+                info.setdefault("skipped", []).append(f"training step, batch {batch}: needs torch")
                 continue
             flops = 6.0 * batch * sum(a * b for a, b in zip(mlp[:-1], mlp[1:]))
             timed = measure_interleaved([c[1] for c in cases], repeats, min_sample_s=2e-2)
@@ -612,6 +613,9 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
         for r in rows:
             out.append(f"  {r.kernel:<24} {r.size:>15} {r.threads:>7} {_fmt_time(r.median_s)} {_spread(r):>22} "
                        f"{r.rate:9.2f} {r.unit:<7}  {r.ratios.get('1 thread', 1.0):.2f}x")
+    for skipped in info.get("skipped") or []:
+        out.append("")
+        out.append(f"Skipped: {skipped}")
     notes = info.get("notes") or []
     out.append("")
     out.append("Notes: " + ("; ".join(notes) if notes else "no sign of a disturbed run (spreads under 1.5x, 2-thread scaling >= 1.5x)"))
