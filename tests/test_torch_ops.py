@@ -435,3 +435,20 @@ def test_ddp_two_processes_on_loopback(tmp_path):
     for p, a, b in zip(model.parameters(), recs[0]["grads"], recs[1]["grads"]):
         close(a, b)
         close(p.grad, a, rtol=1e-5, atol=1e-6)
+
+
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
+    # module parameters are nn.Parameter: they take the same fast path as plain tensors
+    layer = fdt.DropoutLinear(5, 3)
+    x = torch.randn(2, 5)
+    assert _torch_ops._route(x, layer.weight, layer.bias, None) == "fast"
+    calls = []
+    real = _torch_ops.dropout_linear_op
+    monkeypatch.setattr(_torch_ops, "dropout_linear_op", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setitem(_torch_ops._OPS, "dropout_linear", _torch_ops.dropout_linear_op)
+    layer(x).sum().backward()
+    assert calls == []
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dispatcher must see autocast
+        assert _torch_ops._route(x, layer.weight) == "op"
+        layer(x)
+    assert len(calls) == 1

@@ -3,7 +3,8 @@
 1. fastdropout.torch.dropout_linear (custom op, forward only, no grad) against the
    NumPy API's fd.dropout_dense on the same data (the kernels called directly), and
    the same for forward + backward (autograd through the op against fd.dropout_dense
-   + fd.dropout_dense_backward), at 64x784x512 and p = 0.5.
+   + fd.dropout_dense_backward), at 64x784x512 and p = 0.5; and the DropoutLinear module
+   (nn.Parameter weights, a seed drawn from torch's generator per call).
 2. One SGD step of the 784-1024-1024-10 MLP of fastdropout.torch.DropoutLinear layers:
    eager against torch.compile(model, fullgraph=True), batch 64 and 256.
 
@@ -62,11 +63,21 @@ def op_fwd_bwd():
     txg.grad = twg.grad = tbg.grad = None
 
 
+def module_fwd_bwd():
+    layer(txg).backward(tdy)
+    txg.grad = layer.weight.grad = layer.bias.grad = None
+
+
+layer = fdt.DropoutLinear(k, n, p=0.5)
 with torch.no_grad():
+    layer.weight.copy_(tw)
+    layer.bias.copy_(tb)
     res = interleaved({"kernels (fd.dropout_dense)": lambda: fd.dropout_dense(x, w, b, 0.5, seed=3),
-                       "custom op (fdt.dropout_linear)": lambda: fdt.dropout_linear(tx, tw, tb, 0.5, seed=3)})
+                       "custom op (fdt.dropout_linear)": lambda: fdt.dropout_linear(tx, tw, tb, 0.5, seed=3),
+                       "module (DropoutLinear, seed drawn)": lambda: layer(tx)})
 show(f"forward {m}x{k}x{n}, p=0.5", res, "kernels (fd.dropout_dense)")
-res = interleaved({"kernels (forward + backward)": direct_fwd_bwd, "custom op + autograd": op_fwd_bwd})
+res = interleaved({"kernels (forward + backward)": direct_fwd_bwd, "custom op + autograd": op_fwd_bwd,
+                   "module + autograd": module_fwd_bwd})
 show(f"forward+backward {m}x{k}x{n}, p=0.5", res, "kernels (forward + backward)")
 
 for batch in (64, 256):

@@ -315,6 +315,7 @@ _FAST = {
                                        _dropout_backward_bwd),
     "dropout_linear": _fast_function("FastDropoutLinear", _dropout_linear_impl, _linear_setup, _linear_bwd),
 }
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor subclasses beyond these go through the dispatcher
 _OPS = {"dropout": dropout_op, "dropout_backward": dropout_backward_op, "dropout_linear": dropout_linear_op}
 
 
@@ -328,7 +329,7 @@ def _route(*tensors) -> str:
         return "func"
     if (torch.is_autocast_enabled("cpu") or torch._C._is_torch_function_mode_enabled()
             or _get_current_dispatch_mode() is not None
-            or not all(t is None or type(t) is torch.Tensor for t in tensors)):
+            or not all(t is None or type(t) in _PLAIN for t in tensors)):
         return "op"
     return "fast"
 
