@@ -1,7 +1,8 @@
-// float16 and bfloat16 conversions, branch-free so that loops over them vectorize.
-// Included by kernels_impl.hpp inside each backend's namespace (no includes here),
-// so every backend compiles its own copy and all give the same bits: the
-// conversions are plain integer arithmetic, never an instruction-set intrinsic.
+// float16 and bfloat16 conversions, branch-free, and the 16-bit dropout built on them.
+// Included by kernels_impl.hpp inside each backend's namespace (no includes here), so
+// every backend compiles its own copy.  The conversions are plain integer and float
+// arithmetic; a backend whose primitives define FD_ISA_HALF (half_x86.hpp, F16C) does
+// whole 64-element blocks with select_scale64_h16 instead, bit-identical to these.
 
 inline uint32_t f32_bits(float f) {
   uint32_t u;
@@ -55,7 +56,7 @@ inline uint16_t f32_to_bf16(float f) {
   return static_cast<uint16_t>(nan ? (u >> 16) | 0x40u : rounded);
 }
 
-/// Dropout of 16-bit floats (SPEC section 12): kept x as float32, times s (float32),
+/// Dropout of 16-bit floats (the contract's half-precision rule): kept x as float32, times s (float32),
 /// rounded once to the format; dropped +0.
 template <bool BF16>
 void dropout_h16_impl(const uint16_t* x, uint16_t* y, int64_t n, uint64_t j0, PhiloxKey key,

@@ -104,7 +104,7 @@ struct Kernels {
                       uint64_t threshold, float scale, bool stream);
   void (*dropout_f64)(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey key,
                       uint64_t threshold, double scale, bool stream);
-  /// The same for 16-bit floats (SPEC section 12): float16, or bfloat16 when `bf16`;
+  /// The same for 16-bit floats (the contract's half-precision rule): float16, or bfloat16 when `bf16`;
   /// kept values are x * s in float32, rounded once to the format.
   void (*dropout_h16)(const uint16_t* x, uint16_t* y, int64_t n, uint64_t j0, PhiloxKey key,
                       uint64_t threshold, float scale, bool bf16);

@@ -3,11 +3,9 @@ torch.func (grad, functional_call, vmap), second derivatives, bfloat16/float16 a
 autocast, inplace and memory formats, eval-mode backward, model conversion and DDP."""
 from __future__ import annotations
 
-import math
 import os
 import socket
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -58,13 +58,19 @@ void mask(py::array out, int64_t n, uint64_t seed, uint64_t offset, uint64_t thr
     ops::mask_bool(o, n, seed, offset, threshold);
 }
 
+/// A writeable C-contiguous `out` of dtype T with as many elements as `x`.
 template <class T>
-void dropout_typed(const py::array& x, py::array out, uint64_t seed, uint64_t offset,
-                   uint64_t threshold, double scale) {
+void require_out_like(const py::array& x, const py::array& out) {
   require<T>(out, "out", true);
   if (out.size() != x.size())
     throw py::value_error("out: expected " + std::to_string(x.size()) + " elements, got " +
                           std::to_string(out.size()));
+}
+
+template <class T>
+void dropout_typed(const py::array& x, py::array out, uint64_t seed, uint64_t offset,
+                   uint64_t threshold, double scale) {
+  require_out_like<T>(x, out);
   const auto* xp = static_cast<const T*>(x.data());
   auto* yp = static_cast<T*>(out.mutable_data());
   const int64_t n = x.size();
@@ -90,10 +96,7 @@ void dropout_h16(const py::array& x, py::array out, uint64_t seed, uint64_t offs
                  double scale, bool bf16) {
   require_threshold(threshold);
   require<uint16_t>(x, "x");
-  require<uint16_t>(out, "out", true);
-  if (out.size() != x.size())
-    throw py::value_error("out: expected " + std::to_string(x.size()) + " elements, got " +
-                          std::to_string(out.size()));
+  require_out_like<uint16_t>(x, out);
   const auto* xp = static_cast<const uint16_t*>(x.data());
   auto* yp = static_cast<uint16_t*>(out.mutable_data());
   const int64_t n = x.size();

@@ -291,7 +291,7 @@ def _dense_inputs(x, weight, bias):
     x = check_float_array(x, "x", (np.float32,))
     weight = check_float_array(weight, "weight", (np.float32,))
     if x.ndim < 1:
-        raise ValueError(f"x must have shape (..., in_features), got a 0-d array")
+        raise ValueError("x must have shape (..., in_features), got a 0-d array")
     if weight.ndim != 2:
         raise ValueError(f"weight must have shape (out_features, in_features), got {weight.shape}")
     if weight.shape[1] != x.shape[-1]:

@@ -68,14 +68,14 @@ def _calibrate(fn: Callable[[], object], min_sample_s: float) -> int:
 
 
 def measure_interleaved(fns: Sequence[Callable[[], object]], repeats: int, min_sample_s: float = 2e-3,
-                        before: Optional[Callable[[Callable[[], object]], None]] = None) -> List[Tuple[float, float, float]]:
+                        before: Optional[Sequence[Callable[[], object]]] = None) -> List[Tuple[float, float, float]]:
     """(median, min, max) seconds per call of each fn, timed in turn (A B C, C A B, ...:
     every round in a new order).
 
     No sleep anywhere: each call meets whatever the previous one left behind (other
     libraries' spinning threads, caches), as in a user's process, and the host's
-    drift falls on every fn alike.  `before(fn)`, when given, runs untimed before each
-    sample of fn.
+    drift falls on every fn alike.  `before[i]()`, when given, runs untimed right before
+    each sample of fns[i].  `min_sample_s=0` times one call per sample.
     """
     inner = [_calibrate(fn, min_sample_s) for fn in fns]
     samples: List[List[float]] = [[] for _ in fns]
@@ -86,7 +86,7 @@ def measure_interleaved(fns: Sequence[Callable[[], object]], repeats: int, min_s
         for i in order.permutation(len(fns)):
             fn = fns[i]
             if before is not None:
-                before(fn)
+                before[i]()
             t0 = time.perf_counter()
             for _ in range(inner[i]):
                 fn()
@@ -332,19 +332,12 @@ def mixed_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, Ca
 def measure_mixed(cases: List[Tuple[str, Callable[[], object]]], repeats: int) -> List[Tuple[str, str, Tuple[float, float, float]]]:
     """Each call timed right after one call of its own kind and right after one of each other kind.
 
-    Returns (target, before, (median, min, max)); all pairs are interleaved.
+    Returns (target, before, (median, min, max)); the pairs are timed in turn, in a new
+    order each round, one call per sample.
     """
     pairs = [(t, b) for t in cases for b in cases if t is b or t[0].startswith("fastdropout") or b[0].startswith("fastdropout")]
-    samples: List[List[float]] = [[] for _ in pairs]
-    for name_fn in cases:
-        name_fn[1]()  # warm up
-    for _ in range(repeats):
-        for i, (target, before) in enumerate(pairs):
-            before[1]()
-            t0 = time.perf_counter()
-            target[1]()
-            samples[i].append(time.perf_counter() - t0)
-    return [(t[0], b[0], (statistics.median(v), min(v), max(v))) for (t, b), v in zip(pairs, samples)]
+    timed = measure_interleaved([t[1] for t, _ in pairs], repeats, min_sample_s=0.0, before=[b[1] for _, b in pairs])
+    return [(t[0], b[0], m) for (t, b), m in zip(pairs, timed)]
 
 
 def training_cases(batch: int, threads: int, sizes: Sequence[int] = MLP, ps: Sequence[float] = MLP_P,

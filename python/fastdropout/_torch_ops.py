@@ -30,7 +30,6 @@ from ._checks import scale as _scale
 from ._checks import threshold as _threshold
 
 _SEED_BOUND = 2**63 - 1
-_U64 = 1 << 64
 _HALF = (torch.float16, torch.bfloat16)
 _SEEDED = (torch.Tag.nondeterministic_seeded,)  # never merged or reordered as if pure
 _NO_STATE = torch.zeros(2, dtype=torch.int64)  # evaluation mode: nothing drawn
