@@ -154,29 +154,98 @@ inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {
   }
 }
 
+/// e**x for 8 floats, exp_approx's method (kernels_impl.hpp): 0 below -87.
+inline __m256 exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_min_ps(_mm256_max_ps(x, lo), _mm256_set1_ps(88.0f));
+  const __m256 shifter = _mm256_set1_ps(12582912.0f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504f), shifter), shifter);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+/// The largest of x[0:n] (n a multiple of 8; -inf when all are).
+#define FD_ISA_ROWS 1
+inline float row_max(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-__builtin_huge_valf());
+  for (int64_t j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
+  alignas(32) float t[8];
+  _mm256_store_ps(t, m);
+  float r = t[0];
+  for (int l = 1; l < 8; ++l) r = t[l] > r ? t[l] : r;
+  return r;
+}
+
+/// x = e**(x - m) over n (a multiple of 8); returns the sum.
+inline float row_exp(float* x, int64_t n, float m) {
+  const __m256 mv = _mm256_set1_ps(m);
+  __m256 s = _mm256_setzero_ps();
+  for (int64_t j = 0; j < n; j += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + j), mv));
+    _mm256_storeu_ps(x + j, e);
+    s = _mm256_add_ps(s, e);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, s);
+  float r = 0.0f;
+  for (int l = 0; l < 8; ++l) r += t[l];
+  return r;
+}
+
+/// The 6 x 16 register tile.  Twelve named accumulators rather than an array: compiled
+/// out of line, GCC kept an array's rows on the stack and stored them every step.
 inline void microkernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
                         bool accumulate) {
-  __m256 acc[kMR][2];
-  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_load_ps(b + k * kNR);
     const __m256 b1 = _mm256_load_ps(b + k * kNR + 8);
     const float* ak = a + k * kMR;
-    for (int r = 0; r < kMR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(ak + r);
-      acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
-    }
+    __m256 av = _mm256_broadcast_ss(ak);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(ak + 1);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(ak + 2);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(ak + 3);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(ak + 4);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(ak + 5);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
   }
-  for (int r = 0; r < kMR; ++r) {
+  auto store = [c, ldc, accumulate](int r, __m256 lo, __m256 hi) {
     float* cr = c + r * ldc;
     if (accumulate) {
-      acc[r][0] = _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][0]);
-      acc[r][1] = _mm256_add_ps(_mm256_loadu_ps(cr + 8), acc[r][1]);
+      lo = _mm256_add_ps(_mm256_loadu_ps(cr), lo);
+      hi = _mm256_add_ps(_mm256_loadu_ps(cr + 8), hi);
     }
-    _mm256_storeu_ps(cr, acc[r][0]);
-    _mm256_storeu_ps(cr + 8, acc[r][1]);
-  }
+    _mm256_storeu_ps(cr, lo);
+    _mm256_storeu_ps(cr + 8, hi);
+  };
+  store(0, c00, c01);
+  store(1, c10, c11);
+  store(2, c20, c21);
+  store(3, c30, c31);
+  store(4, c40, c41);
+  store(5, c50, c51);
 }
 
 #include "half_x86.hpp"

@@ -8,6 +8,8 @@
 
 namespace fastdropout {
 
+static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
 enum class Activation : int { none = 0, relu = 1, gelu = 2 };
 
 /// The dropout mask of a row-major matrix: element (r, c) of a matrix with
@@ -88,6 +90,93 @@ static inline bool sparse_path(const GemmProblem& g, const GemmBlocking& b) {
   return g.c_trans || (g.allow_sparse && sparse_mask(g.a.mask, b));
 }
 
+/// Scaled dot-product attention with dropout on the probabilities (the contract's
+/// section 7) over `batch` items: item b multiplies q_b (Lq x E), k_b (Lk x E) and
+/// v_b (Lk x Ev), C-contiguous matrices at q + q_off[b], k + k_off[b], v + v_off[b]
+/// (broadcast items share them).  out, lse, grad_out and the gradients are dense over
+/// the batch: (batch, Lq, Ev), (batch, Lq), (batch, Lq, Ev), (batch, Lq|Lk, E|Ev).
+struct AttentionProblem {
+  int64_t batch = 0, Lq = 0, Lk = 0, E = 0, Ev = 0;
+  const float *q = nullptr, *k = nullptr, *v = nullptr;
+  const int64_t *q_off = nullptr, *k_off = nullptr, *v_off = nullptr;
+  /// Optional additive bias (a float mask, -inf where a bool mask is False): row i of
+  /// item b is bias + bias_off[b] + i * bias_row_stride (0: one row for all queries).
+  const float* bias = nullptr;
+  const int64_t* bias_off = nullptr;
+  int64_t bias_row_stride = 0;
+  bool causal = false;  ///< query i sees keys j <= i
+  float scale = 1.0f;   ///< multiplies q @ k^T
+  /// Element (b, i, j) of P has random word index mask.offset + (b * Lq + i) * Lk + j.
+  MaskSpec mask;
+  float* out = nullptr;  ///< written by the forward, read by the backward
+  float* lse = nullptr;  ///< log-sum-exp of each query row (-inf: every key masked)
+  const float* grad_out = nullptr;
+  float *grad_q = nullptr, *grad_k = nullptr, *grad_v = nullptr;
+};
+
+/// Tile sizes of the attention kernels for a backend's blocking: kAttnRows queries
+/// (rounded up to whole micro-kernel rows) against kAttnCols keys.
+constexpr int64_t kAttnRows = 64, kAttnCols = 128;
+static_assert(kAttnCols % 64 == 0, "whole 64-bit words of keep bits per tile row");
+
+/// One thread's attention scratch, in floats, each part on a 64-byte boundary.  Packed
+/// operands (micro-kernel panels, zero-padded): kt = K^T and vt = V^T as B panels of
+/// keys, kb and vb = K and V as B panels by key, qa and doa = Q and dO as A panels of
+/// queries, qt and dot = Q^T and dO^T as A panels by query; the forward packs a query
+/// tile of Q into qa.  Tiles: s and dp (scores and dP, rows x cols_ld), pa (P, or dS,
+/// as A panels), pb and gb (dropout(P) and dS as B panels by query); accumulators o,
+/// dkt and dvt (grad_k^T, grad_v^T of a key tile), dq; per row m, l, delta
+/// (rowsum(dO * O)) and the keep bits.
+struct AttnLayout {
+  int64_t rows, cols, cols_ld;       // query tile, key tile, score row stride
+  int64_t lkp, lqp, ep, evp, em, evm;  // Lk (to nr), Lq (to mr), E and Ev (to nr, to mr)
+  int64_t kt, kb, vt, vb, qa, doa, qt, dot, s, dp, pa, pb, gb, o, dkt, dvt, dq, m, l, delta, bits;
+  int64_t total;
+};
+
+static inline AttnLayout attention_layout(const GemmBlocking& b, const AttentionProblem& a, bool backward) {
+  AttnLayout L;
+  L.rows = round_up(kAttnRows, b.mr);
+  L.cols = kAttnCols;
+  L.cols_ld = kAttnCols + 16;
+  L.lkp = round_up(a.Lk, b.nr);
+  L.lqp = round_up(a.Lq, b.mr);
+  L.ep = round_up(a.E, b.nr);
+  L.evp = round_up(a.Ev, b.nr);
+  L.em = round_up(a.E, b.mr);
+  L.evm = round_up(a.Ev, b.mr);
+  const int64_t fwd = backward ? 0 : 1, bwd = backward ? 1 : 0;
+  int64_t at = 0;
+  auto take = [&at](int64_t n) {
+    const int64_t here = at;
+    at = round_up(at + n, 16);
+    return here;
+  };
+  L.kt = take(L.lkp * a.E);
+  L.vb = take(fwd * L.lkp * L.evp);
+  L.kb = take(bwd * L.lkp * L.ep);
+  L.vt = take(bwd * L.lkp * a.Ev);
+  L.qa = take((backward ? L.lqp : L.rows) * a.E);
+  L.doa = take(bwd * L.lqp * a.Ev);
+  L.qt = take(bwd * L.lqp * L.em);
+  L.dot = take(bwd * L.lqp * L.evm);
+  L.s = take(L.rows * L.cols_ld);
+  L.dp = take(bwd * L.rows * L.cols_ld);
+  L.pa = take(L.rows * L.cols_ld);
+  L.pb = take(bwd * L.rows * L.cols);
+  L.gb = take(bwd * L.rows * L.cols);
+  L.o = take(fwd * L.rows * L.evp);
+  L.dkt = take(bwd * L.em * L.cols);
+  L.dvt = take(bwd * L.evm * L.cols);
+  L.dq = take(bwd * L.lqp * L.ep);
+  L.m = take(L.rows);
+  L.l = take(L.rows);
+  L.delta = take(bwd * L.lqp);
+  L.bits = take(L.rows * (kAttnCols / 64) * 2);
+  L.total = take(16);
+  return L;
+}
+
 struct Kernels {
   const char* name;
   /// Philox4x32 on n arbitrary counters (n x 4 words, word 0 first).
@@ -115,6 +204,19 @@ struct Kernels {
                     float* work);
   /// sums[n] = sum over rows r of p[r, n] * act'(z[r, n]) for columns [n0, n1).
   void (*col_sums)(const Mat& m, int64_t n0, int64_t n1, float* sums);
+  /// Attention forward of query rows [i0, i1) of item b (i0 a multiple of the query
+  /// tile).  `work` holds attention_work(..., false) floats; `*packed` names the item
+  /// whose keys and values it holds (-1: none), so consecutive calls reuse them.
+  void (*attention_forward)(const AttentionProblem& a, int64_t b, int64_t i0, int64_t i1,
+                            float* work, int64_t* packed);
+  /// Attention backward, key-major: grad_k and grad_v of keys [j0, j1) of item b (j0 a
+  /// multiple of the key tile); with `with_grad_q` (only for the whole key range) also
+  /// item b's grad_q.  `work`: attention_work(..., true) floats.
+  void (*attention_backward_kv)(const AttentionProblem& a, int64_t b, int64_t j0, int64_t j1,
+                                bool with_grad_q, float* work, int64_t* packed);
+  /// grad_q of query rows [i0, i1) of item b alone (i0 a multiple of the query tile).
+  void (*attention_backward_q)(const AttentionProblem& a, int64_t b, int64_t i0, int64_t i1,
+                               float* work, int64_t* packed);
 };
 
 /// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed
@@ -127,7 +229,6 @@ struct GemmWork {
   int64_t a_pack, b_pack, buf, tile, s_vals, s_kept, s_bits, s_all, s_part, total;  // in floats
 };
 
-static inline int64_t round_up(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, int64_t k) {
   auto depth = [k](int64_t kc) { return k < kc ? (k > 0 ? k : 1) : kc; };

@@ -17,6 +17,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #if defined(_MSC_VER)
 #include <xmmintrin.h>  // _mm_prefetch
 #endif
@@ -603,6 +604,8 @@ void col_sums(const Mat& m, int64_t n0, int64_t n1, float* sums) {
   }
 }
 
+#include "attention_impl.hpp"
+
 }  // namespace
 
 const Kernels& kernels() {
@@ -610,7 +613,8 @@ const Kernels& kernels() {
       FD_ISA_NAME,  philox_many, random_words,
       mask_packed,  mask_bool,   dropout_f32,
       dropout_f64,  dropout_h16, kBlocking,
-      gemm_tile,    col_sums,
+      gemm_tile,    col_sums,    attention_forward,
+      attention_backward_kv,     attention_backward_q,
   };
   return table;
 }

@@ -2,6 +2,10 @@
 
 #include <memory>
 
+#if defined(FD_HAVE_OPENMP)
+#include <omp.h>
+#endif
+
 #include "dispatch.hpp"
 
 namespace fastdropout {
@@ -230,6 +234,72 @@ void dense_backward(const DenseBackward& a) {
     parallel_ranges(a.N, 64, max64(64, (int64_t{1} << 16) / max64(a.M, 1)),
                     [&](int64_t b, int64_t e) { k.col_sums(dz, b, e, a.grad_b); });
   }
+}
+
+namespace {
+/// Runs body(unit, work, &packed) for units [0, n) on up to `threads` threads, each with
+/// its own `stride` floats of scratch and its own record of the item it has packed.
+/// Units go to threads dynamically (causal tiles differ in cost); which thread runs a
+/// unit never changes its result.
+template <class Body>
+void attention_units(int64_t n, int threads, int64_t stride, Body&& body) {
+  threads = static_cast<int>(min64(threads, n));
+  if (n <= 0) return;
+  float* base = scratch(static_cast<size_t>(stride * max64(threads, 1) + 16));
+  base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
+  if (threads <= 1) {
+    int64_t packed = -1;
+    for (int64_t u = 0; u < n; ++u) body(u, base, &packed);
+    return;
+  }
+#if defined(FD_HAVE_OPENMP)
+#pragma omp parallel num_threads(threads)
+  {
+    float* work = base + omp_get_thread_num() * stride;
+    int64_t packed = -1;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t u = 0; u < n; ++u) body(u, work, &packed);
+  }
+#endif
+}
+
+int attention_threads(const AttentionProblem& a) {
+  const int64_t flops = 4 * a.batch * a.Lq * max64(a.Lk, 1) * max64(a.E + a.Ev, 1);
+  return threads_for(flops, int64_t{1} << 20);
+}
+}  // namespace
+
+void attention_forward(const AttentionProblem& a) {
+  const Kernels& k = active_kernels();
+  const AttnLayout L = attention_layout(k.blocking, a, false);
+  const int64_t tiles = (a.Lq + L.rows - 1) / L.rows;
+  attention_units(a.batch * tiles, attention_threads(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
+    const int64_t b = u / tiles, i0 = u % tiles * L.rows;
+    k.attention_forward(a, b, i0, min64(a.Lq, i0 + L.rows), work, packed);
+  });
+}
+
+void attention_backward(const AttentionProblem& a) {
+  const Kernels& k = active_kernels();
+  const AttnLayout L = attention_layout(k.blocking, a, true);
+  const int threads = attention_threads(a);
+  if (a.batch >= threads || a.Lk == 0) {  // whole items: grad_q summed as the keys go
+    attention_units(a.batch, threads, L.total, [&](int64_t b, float* work, int64_t* packed) {
+      k.attention_backward_kv(a, b, 0, a.Lk, true, work, packed);
+    });
+    return;
+  }
+  // Fewer items than threads: grad_k and grad_v by key tile, then grad_q by query tile
+  // (the same tiles summed in the same order, so the same bits as above).
+  const int64_t ktiles = (a.Lk + L.cols - 1) / L.cols, qtiles = (a.Lq + L.rows - 1) / L.rows;
+  attention_units(a.batch * ktiles, threads, L.total, [&](int64_t u, float* work, int64_t* packed) {
+    const int64_t b = u / ktiles, j0 = u % ktiles * L.cols;
+    k.attention_backward_kv(a, b, j0, min64(a.Lk, j0 + L.cols), false, work, packed);
+  });
+  attention_units(a.batch * qtiles, threads, L.total, [&](int64_t u, float* work, int64_t* packed) {
+    const int64_t b = u / qtiles, i0 = u % qtiles * L.rows;
+    k.attention_backward_q(a, b, i0, min64(a.Lq, i0 + L.rows), work, packed);
+  });
 }
 
 }  // namespace ops

@@ -53,6 +53,11 @@ struct DenseBackward {
 };
 void dense_backward(const DenseBackward& a);
 
+/// Attention forward (out, lse) and backward (grad_q, grad_k, grad_v) of the contract's
+/// section 7; see AttentionProblem.
+void attention_forward(const AttentionProblem& a);
+void attention_backward(const AttentionProblem& a);
+
 /// A general GEMM problem on the active backend, split over threads.
 void gemm(const GemmProblem& g);
 

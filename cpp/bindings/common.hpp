@@ -65,6 +65,7 @@ inline Activation to_activation(int act) {
 void register_runtime(py::module_& m);
 void register_rng(py::module_& m);
 void register_dense(py::module_& m);
+void register_attention(py::module_& m);
 
 }  // namespace bind
 }  // namespace fastdropout

@@ -16,6 +16,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 
 from . import reference
 from ._generator import Generator, default_generator, manual_seed
+from ._attention import attention, attention_backward
 from ._api import (
     OversubscriptionWarning,
     available_backends,
@@ -35,6 +36,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Generator",
     "OversubscriptionWarning",
+    "attention",
+    "attention_backward",
     "available_backends",
     "backend",
     "default_generator",

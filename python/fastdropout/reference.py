@@ -18,6 +18,8 @@ import numbers
 import numpy as np
 
 __all__ = [
+    "attention",
+    "attention_backward",
     "dense",
     "dropout",
     "dropout_backward",
@@ -464,3 +466,90 @@ def dropout_dense_backward(
     s = np.float64(dropout_scale(p, x.dtype))
     grad_x = _apply_mask(dz @ weight.astype(np.float64), keep, s).reshape(x.shape)
     return grad_x, grad_weight, grad_bias
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention (float64 oracle, written the plain way: explicit scores, explicit mask)
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_parts(q, k, v, p, seed, offset, attn_mask, is_causal, scale, enable_gqa, training):
+    q = _check_float_array(q, "q").astype(np.float64)
+    k = _check_float_array(k, "k").astype(np.float64)
+    v = _check_float_array(v, "v").astype(np.float64)
+    p = _check_p(p)
+    if enable_gqa:
+        groups = q.shape[-3] // k.shape[-3]
+        k = np.repeat(k, groups, axis=-3)
+        v = np.repeat(v, groups, axis=-3)
+    E = q.shape[-1]
+    scale = (1.0 / math.sqrt(E) if E else 1.0) if scale is None else float(scale)
+    s = (q @ np.swapaxes(k, -1, -2)) * scale
+    if attn_mask is not None:
+        attn_mask = np.asarray(attn_mask)
+        if attn_mask.dtype == np.bool_:
+            s = np.where(attn_mask, s, -np.inf)
+        else:
+            s = s + attn_mask.astype(np.float32).astype(np.float64)
+    Lq, Lk = s.shape[-2:]
+    if is_causal:
+        s = np.where(np.tril(np.ones((Lq, Lk), dtype=bool)), s, -np.inf)
+    m = s.max(axis=-1, keepdims=True) if Lk else np.full(s.shape[:-1] + (1,), -np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    e = np.exp(s - m)
+    total = e.sum(axis=-1, keepdims=True)
+    prob = np.where(total > 0, e / np.where(total > 0, total, 1.0), 0.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(total[..., 0] > 0, m[..., 0] + np.log(total[..., 0]), -np.inf)
+    if training and p > 0.0:
+        keep = dropout_mask(prob.shape, p, seed=seed, offset=offset)
+    else:
+        keep = np.ones(prob.shape, dtype=bool)
+    s_keep = np.float64(dropout_scale(p, np.float32)) if training and p > 0.0 else 1.0
+    return q, k, v, scale, prob, keep, s_keep, lse
+
+
+def _sum_to(g: np.ndarray, shape: tuple) -> np.ndarray:
+    """g summed over the dimensions that broadcasting added or stretched, to `shape`."""
+    g = g.sum(axis=tuple(range(g.ndim - len(shape)))) if g.ndim > len(shape) else g
+    axes = tuple(i for i, (a, b) in enumerate(zip(g.shape, shape)) if b == 1 and a != 1)
+    return g.sum(axis=axes, keepdims=True) if axes else g
+
+
+def attention(q, k, v, p=0.0, *, seed: int = 0, offset: int = 0, attn_mask=None, is_causal: bool = False,
+              scale=None, enable_gqa: bool = False, training: bool = True, return_lse: bool = False):
+    """Scaled dot-product attention with dropout on the probabilities (the contract's attention), in float64.
+
+    ``S = q @ k^T * scale + bias`` (``bias``: a bool ``attn_mask`` gives -inf where False, a float
+    one is added; ``is_causal`` hides keys ``j > i``), ``P = softmax(S)`` over the last axis (a row
+    of all -inf gives ``P = 0``), ``keep = dropout_mask(P.shape, p, seed, offset)`` over P's full
+    broadcast shape, ``out = where(keep, P * s, 0) @ v`` with ``s = dropout_scale(p, float32)``.
+    Returns ``out``, or ``(out, lse)`` with ``lse = log(sum(exp(S)))`` per query row (-inf for an
+    all-masked row).
+    """
+    q, k, v, scale, prob, keep, s_keep, lse = _attention_parts(
+        q, k, v, p, seed, offset, attn_mask, is_causal, scale, enable_gqa, training)
+    out = np.where(keep, prob * s_keep, 0.0) @ v
+    return (out, lse) if return_lse else out
+
+
+def attention_backward(grad_out, q, k, v, p, *, seed: int = 0, offset: int = 0, attn_mask=None,
+                       is_causal: bool = False, scale=None, enable_gqa: bool = False):
+    """Gradients ``(grad_q, grad_k, grad_v)`` of :func:`attention` (training mode), in float64,
+    each summed over the dimensions its input was broadcast along (and over the query heads
+    that share a key head with ``enable_gqa``)."""
+    shapes = (np.shape(q), np.shape(k), np.shape(v))
+    q, k, v, scale, prob, keep, s_keep, _ = _attention_parts(
+        q, k, v, p, seed, offset, attn_mask, is_causal, scale, enable_gqa, True)
+    g = _check_float_array(grad_out, "grad_out").astype(np.float64)
+    dropped = np.where(keep, prob * s_keep, 0.0)
+    grad_v = np.swapaxes(dropped, -1, -2) @ g
+    d_prob = np.where(keep, (g @ np.swapaxes(v, -1, -2)) * s_keep, 0.0)
+    d_s = prob * (d_prob - (d_prob * prob).sum(axis=-1, keepdims=True))
+    grad_q = d_s @ k * scale
+    grad_k = np.swapaxes(d_s, -1, -2) @ q * scale
+    if enable_gqa:
+        groups = shapes[0][-3] // shapes[1][-3]
+        grad_k = grad_k.reshape(grad_k.shape[:-3] + (-1, groups) + grad_k.shape[-2:]).sum(axis=-3)
+        grad_v = grad_v.reshape(grad_v.shape[:-3] + (-1, groups) + grad_v.shape[-2:]).sum(axis=-3)
+    return _sum_to(grad_q, shapes[0]), _sum_to(grad_k, shapes[1]), _sum_to(grad_v, shapes[2])
