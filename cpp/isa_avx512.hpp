@@ -220,29 +220,59 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
 }
 
 /// C[0:MR, 0:NR] (+)= A_panel (kc x MR) * B_panel (kc x NR).
+/// The 8 x 32 register tile.  Sixteen named accumulators rather than an array: compiled
+/// out of line, GCC kept an array's rows on the stack and stored them every step.
 inline void microkernel(int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
                         bool accumulate) {
-  __m512 acc[kMR][2];
-  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00;
   for (int64_t k = 0; k < kc; ++k) {
     const __m512 b0 = _mm512_load_ps(b + k * kNR);
     const __m512 b1 = _mm512_load_ps(b + k * kNR + 16);
     const float* ak = a + k * kMR;
-    for (int r = 0; r < kMR; ++r) {
-      const __m512 av = _mm512_set1_ps(ak[r]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-    }
+    __m512 av = _mm512_set1_ps(ak[0]);
+    c00 = _mm512_fmadd_ps(av, b0, c00);
+    c01 = _mm512_fmadd_ps(av, b1, c01);
+    av = _mm512_set1_ps(ak[1]);
+    c10 = _mm512_fmadd_ps(av, b0, c10);
+    c11 = _mm512_fmadd_ps(av, b1, c11);
+    av = _mm512_set1_ps(ak[2]);
+    c20 = _mm512_fmadd_ps(av, b0, c20);
+    c21 = _mm512_fmadd_ps(av, b1, c21);
+    av = _mm512_set1_ps(ak[3]);
+    c30 = _mm512_fmadd_ps(av, b0, c30);
+    c31 = _mm512_fmadd_ps(av, b1, c31);
+    av = _mm512_set1_ps(ak[4]);
+    c40 = _mm512_fmadd_ps(av, b0, c40);
+    c41 = _mm512_fmadd_ps(av, b1, c41);
+    av = _mm512_set1_ps(ak[5]);
+    c50 = _mm512_fmadd_ps(av, b0, c50);
+    c51 = _mm512_fmadd_ps(av, b1, c51);
+    av = _mm512_set1_ps(ak[6]);
+    c60 = _mm512_fmadd_ps(av, b0, c60);
+    c61 = _mm512_fmadd_ps(av, b1, c61);
+    av = _mm512_set1_ps(ak[7]);
+    c70 = _mm512_fmadd_ps(av, b0, c70);
+    c71 = _mm512_fmadd_ps(av, b1, c71);
   }
-  for (int r = 0; r < kMR; ++r) {
+  auto store = [c, ldc, accumulate](int r, __m512 lo, __m512 hi) {
     float* cr = c + r * ldc;
     if (accumulate) {
-      acc[r][0] = _mm512_add_ps(_mm512_loadu_ps(cr), acc[r][0]);
-      acc[r][1] = _mm512_add_ps(_mm512_loadu_ps(cr + 16), acc[r][1]);
+      lo = _mm512_add_ps(_mm512_loadu_ps(cr), lo);
+      hi = _mm512_add_ps(_mm512_loadu_ps(cr + 16), hi);
     }
-    _mm512_storeu_ps(cr, acc[r][0]);
-    _mm512_storeu_ps(cr + 16, acc[r][1]);
-  }
+    _mm512_storeu_ps(cr, lo);
+    _mm512_storeu_ps(cr + 16, hi);
+  };
+  store(0, c00, c01);
+  store(1, c10, c11);
+  store(2, c20, c21);
+  store(3, c30, c31);
+  store(4, c40, c41);
+  store(5, c50, c51);
+  store(6, c60, c61);
+  store(7, c70, c71);
 }
 
 /// Bit j set where v[j] != 0 (NaN included), for j < 64.

@@ -399,3 +399,126 @@ torch.library.register_vmap(dropout_op, _vmap_loop(dropout_op, 2))
 torch.library.register_vmap(dropout_backward_op, _vmap_loop(dropout_backward_op, None))
 torch.library.register_vmap(dropout_linear_op, _vmap_loop(dropout_linear_op, 4))
 torch.library.register_vmap(dropout_linear_backward_op, _vmap_loop(dropout_linear_backward_op, None))
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def _attention_plan(q, k, v, attn_mask, scale, enable_gqa):
+    from ._attention import plan
+
+    mask = None if attn_mask is None else _numpy(attn_mask if attn_mask.dtype == torch.bool else _as_f32(attn_mask))
+    return plan(_numpy(q), _numpy(k), _numpy(v), mask, scale, enable_gqa)
+
+
+def _attention_impl(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], dropout_p: float,
+    is_causal: bool, scale: Optional[float], enable_gqa: bool, state: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, lse, state): attention in float32 arithmetic, out in q's dtype, lse float32."""
+    from ._attention import forward_checked
+
+    train = dropout_p > 0.0
+    state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
+    seed, offset = read_state(state)
+    q32, k32, v32 = _as_f32(q), _as_f32(k), _as_f32(v)
+    pl = _attention_plan(q32, k32, v32, attn_mask, scale, enable_gqa)
+    out, lse = forward_checked(pl, _numpy(q32), _numpy(k32), _numpy(v32), is_causal, train, dropout_p, seed, offset)
+    out_t = torch.from_numpy(out).view(pl.batch_shape + (pl.Lq, pl.Ev))
+    if q.dtype != torch.float32:
+        out_t = out_t.to(q.dtype)
+    return out_t, torch.from_numpy(lse).view(pl.batch_shape + (pl.Lq,)), state
+
+
+attention_op = torch.library.custom_op("fastdropout::attention", mutates_args=(), device_types="cpu",
+                                       tags=_SEEDED)(_fresh_state(_attention_impl))
+
+
+def _attention_batch(q, k, v, attn_mask, enable_gqa):
+    k_lead, v_lead = list(k.shape[:-2]), list(v.shape[:-2])
+    if enable_gqa:
+        k_lead[-1] = v_lead[-1] = q.shape[-3]
+    shapes = [tuple(q.shape[:-2]), tuple(k_lead), tuple(v_lead)]
+    if attn_mask is not None:
+        shapes.append(tuple(attn_mask.shape[:-2]))
+    return torch.broadcast_shapes(*shapes)
+
+
+@attention_op.register_fake
+def _(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, state):
+    batch = tuple(_attention_batch(q, k, v, attn_mask, enable_gqa))
+    return (q.new_empty(batch + (q.shape[-2], v.shape[-1])), q.new_empty(batch + (q.shape[-2],), dtype=torch.float32),
+            q.new_empty((2,), dtype=torch.int64))
+
+
+def _attention_backward_impl(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    attn_mask: Optional[torch.Tensor], dropout_p: float, is_causal: bool, scale: Optional[float], enable_gqa: bool,
+    state: torch.Tensor,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_q, grad_k, grad_v) in q's, k's and v's dtypes."""
+    from ._attention import backward_checked
+
+    seed, offset = read_state(state)
+    q32, k32, v32 = _as_f32(q), _as_f32(k), _as_f32(v)
+    pl = _attention_plan(q32, k32, v32, attn_mask, scale, enable_gqa)
+    grads = backward_checked(pl, _numpy(_as_f32(grad_out)), _numpy(q32), _numpy(k32), _numpy(v32), _numpy(_as_f32(out)),
+                             _numpy(lse), is_causal, dropout_p > 0.0, dropout_p, seed, offset)
+    return tuple(torch.from_numpy(np.ascontiguousarray(g)).to(t.dtype) for g, t in zip(grads, (q, k, v)))  # type: ignore
+
+
+attention_backward_op = torch.library.custom_op("fastdropout::attention_backward", mutates_args=(),
+                                                device_types="cpu")(_attention_backward_impl)
+
+
+@attention_backward_op.register_fake
+def _(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, state):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, _ = inputs
+    ctx.options = (dropout_p, is_causal, scale, enable_gqa)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(q, k, v, attn_mask, output[0], output[1], output[2])
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "fastdropout's attention has no second derivative (its backward is one fused kernel); "
+    "use torch.nn.functional.scaled_dot_product_attention where a gradient of a gradient is needed"
+)
+
+
+def _attention_bwd(ctx, grad_out, grad_lse, grad_state):
+    q, k, v, attn_mask, out, lse, state = ctx.saved_tensors
+    dropout_p, is_causal, scale, enable_gqa = ctx.options
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError(DOUBLE_BACKWARD_ERROR)  # create_graph=True: never a silently missing term
+    bwd = _attention_backward_impl if _route(grad_out, q, k, v, attn_mask) == "fast" else attention_backward_op
+    gq, gk, gv = bwd(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, state)
+    return gq, gk, gv, None, None, None, None, None, None
+
+
+def _attention_backward_bwd(ctx, *grads):
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
+
+
+def _attention_backward_setup(ctx, inputs, output):
+    pass
+
+
+attention_op.register_autograd(_attention_bwd, setup_context=_attention_setup)
+attention_backward_op.register_autograd(_attention_backward_bwd, setup_context=_attention_backward_setup)
+torch.library.register_vmap(attention_op, _vmap_loop(attention_op, 8))
+torch.library.register_vmap(attention_backward_op, _vmap_loop(attention_backward_op, None))
+
+_OPS["attention"] = attention_op
+_IMPLS["attention"] = _attention_impl
+_FAST["attention"] = _fast_function("FastAttention", _attention_impl, _attention_setup, _attention_bwd)
+_FUNC["attention"] = _function("Attention", attention_op, _attention_setup, _attention_bwd)
+
+
+def call_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, state):
+    """(out, lse, state) of fastdropout::attention, by the route that fits the call."""
+    return _call("attention", (q, k, v, attn_mask, state),
+                 (q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, state))

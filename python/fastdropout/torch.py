@@ -46,10 +46,12 @@ except ImportError as exc:  # pragma: no cover - only without torch
 from . import _torch_ops as _ops
 from ._checks import ACTIVATIONS, check_activation, check_p, check_u64
 
-__all__ = ["Dropout", "DropoutLinear", "convert", "dropout", "dropout_linear"]
+__all__ = ["Dropout", "DropoutLinear", "convert", "dropout", "dropout_linear", "register_transformers",
+           "scaled_dot_product_attention"]
 
 _DROPOUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_tensor(t, name: str, dtypes: Tuple[torch.dtype, ...]) -> None:
@@ -371,3 +373,122 @@ def _fused_from(drop: torch.nn.Dropout, linear: torch.nn.Linear) -> "DropoutLine
         fused.register_parameter("bias", None)
     fused.train(linear.training and drop.training)
     return fused
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` with the dropout fused in.
+
+    The same signature and semantics as torch's: ``softmax(query @ key^T * scale + bias)``
+    with dropout ``dropout_p`` on the probabilities, times ``value``; ``attn_mask`` bool
+    (False: not attended) or float (added), broadcastable to ``(..., L, S)``;
+    ``is_causal`` with torch's top-left alignment; ``enable_gqa`` for grouped-query
+    attention.  Like torch's function it drops whenever ``dropout_p > 0`` (pass
+    ``dropout_p=0.0`` in evaluation, as ``self.dropout if self.training else 0.0``).  It
+    runs the fused kernel of :func:`fastdropout.attention` as the custom operator
+    ``fastdropout::attention``: ``torch.compile``, ``torch.export`` and autograd see one
+    op; the ``(L, S)`` probabilities and their mask are never stored (forward and
+    backward keep ``out`` and one log-sum-exp per query row).  The mask is drawn from a
+    seed taken from torch's default generator, so ``torch.manual_seed`` reproduces it;
+    a query row whose keys are all masked gives zeros (torch's gives NaN).
+
+    Parameters
+    ----------
+    query : CPU tensor ``(..., L, E)``; key ``(..., S, E)``; value ``(..., S, Ev)``:
+        float32, bfloat16 or float16, one dtype (computed in float32; the output in that dtype).
+    attn_mask, dropout_p, is_causal, scale, enable_gqa : as torch's.
+
+    Returns
+    -------
+    Tensor ``(..., L, Ev)`` of query's dtype.
+
+    Raises
+    ------
+    TypeError
+        Not dense CPU tensors of a supported dtype, mixed dtypes, a mask neither bool
+        nor of query's dtype.
+    ValueError
+        Shapes that do not fit or broadcast, ``dropout_p`` outside [0, 1], both
+        ``attn_mask`` and ``is_causal``.
+    NotImplementedError
+        An ``attn_mask`` that requires grad (no gradient for the mask here).
+    RuntimeError
+        A second derivative through it (``create_graph=True`` and differentiating the
+        gradient): raised, never silently zero.
+
+    References
+    ----------
+    T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work
+    Partitioning", 2023.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(t, name, _ATTENTION_DTYPES)
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if attn_mask is not None:
+        _check_tensor(attn_mask, "attn_mask", (torch.bool, query.dtype, torch.float32))
+        if attn_mask.requires_grad and torch.is_grad_enabled():
+            raise NotImplementedError("fastdropout's attention gives no gradient for attn_mask; "
+                                      "use torch's scaled_dot_product_attention for a learned mask")
+    dropout_p = check_p(dropout_p)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("give either attn_mask or is_causal=True, not both (as torch's scaled_dot_product_attention)")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        scale = float(scale)
+    return _ops.call_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None)[0]
+
+
+def _transformers_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                            scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
+    """The attention function transformers calls for ``attn_implementation="fastdropout"``:
+    query, key, value ``(batch, heads, length, head_dim)``; returns ``(batch, length, heads,
+    head_dim)`` and no attention weights."""
+    if kwargs.get("output_attentions"):
+        raise ValueError("attn_implementation='fastdropout' does not return attention weights; use 'eager'")
+    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
+        raise ValueError("attn_implementation='fastdropout' supports neither softcap nor position_bias; use 'eager'")
+    groups = getattr(module, "num_key_value_groups", 1)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    causal = bool(causal) and attention_mask is None and query.shape[2] > 1
+    if attention_mask is not None and attention_mask.dtype not in (torch.bool, query.dtype):
+        attention_mask = attention_mask.to(query.dtype)
+    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
+                                       is_causal=causal, scale=scaling, enable_gqa=groups > 1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_transformers(name: str = "fastdropout") -> str:
+    """Register :func:`scaled_dot_product_attention` with Hugging Face transformers as an
+    attention implementation, so that ``AutoModel.from_config(config,
+    attn_implementation="fastdropout")`` (or ``from_pretrained``) runs its attention,
+    dropout included, through the fused kernel.  Returns the name.
+
+    Raises
+    ------
+    ImportError
+        transformers is not installed, or too old to have ``AttentionInterface`` (4.48+).
+    """
+    try:
+        from transformers import AttentionInterface
+    except ImportError as exc:
+        raise ImportError(f"register_transformers needs transformers >= 4.48 with AttentionInterface ({exc}); "
+                          "pip install transformers") from exc
+    AttentionInterface.register(name, _transformers_attention)
+    return name
