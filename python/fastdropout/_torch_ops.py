@@ -366,14 +366,14 @@ def _slice(a, dim, b):
     return a.select(dim, b) if dim is not None else a
 
 
-def _vmap_loop(op, state_index: Optional[int]):
+def _vmap_loop(op, state_index: Optional[int], draws_if=None):
     """A vmap rule that runs the op once per batch element and stacks the results.
 
-    For an op that draws (state None), vmap's randomness decides: "different" draws
+    For an op that draws (state None, and `draws_if(args)` when given), vmap's randomness decides: "different" draws
     per element, "same" draws once and reuses that state, "error" raises torch's error.
     """
     def rule(info, in_dims, *args):
-        draws = state_index is not None and args[state_index] is None
+        draws = state_index is not None and args[state_index] is None and (draws_if is None or draws_if(args))
         if draws and info.randomness == "error":
             raise RuntimeError(VMAP_RANDOMNESS_ERROR)
         if info.batch_size == 0:
@@ -464,7 +464,12 @@ def _attention_backward_impl(
     pl = _attention_plan(q32, k32, v32, attn_mask, scale, enable_gqa)
     grads = backward_checked(pl, _numpy(_as_f32(grad_out)), _numpy(q32), _numpy(k32), _numpy(v32), _numpy(_as_f32(out)),
                              _numpy(lse), is_causal, dropout_p > 0.0, dropout_p, seed, offset)
-    return tuple(torch.from_numpy(np.ascontiguousarray(g)).to(t.dtype) for g, t in zip(grads, (q, k, v)))  # type: ignore
+    out_grads = []
+    for g, t in zip(grads, (q, k, v)):
+        gt = torch.empty_like(t)  # t's memory layout, as the fake says
+        gt.copy_(torch.from_numpy(np.ascontiguousarray(g)))
+        out_grads.append(gt)
+    return tuple(out_grads)  # type: ignore[return-value]
 
 
 attention_backward_op = torch.library.custom_op("fastdropout::attention_backward", mutates_args=(),
@@ -492,10 +497,14 @@ DOUBLE_BACKWARD_ERROR = (
 def _attention_bwd(ctx, grad_out, grad_lse, grad_state):
     q, k, v, attn_mask, out, lse, state = ctx.saved_tensors
     dropout_p, is_causal, scale, enable_gqa = ctx.options
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        raise RuntimeError(DOUBLE_BACKWARD_ERROR)  # create_graph=True: never a silently missing term
-    bwd = _attention_backward_impl if _route(grad_out, q, k, v, attn_mask) == "fast" else attention_backward_op
-    gq, gk, gv = bwd(grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, state)
+    args = (grad_out, q, k, v, out, lse, attn_mask, dropout_p, is_causal, scale, enable_gqa, state)
+    how = _route(grad_out, q, k, v, attn_mask)
+    if torch.is_grad_enabled():
+        # the gradient may itself be differentiated (create_graph, torch.func): go through
+        # the backward op, whose own derivative raises DOUBLE_BACKWARD_ERROR when asked
+        gq, gk, gv = _FUNC["attention_backward"].apply(*args) if how == "func" else attention_backward_op(*args)
+    else:
+        gq, gk, gv = (_attention_backward_impl if how == "fast" else attention_backward_op)(*args)
     return gq, gk, gv, None, None, None, None, None, None
 
 
@@ -509,13 +518,15 @@ def _attention_backward_setup(ctx, inputs, output):
 
 attention_op.register_autograd(_attention_bwd, setup_context=_attention_setup)
 attention_backward_op.register_autograd(_attention_backward_bwd, setup_context=_attention_backward_setup)
-torch.library.register_vmap(attention_op, _vmap_loop(attention_op, 8))
+torch.library.register_vmap(attention_op, _vmap_loop(attention_op, 8, draws_if=lambda args: args[4] > 0.0))
 torch.library.register_vmap(attention_backward_op, _vmap_loop(attention_backward_op, None))
 
 _OPS["attention"] = attention_op
 _IMPLS["attention"] = _attention_impl
 _FAST["attention"] = _fast_function("FastAttention", _attention_impl, _attention_setup, _attention_bwd)
 _FUNC["attention"] = _function("Attention", attention_op, _attention_setup, _attention_bwd)
+_FUNC["attention_backward"] = _function("AttentionBackward", attention_backward_op, _attention_backward_setup,
+                                        _attention_backward_bwd)
 
 
 def call_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, state):
