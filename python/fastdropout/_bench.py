@@ -41,7 +41,7 @@ DENSE_SHAPES = [(64, 784, 512), (256, 1024, 1024), (1024, 4096, 4096)]
 class Result:
     """One measured row."""
 
-    group: str  # "elementwise", "dense" or "threads"
+    group: str  # "elementwise", "dense", "training", "attention", "memory", "mixed" or "threads"
     kernel: str  # what is computed, e.g. "dropout forward"
     impl: str  # who computes it, e.g. "fastdropout", "numpy copyto", "torch"
     size: str  # "16777216" elements, or "MxKxN"
@@ -301,6 +301,104 @@ def dense_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, st
     return cases
 
 
+ATTENTION_CASES = [(128, 8, 8), (512, 8, 8), (2048, 1, 8)]  # (tokens, batch, heads); head size 64
+ATTENTION_P = 0.1
+MEMORY_LENGTHS = [1024, 2048, 4096]  # batch 1, 4 heads, head size 64
+
+
+def attention_cases(length: int, batch: int, heads: int, threads: int):
+    """(kernel, impl, fn, flops) for self-attention over (batch, heads, length, 64)."""
+    rng = np.random.default_rng(0)
+    shape = (batch, heads, length, 64)
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+    fwd = 4.0 * batch * heads * length * length * 64  # q k^T and P v
+    fwdbwd = fwd * 3.5  # the backward: q k^T again and four more products
+
+    def fd_fwd_bwd():
+        out, lse, (seed, offset) = fd.attention(q, k, v, ATTENTION_P, return_lse=True, return_stream=True)
+        fd.attention_backward(dout, q, k, v, out, lse, ATTENTION_P, seed=seed, offset=offset)
+
+    cases = [
+        ("forward", f"fastdropout p={ATTENTION_P}", lambda: fd.attention(q, k, v, ATTENTION_P), fwd),
+        ("forward", "fastdropout p=0", lambda: fd.attention(q, k, v), fwd),
+        ("forward+backward", f"fastdropout p={ATTENTION_P}", fd_fwd_bwd, fwdbwd),
+    ]
+    torch = _torch()
+    if torch is not None:
+        import fastdropout.torch as fdt
+
+        F = torch.nn.functional
+        torch.set_num_threads(threads)
+        tq, tk, tv, tdout = (torch.from_numpy(a) for a in (q, k, v, dout))
+        gq, gk, gv = (t.clone().requires_grad_(True) for t in (tq, tk, tv))
+
+        def sdpa(p):
+            def run():
+                with torch.no_grad():
+                    return F.scaled_dot_product_attention(tq, tk, tv, dropout_p=p)
+            return run
+
+        def sdpa_fwd_bwd(fn, p):
+            def run():
+                fn(gq, gk, gv, dropout_p=p).backward(tdout)
+                gq.grad = gk.grad = gv.grad = None
+            return run
+
+        cases += [
+            ("forward", f"torch sdpa p={ATTENTION_P}", sdpa(ATTENTION_P), fwd),
+            ("forward", "torch sdpa p=0", sdpa(0.0), fwd),
+            ("forward+backward", f"fastdropout.torch p={ATTENTION_P}",
+             sdpa_fwd_bwd(fdt.scaled_dot_product_attention, ATTENTION_P), fwdbwd),
+            ("forward+backward", f"torch sdpa p={ATTENTION_P}", sdpa_fwd_bwd(F.scaled_dot_product_attention, ATTENTION_P), fwdbwd),
+            ("forward+backward", "torch sdpa p=0", sdpa_fwd_bwd(F.scaled_dot_product_attention, 0.0), fwdbwd),
+        ]
+    return cases
+
+
+def attention_peak_child(impl: str, length: int) -> None:
+    """Run in a fresh process: prints the peak resident memory that one forward+backward at
+    p = ATTENTION_P adds (MiB) over the process after its inputs exist."""
+    import resource
+
+    rng = np.random.default_rng(0)
+    shape = (1, 4, length, 64)
+    q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
+    if impl == "fastdropout":
+        small = tuple(a[:, :, :64] for a in (q, k, v, dout))
+        out, lse = fd.attention(*small[:3], ATTENTION_P, seed=1, return_lse=True)  # load everything first
+        fd.attention_backward(small[3], *small[:3], out, lse, ATTENTION_P, seed=1)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        out, lse = fd.attention(q, k, v, ATTENTION_P, seed=1, return_lse=True)
+        fd.attention_backward(dout, q, k, v, out, lse, ATTENTION_P, seed=1)
+    else:
+        import torch
+
+        tq, tk, tv = (torch.from_numpy(a).requires_grad_(True) for a in (q, k, v))
+        tdout = torch.from_numpy(dout)
+        F = torch.nn.functional
+        F.scaled_dot_product_attention(tq[:, :, :64], tk[:, :, :64], tv[:, :, :64], dropout_p=ATTENTION_P).sum().backward()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        F.scaled_dot_product_attention(tq, tk, tv, dropout_p=ATTENTION_P).backward(tdout)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((peak - before) / 1024.0)  # ru_maxrss is in KiB on Linux
+
+
+def measure_attention_memory(lengths: Sequence[int]) -> List[Result]:
+    """Peak memory of one forward+backward, each in a fresh process (Linux: ru_maxrss)."""
+    import subprocess
+
+    out = []
+    impls = ["fastdropout"] + (["torch sdpa"] if _have("torch") else [])
+    for impl in impls:
+        for length in lengths:
+            code = f"from fastdropout._bench import attention_peak_child as f; f({impl!r}, {length})"
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            mib = float(run.stdout.strip().splitlines()[-1])
+            out.append(Result("memory", "forward+backward peak", impl, f"1x4x{length}x64", fd.get_num_threads(),
+                              0.0, 0.0, 0.0, 1, mib, "MiB"))
+    return out
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -396,6 +494,8 @@ def run(
     train_batches: Optional[Sequence[int]] = None,
     mlp: Sequence[int] = MLP,
     compile_torch: Optional[bool] = None,
+    attention: Optional[Sequence[Tuple[int, int, int]]] = None,
+    memory_lengths: Optional[Sequence[int]] = None,
 ) -> Tuple[Dict[str, object], List[Result]]:
     """Measure everything; returns (header, results)."""
     if backend is not None:
@@ -413,6 +513,10 @@ def run(
         train_batches = TRAIN_BATCHES[:2] if quick else TRAIN_BATCHES
     if compile_torch is None:
         compile_torch = not quick
+    if attention is None:
+        attention = ATTENTION_CASES[:2] if quick else ATTENTION_CASES
+    if memory_lengths is None:
+        memory_lengths = MEMORY_LENGTHS
     repeats = repeats or (5 if quick else 9)
     info = header(threads)
 
@@ -431,7 +535,10 @@ def run(
         groups.append(("elementwise", str(n), [(k, i, f, float(n), "Gelem/s") for k, i, f in cases]))
     for shape in dense_shapes:
         groups.append(("dense", "x".join(map(str, shape)), [(k, i, f, w, "GFLOP/s") for k, i, f, w in dense_cases(shape, threads)]))
-    total = sum(len(g[2]) for g in groups) + len(mixed_shapes) + len(train_batches)
+    for length, batch, heads in attention:
+        groups.append(("attention", f"{batch}x{heads}x{length}x64",
+                       [(k, i, f, w, "GFLOP/s") for k, i, f, w in attention_cases(length, batch, heads, threads)]))
+    total = sum(len(g[2]) for g in groups) + len(mixed_shapes) + len(train_batches) + (1 if memory_lengths else 0)
     bar = Progress(total + (len(_scaling_threads()) if scaling else 0), progress)
     results: List[Result] = []
     try:
@@ -458,6 +565,9 @@ def run(
             for (impl, _), (med, lo, hi) in zip(cases, timed):
                 results.append(Result("training", "SGD step", impl, f"batch {batch}",
                                       threads, med, lo, hi, repeats, flops / med / 1e9, "GFLOP/s"))
+        if memory_lengths:
+            bar.step("attention peak memory (fresh processes)")
+            results += measure_attention_memory(memory_lengths)
         if scaling:
             results += _measure_scaling(element_sizes, dense_shapes, repeats, bar)
     finally:
@@ -510,7 +620,7 @@ def _add_ratios(results: List[Result]) -> None:
     """For each fastdropout row: peer time / our time, for peers doing the same work."""
     by_key: Dict[Tuple[str, str, str], List[Result]] = {}
     for r in results:
-        if r.group in ("elementwise", "dense", "training"):
+        if r.group in ("elementwise", "dense", "training", "attention"):
             by_key.setdefault((r.group, r.kernel, r.size), []).append(r)
     for (group, kernel, size), rows in by_key.items():
         peers = [r for r in rows if not r.impl.startswith("fastdropout")]
@@ -525,6 +635,9 @@ def _add_ratios(results: List[Result]) -> None:
         if r.group == "threads":  # speed-up over one thread
             one = next(q for q in results if q.group == "threads" and q.kernel == r.kernel and q.threads == 1)
             r.ratios = {"1 thread": one.median_s / r.median_s}
+        if r.group == "memory" and r.impl == "fastdropout":  # peer peak / our peak
+            r.ratios = {q.impl: q.rate / r.rate for q in results
+                        if q.group == "memory" and q.size == r.size and q.impl != r.impl and r.rate > 0}
         if r.group == "mixed":  # slowdown against the same call after one of its own kind
             own = next(q for q in results if q.group == "mixed" and q.impl == r.impl and q.size == r.size and q.kernel == f"after {r.impl}")
             r.ratios = {"after its own kind": r.median_s / own.median_s}
@@ -575,7 +688,8 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
     out.append("  ratios   : peer time / fastdropout time for the same work (>1: fastdropout is faster)")
     titles = (("elementwise", "Elementwise, float32, p=0.5"),
               ("dense", "Dropout -> dense, float32, p=0.5 (size = batch x in x out)"),
-              ("training", "Training step: SGD on an MLP (784-1024-1024-10 unless said) with dropout before each Linear (0.2, 0.5, 0.5), ReLU, cross-entropy"))
+              ("training", "Training step: SGD on an MLP (784-1024-1024-10 unless said) with dropout before each Linear (0.2, 0.5, 0.5), ReLU, cross-entropy"),
+              ("attention", f"Attention, float32, dropout on the probabilities (size = batch x heads x tokens x head size; rate: nominal FLOPs, 3.5x the forward's for forward+backward)"))
     for group, title in titles:
         rows = [r for r in results if r.group == group]
         if not rows:
@@ -589,6 +703,14 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
                 ratios = "(no peer for this work installed: torch or jax)"
             out.append(f"  {r.size:>15} {r.kernel[:18]:<18} {r.impl:<38} {_fmt_time(r.median_s)} {_spread(r):>22} "
                        f"{r.rate:9.2f} {r.unit:<7}  {ratios}")
+    rows = [r for r in results if r.group == "memory"]
+    if rows:
+        out.append("")
+        out.append(f"Attention peak memory: what one forward+backward at p={ATTENTION_P} adds to a fresh process's peak resident size")
+        out.append(f"  {'size':>15} {'implementation':<38} {'peak':>12}  ratios")
+        for r in rows:
+            ratios = "  ".join(f"{v:.1f}x less than {k}" for k, v in r.ratios.items())
+            out.append(f"  {r.size:>15} {r.impl:<38} {r.rate:9.1f} MiB  {ratios}")
     rows = [r for r in results if r.group == "mixed"]
     if rows:
         out.append("")
@@ -658,7 +780,8 @@ def plot(results: List[Result], path: str) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastdropout bench", description=DESCRIPTION)
     ap.add_argument("--quick", action="store_true",
-                    help="16M elements, the two smaller layers, training steps at batch 64 and 256 without torch.compile, 5 repeats")
+                    help="16M elements, the two smaller layers, training steps at batch 64 and 256 without torch.compile, "
+                         "attention at 128 and 512 tokens, 5 repeats")
     ap.add_argument("--json", metavar="PATH", help="save every figure as JSON")
     ap.add_argument("--plot", metavar="PATH", help="draw throughput against size to a PNG (needs matplotlib)")
     ap.add_argument("--threads", type=int, help="threads for fastdropout and the peers (default: all cores)")
@@ -675,7 +798,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     kwargs = {}
     if args.tiny:
         kwargs = dict(element_sizes={"tiny": 4096}, dense_shapes=[(8, 16, 24)], repeats=1, mixed_shapes=[(8, 16, 24)],
-                      train_batches=[8], mlp=(16, 32, 32, 10), compile_torch=False)
+                      train_batches=[8], mlp=(16, 32, 32, 10), compile_torch=False, attention=[(16, 1, 2)],
+                      memory_lengths=[64])
     info, results = run(
         quick=args.quick, threads=args.threads, backend=args.backend, repeats=args.repeats or kwargs.pop("repeats", None),
         scaling=not args.no_scaling, **{**kwargs, **({"compile_torch": False} if args.no_compile else {})},
