@@ -29,8 +29,12 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
     assert data["header"]["backend"] == backend
     rows = data["results"]
     assert rows and all(set(r) == RESULT_FIELDS for r in rows)
-    groups = {"elementwise", "dense", "threads", "mixed"} | ({"training"} if _have_torch() else set())
+    groups = {"elementwise", "dense", "threads", "mixed", "attention", "memory"} | ({"training"} if _have_torch() else set())
     assert {r["group"] for r in rows} == groups
+    memory = [r for r in rows if r["group"] == "memory"]  # peak MiB, measured in fresh processes
+    assert {r["impl"] for r in memory} == {"fastdropout"} | ({"torch sdpa"} if _have_torch() else set())
+    assert all(r["unit"] == "MiB" and r["rate"] >= 0 for r in memory) and "Attention peak memory" in report
+    rows = [r for r in rows if r["group"] != "memory"]
     for r in rows:
         assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] <= r["max_s"]
         assert r["rate"] > 0 and r["unit"] in ("Gelem/s", "GFLOP/s")
