@@ -256,9 +256,13 @@ def attention(
 
     Examples
     --------
+    With ``v`` the identity, ``out`` shows the dropped probabilities (the kept ones doubled):
+
     >>> q = k = v = np.eye(4, dtype=np.float32)
+    >>> fd.attention(q, k, v).round(3)[0]
+    array([0.355, 0.215, 0.215, 0.215], dtype=float32)
     >>> fd.attention(q, k, v, 0.5, seed=3).round(3)[0]
-    array([0.535, 0.   , 0.   , 0.   ], dtype=float32)
+    array([0.709, 0.   , 0.43 , 0.43 ], dtype=float32)
     """
     q, k, v, pl = _check_inputs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     p = check_p(p)
