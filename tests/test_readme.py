@@ -19,10 +19,10 @@ def _examples():
 
 
 @pytest.mark.skipif(not README.exists(), reason="the README is not beside the tests (installed package)")
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_readme_example_runs_and_prints(index):
     examples = _examples()
-    assert len(examples) == 3, "the README has one example for NumPy, fastdropout.nn and fastdropout.torch"
+    assert len(examples) == 4, "the README has one example for NumPy, fastdropout.nn, fastdropout.torch and attention"
     code = examples[index]
     needs = [m for m in ("torch", "sklearn") if re.search(rf"^import .*\b{m}\b|^from {m}\b", code, flags=re.M)]
     for module in needs:
