@@ -123,6 +123,29 @@ inline void select_scale64(const float* x, float* y, uint64_t bits, float s) {
   }
 }
 
+/// y[0:64] = keep ? x * a + b_keep : b_drop (alpha dropout; the multiply and the add rounded
+/// separately).
+#define FD_ISA_AFFINE 1
+inline void affine_select64(const float* x, float* y, uint64_t bits, float a, float bk, float bd) {
+  const __m256 av = _mm256_set1_ps(a), bkv = _mm256_set1_ps(bk), bdv = _mm256_set1_ps(bd);
+  for (int q = 0; q < 8; ++q) {
+    const __m256 m = _mm256_castsi256_ps(lane_mask8(static_cast<uint32_t>(bits >> (8 * q)) & 0xFFu));
+    const __m256 kept = _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * q), av), bkv);
+    _mm256_storeu_ps(y + 8 * q, _mm256_blendv_ps(bdv, kept, m));
+  }
+}
+
+inline void affine_select64(const double* x, double* y, uint64_t bits, double a, double bk, double bd) {
+  const __m256d av = _mm256_set1_pd(a), bkv = _mm256_set1_pd(bk), bdv = _mm256_set1_pd(bd);
+  const __m256i sel = _mm256_setr_epi64x(1, 2, 4, 8);
+  for (int q = 0; q < 16; ++q) {
+    const __m256i b = _mm256_set1_epi64x(static_cast<int64_t>((bits >> (4 * q)) & 0xFu));
+    const __m256d m = _mm256_castsi256_pd(_mm256_cmpeq_epi64(_mm256_and_si256(b, sel), sel));
+    const __m256d kept = _mm256_add_pd(_mm256_mul_pd(_mm256_loadu_pd(x + 4 * q), av), bkv);
+    _mm256_storeu_pd(y + 4 * q, _mm256_blendv_pd(bdv, kept, m));
+  }
+}
+
 inline void stream_fence() { _mm_sfence(); }
 
 template <bool Stream>

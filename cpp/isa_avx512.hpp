@@ -180,6 +180,27 @@ inline float row_exp(float* x, int64_t n, float m) {
   return _mm512_reduce_add_ps(s);
 }
 
+/// y[0:64] = keep ? x * a + b_keep : b_drop (alpha dropout; the multiply and the add rounded
+/// separately).
+#define FD_ISA_AFFINE 1
+inline void affine_select64(const float* x, float* y, uint64_t bits, float a, float bk, float bd) {
+  const __m512 av = _mm512_set1_ps(a), bkv = _mm512_set1_ps(bk), bdv = _mm512_set1_ps(bd);
+  for (int q = 0; q < 4; ++q) {
+    const __mmask16 m = static_cast<__mmask16>(bits >> (16 * q));
+    const __m512 kept = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * q), av), bkv);
+    _mm512_storeu_ps(y + 16 * q, _mm512_mask_blend_ps(m, bdv, kept));
+  }
+}
+
+inline void affine_select64(const double* x, double* y, uint64_t bits, double a, double bk, double bd) {
+  const __m512d av = _mm512_set1_pd(a), bkv = _mm512_set1_pd(bk), bdv = _mm512_set1_pd(bd);
+  for (int q = 0; q < 8; ++q) {
+    const __mmask8 m = static_cast<__mmask8>(bits >> (8 * q));
+    const __m512d kept = _mm512_add_pd(_mm512_mul_pd(_mm512_loadu_pd(x + 8 * q), av), bkv);
+    _mm512_storeu_pd(y + 8 * q, _mm512_mask_blend_pd(m, bdv, kept));
+  }
+}
+
 inline void stream_fence() { _mm_sfence(); }
 
 inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {

@@ -177,6 +177,42 @@ static inline AttnLayout attention_layout(const GemmBlocking& b, const Attention
   return L;
 }
 
+/// Where an elementwise family op takes each element's keep bit from: the Philox stream
+/// (element k of the call has word index j0 + k), a packed bit array (element k has bit
+/// b0 + k; the array has 16 readable bytes past its end), or one bit for the whole call.
+struct KeepSource {
+  enum Kind { stream, packed, block } kind = stream;
+  uint64_t j0 = 0;
+  PhiloxKey key{0, 0};
+  uint64_t threshold = 0;
+  const uint8_t* bits = nullptr;
+  uint64_t b0 = 0;
+  bool keep = true;
+};
+
+/// The family's elementwise op (the contract's dropout, broadcast and alpha sections):
+/// y = keep ? x * a + b_keep : b_drop when affine (alpha dropout: the product and the
+/// sum rounded separately), else y = keep ? x * a : +0.
+struct ElemOp {
+  double a = 1.0, b_keep = 0.0, b_drop = 0.0;
+  bool affine = false;
+};
+
+/// Residual + dropout + normalization over rows of D elements (float or double per the
+/// entry called): s = residual + dropout(x) in the dtype, then LayerNorm (or RMSNorm)
+/// over each row.  Row r's mask words are mask.offset + r * D + c.
+struct AddNormProblem {
+  int64_t rows = 0, D = 0;
+  const void *x = nullptr, *residual = nullptr, *weight = nullptr, *bias = nullptr;
+  void *y = nullptr, *sum = nullptr;  ///< forward outputs (sum optional)
+  const void* grad_out = nullptr;     ///< backward
+  void *grad_x = nullptr, *grad_residual = nullptr;
+  MaskSpec mask;
+  double keep_scale = 1.0;  ///< 1 / (1 - p) in the dtype
+  bool rms = false;
+  double eps = 1e-5;
+};
+
 struct Kernels {
   const char* name;
   /// Philox4x32 on n arbitrary counters (n x 4 words, word 0 first).
@@ -205,18 +241,32 @@ struct Kernels {
   /// sums[n] = sum over rows r of p[r, n] * act'(z[r, n]) for columns [n0, n1).
   void (*col_sums)(const Mat& m, int64_t n0, int64_t n1, float* sums);
   /// Attention forward of query rows [i0, i1) of item b (i0 a multiple of the query
-  /// tile).  `work` holds attention_work(..., false) floats; `*packed` names the item
+  /// tile).  `work` holds attention_layout(..., false).total floats; `*packed` names the item
   /// whose keys and values it holds (-1: none), so consecutive calls reuse them.
   void (*attention_forward)(const AttentionProblem& a, int64_t b, int64_t i0, int64_t i1,
                             float* work, int64_t* packed);
   /// Attention backward, key-major: grad_k and grad_v of keys [j0, j1) of item b (j0 a
   /// multiple of the key tile); with `with_grad_q` (only for the whole key range) also
-  /// item b's grad_q.  `work`: attention_work(..., true) floats.
+  /// item b's grad_q.  `work`: attention_layout(..., true).total floats.
   void (*attention_backward_kv)(const AttentionProblem& a, int64_t b, int64_t j0, int64_t j1,
                                 bool with_grad_q, float* work, int64_t* packed);
   /// grad_q of query rows [i0, i1) of item b alone (i0 a multiple of the query tile).
   void (*attention_backward_q)(const AttentionProblem& a, int64_t b, int64_t i0, int64_t i1,
                                float* work, int64_t* packed);
+  /// The family's elementwise ops (ElemOp) on n elements, keep bits from `keep`; y may alias x.
+  void (*family_f32)(const float* x, float* y, int64_t n, const KeepSource& keep, const ElemOp& op);
+  void (*family_f64)(const double* x, double* y, int64_t n, const KeepSource& keep, const ElemOp& op);
+  /// Gaussian dropout: y = x * (1 + sigma * z) for elements j0 .. j0 + n - 1 of the stream
+  /// (the contract's Gaussian section); y may alias x.
+  void (*gaussian_f32)(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key, float sigma);
+  void (*gaussian_f64)(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey key, double sigma);
+  /// AddNormProblem forward of rows [r0, r1) (float32 or float64 data).
+  void (*add_norm_f32)(const AddNormProblem& a, int64_t r0, int64_t r1);
+  void (*add_norm_f64)(const AddNormProblem& a, int64_t r0, int64_t r1);
+  /// Its backward for rows [r0, r1): grad_x, grad_residual, and the rows' sums of
+  /// grad_out * x_hat and of grad_out added into wsum and bsum (D doubles each).
+  void (*add_norm_backward_f32)(const AddNormProblem& a, int64_t r0, int64_t r1, double* wsum, double* bsum);
+  void (*add_norm_backward_f64)(const AddNormProblem& a, int64_t r0, int64_t r1, double* wsum, double* bsum);
 };
 
 /// Scratch layout of one thread's gemm_tile over an m x n range: packed A, packed

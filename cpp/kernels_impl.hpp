@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #if defined(_MSC_VER)
 #include <xmmintrin.h>  // _mm_prefetch
 #endif
@@ -605,6 +606,7 @@ void col_sums(const Mat& m, int64_t n0, int64_t n1, float* sums) {
 }
 
 #include "attention_impl.hpp"
+#include "family_impl.hpp"
 
 }  // namespace
 
@@ -615,6 +617,8 @@ const Kernels& kernels() {
       dropout_f64,  dropout_h16, kBlocking,
       gemm_tile,    col_sums,    attention_forward,
       attention_backward_kv,     attention_backward_q,
+      family_f32,   family_f64,  gaussian_f32, gaussian_f64, add_norm_f32,
+      add_norm_f64, add_norm_backward_f32, add_norm_backward_f64,
   };
   return table;
 }

@@ -186,7 +186,7 @@ void dense_forward(const DenseForward& a) {
   g.N = a.N;
   g.K = a.K;
   g.a = Mat{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
-  g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, MaskSpec{}};
+  g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, a.weight_mask};
   g.a_trans = false;
   g.b_trans = true;  // op(B)(k, n) = w[n, k]
   g.c = a.y;
@@ -204,7 +204,7 @@ void dense_backward(const DenseBackward& a) {
     g.N = a.K;
     g.K = a.N;
     g.a = dz;
-    g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, MaskSpec{}};
+    g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, a.weight_mask};
     g.c = a.grad_x;
     g.out_mask = a.mask;
     gemm(g);
@@ -227,6 +227,7 @@ void dense_backward(const DenseBackward& a) {
     g.a_trans = true;  // either operand on the left is read transposed
     g.c_trans = sparse;
     g.c = a.grad_w;
+    g.out_mask = a.weight_mask;  // DropConnect: grad_w's flat index is w's
     gemm(g);
   }
   if (a.grad_b) {
@@ -300,6 +301,142 @@ void attention_backward(const AttentionProblem& a) {
     const int64_t b = u / qtiles, i0 = u % qtiles * L.rows;
     k.attention_backward_q(a, b, i0, min64(a.Lq, i0 + L.rows), work, packed);
   });
+}
+
+// --------------------------------------------------------------------------- the family
+
+namespace {
+template <class T, class Kernel>
+void family_any(Kernel kernel, const T* x, T* y, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold,
+                const ElemOp& op) {
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    KeepSource src;
+    src.kind = KeepSource::stream;
+    src.j0 = j;
+    src.key = key;
+    src.threshold = threshold;
+    kernel(x + b, y + b, len, src, op);
+  });
+}
+
+template <class T, class Kernel>
+void family_noise_any(Kernel kernel, const T* x, T* y, const std::vector<int64_t>& sizes,
+                      const std::vector<char>& noise, uint64_t seed, uint64_t offset, uint64_t threshold,
+                      const ElemOp& op) {
+  const size_t groups = sizes.size();
+  int64_t total = 1, noise_total = 1;
+  for (size_t g = 0; g < groups; ++g) {
+    total *= sizes[g];
+    if (noise[g]) noise_total *= sizes[g];
+  }
+  if (total == 0) return;
+  // The noise array's keep bits, one Philox word per noise element, packed.
+  std::vector<uint8_t> bits(static_cast<size_t>((noise_total + 7) / 8 + 16), 0);
+  mask_packed(bits.data(), noise_total, seed, offset, threshold);
+  // A row: the innermost group, or (when that one is broadcast) the noise group before it
+  // times it.  Row r's first element has noise index n0(r).
+  const bool inner_noise = groups > 0 && noise[groups - 1];
+  const size_t outer = groups == 0 ? 0 : (inner_noise || groups == 1 ? groups - 1 : groups - 2);
+  const int64_t block = inner_noise || groups == 0 ? 1 : sizes[groups - 1];      // x elements per noise element
+  const int64_t per_row = groups == 0 ? 1 : (inner_noise ? sizes[groups - 1] : (groups >= 2 && noise[groups - 2] ? sizes[groups - 2] : 1));
+  const int64_t row_len = per_row * block;
+  const bool row_noise = inner_noise || (groups >= 2 && noise[groups - 2]);
+  std::vector<int64_t> stride(groups, 0);  // noise stride of each outer noise group
+  int64_t inner = row_noise ? per_row : 1;
+  for (size_t g = outer; g-- > 0;)
+    if (noise[g]) {
+      stride[g] = inner;
+      inner *= sizes[g];
+    }
+  const int64_t rows = total / row_len;
+  parallel_ranges(rows, 1, max64(1, kElementGrain / max64(row_len, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int64_t rest = r, n0 = 0;
+      for (size_t g = outer; g-- > 0;) {
+        const int64_t idx = rest % sizes[g];
+        rest /= sizes[g];
+        n0 += idx * stride[g];
+      }
+      const T* xr = x + r * row_len;
+      T* yr = y + r * row_len;
+      KeepSource src;
+      if (block == 1) {
+        src.kind = KeepSource::packed;
+        src.bits = bits.data();
+        src.b0 = static_cast<uint64_t>(n0);
+        kernel(xr, yr, row_len, src, op);
+        continue;
+      }
+      src.kind = KeepSource::block;
+      for (int64_t e = 0; e < per_row; ++e) {
+        const uint64_t at = static_cast<uint64_t>(n0 + (row_noise ? e : 0));
+        src.keep = (bits[at >> 3] >> (at & 7)) & 1;
+        kernel(xr + e * block, yr + e * block, block, src, op);
+      }
+    }
+  });
+}
+}  // namespace
+
+void family(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op) {
+  family_any(active_kernels().family_f32, x, y, n, seed, offset, threshold, op);
+}
+void family(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op) {
+  family_any(active_kernels().family_f64, x, y, n, seed, offset, threshold, op);
+}
+void family_noise(const float* x, float* y, const std::vector<int64_t>& sizes, const std::vector<char>& noise,
+                  uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op) {
+  family_noise_any(active_kernels().family_f32, x, y, sizes, noise, seed, offset, threshold, op);
+}
+void family_noise(const double* x, double* y, const std::vector<int64_t>& sizes, const std::vector<char>& noise,
+                  uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op) {
+  family_noise_any(active_kernels().family_f64, x, y, sizes, noise, seed, offset, threshold, op);
+}
+
+void gaussian(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, float sigma) {
+  const Kernels& k = active_kernels();
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    k.gaussian_f32(x + b, y + b, len, j, key, sigma);
+  });
+}
+
+void gaussian(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset, double sigma) {
+  const Kernels& k = active_kernels();
+  over_stream(n, seed, offset, [&](int64_t b, int64_t len, uint64_t j, PhiloxKey key) {
+    k.gaussian_f64(x + b, y + b, len, j, key, sigma);
+  });
+}
+
+void add_norm_forward(const AddNormProblem& a, bool f64) {
+  const Kernels& k = active_kernels();
+  auto fn = f64 ? k.add_norm_f64 : k.add_norm_f32;
+  parallel_ranges(a.rows, 1, max64(1, kElementGrain / max64(a.D, 1)), [&](int64_t r0, int64_t r1) { fn(a, r0, r1); });
+}
+
+void add_norm_backward(const AddNormProblem& a, bool f64, double* grad_weight, double* grad_bias) {
+  const Kernels& k = active_kernels();
+  auto fn = f64 ? k.add_norm_backward_f64 : k.add_norm_backward_f32;
+  // grad_weight and grad_bias: each chunk of kChunk rows sums into its own row of partial
+  // sums, and the chunks are added in order, so the thread count never changes a bit.
+  constexpr int64_t kChunk = 32;
+  const int64_t chunks = (a.rows + kChunk - 1) / kChunk;
+  const bool sums = grad_weight || grad_bias;
+  std::vector<double> part(sums ? static_cast<size_t>(2 * chunks * a.D) : 0, 0.0);
+  parallel_ranges(chunks, 1, max64(1, kElementGrain / max64(a.D * kChunk, 1)), [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      double* w = sums ? part.data() + 2 * c * a.D : nullptr;
+      fn(a, c * kChunk, min64(a.rows, (c + 1) * kChunk), grad_weight ? w : nullptr, grad_bias ? w + a.D : nullptr);
+    }
+  });
+  for (int64_t j = 0; sums && j < a.D; ++j) {
+    double sw = 0.0, sb = 0.0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      sw += part[static_cast<size_t>(2 * c * a.D + j)];
+      sb += part[static_cast<size_t>((2 * c + 1) * a.D + j)];
+    }
+    if (grad_weight) grad_weight[j] = sw;
+    if (grad_bias) grad_bias[j] = sb;
+  }
 }
 
 }  // namespace ops

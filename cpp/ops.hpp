@@ -4,6 +4,7 @@
 // crosses the split.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "kernels.hpp"
 
@@ -35,6 +36,7 @@ struct DenseForward {
   int64_t M = 0, N = 0, K = 0;
   Activation act = Activation::none;
   MaskSpec mask;
+  MaskSpec weight_mask;  ///< DropConnect: the mask on w (w's flat index), applied while packing
 };
 void dense_forward(const DenseForward& a);
 
@@ -50,6 +52,7 @@ struct DenseBackward {
   int64_t M = 0, N = 0, K = 0;
   Activation act = Activation::none;
   MaskSpec mask;
+  MaskSpec weight_mask;  ///< DropConnect
 };
 void dense_backward(const DenseBackward& a);
 
@@ -57,6 +60,28 @@ void dense_backward(const DenseBackward& a);
 /// section 7; see AttentionProblem.
 void attention_forward(const AttentionProblem& a);
 void attention_backward(const AttentionProblem& a);
+
+/// The family's elementwise op (ElemOp) with keep bits from the stream: element i has
+/// word index offset + i.
+void family(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op);
+void family(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op);
+/// The same with the mask drawn over a broadcast noise array (the contract's broadcast
+/// masks): x's shape collapsed into groups of dimensions, outermost first, `sizes[g]`
+/// elements each, `noise[g]` true where the noise array has x's extent (false: 1).
+void family_noise(const float* x, float* y, const std::vector<int64_t>& sizes, const std::vector<char>& noise,
+                  uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op);
+void family_noise(const double* x, double* y, const std::vector<int64_t>& sizes, const std::vector<char>& noise,
+                  uint64_t seed, uint64_t offset, uint64_t threshold, const ElemOp& op);
+
+/// Gaussian dropout y = x * (1 + sigma * z) (the contract's Gaussian section); y may be x.
+void gaussian(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, float sigma);
+void gaussian(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset, double sigma);
+
+/// Dropout + residual + LayerNorm/RMSNorm (AddNormProblem) forward, and backward: grad_x,
+/// grad_residual (each optional) and, when given, grad_weight and grad_bias (D doubles,
+/// summed over the rows in a fixed order).
+void add_norm_forward(const AddNormProblem& a, bool f64);
+void add_norm_backward(const AddNormProblem& a, bool f64, double* grad_weight, double* grad_bias);
 
 /// A general GEMM problem on the active backend, split over threads.
 void gemm(const GemmProblem& g);

@@ -25,7 +25,7 @@ float* optional_out(const py::object& o, const char* name, std::initializer_list
 
 void dense_forward(const py::array& x, const py::array& w, const py::object& bias,
                    py::array y, const py::object& z, int act, bool masked, uint64_t seed,
-                   uint64_t offset, uint64_t threshold, double scale) {
+                   uint64_t offset, uint64_t threshold, double scale, bool on_weight) {
   require<float>(x, "x");
   require<float>(w, "weight");
   if (x.ndim() != 2) throw py::value_error("x: expected 2 dimensions, got shape " + shape_str(x));
@@ -47,7 +47,7 @@ void dense_forward(const py::array& x, const py::array& w, const py::object& bia
   a.N = N;
   a.K = K;
   a.act = to_activation(act);
-  a.mask = ops::make_mask(masked, seed, offset, threshold, static_cast<float>(scale));
+  (on_weight ? a.weight_mask : a.mask) = ops::make_mask(masked, seed, offset, threshold, static_cast<float>(scale));
   py::gil_scoped_release nogil;
   ops::dense_forward(a);
 }
@@ -55,7 +55,7 @@ void dense_forward(const py::array& x, const py::array& w, const py::object& bia
 void dense_backward(const py::array& dy, const py::array& x, const py::array& w,
                     const py::object& z, const py::object& grad_x, const py::object& grad_w,
                     const py::object& grad_b, int act, bool masked, uint64_t seed, uint64_t offset,
-                    uint64_t threshold, double scale) {
+                    uint64_t threshold, double scale, bool on_weight) {
   require<float>(dy, "grad_out");
   require<float>(x, "x");
   require<float>(w, "weight");
@@ -79,7 +79,7 @@ void dense_backward(const py::array& dy, const py::array& x, const py::array& w,
   a.M = M;
   a.N = N;
   a.K = K;
-  a.mask = ops::make_mask(masked, seed, offset, threshold, static_cast<float>(scale));
+  (on_weight ? a.weight_mask : a.mask) = ops::make_mask(masked, seed, offset, threshold, static_cast<float>(scale));
   py::gil_scoped_release nogil;
   ops::dense_backward(a);
 }
@@ -89,12 +89,13 @@ void dense_backward(const py::array& dy, const py::array& x, const py::array& w,
 void register_dense(py::module_& m) {
   m.def("dense_forward", &dense_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("out"), py::arg("preactivation"), py::arg("activation"), py::arg("masked"),
-        py::arg("seed"), py::arg("offset"), py::arg("threshold"), py::arg("scale"),
-        "out = act(dropout(x) @ weight.T + bias) for 2-D C-contiguous float32 arrays.");
+        py::arg("seed"), py::arg("offset"), py::arg("threshold"), py::arg("scale"), py::arg("on_weight") = false,
+        "out = act(dropout(x) @ weight.T + bias) for 2-D C-contiguous float32 arrays; with on_weight,\n"
+        "act(x @ dropout(weight).T + bias) (DropConnect).");
   m.def("dense_backward", &dense_backward, py::arg("grad_out"), py::arg("x"), py::arg("weight"),
         py::arg("preactivation"), py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),
         py::arg("activation"), py::arg("masked"), py::arg("seed"), py::arg("offset"),
-        py::arg("threshold"), py::arg("scale"),
+        py::arg("threshold"), py::arg("scale"), py::arg("on_weight") = false,
         "Gradients of dense_forward; each grad_* output is optional (None).");
 }
 

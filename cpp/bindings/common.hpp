@@ -66,6 +66,7 @@ void register_runtime(py::module_& m);
 void register_rng(py::module_& m);
 void register_dense(py::module_& m);
 void register_attention(py::module_& m);
+void register_family(py::module_& m);
 
 }  // namespace bind
 }  // namespace fastdropout

@@ -42,6 +42,7 @@ PYBIND11_MODULE(_core, m) {
   bind::register_rng(m);
   bind::register_dense(m);
   bind::register_attention(m);
+  bind::register_family(m);
   // Choose the backend now, so a bad FASTDROPOUT_BACKEND fails the import clearly.
   active_kernels();
   gemm_path();  // a bad FASTDROPOUT_GEMM_PATH too

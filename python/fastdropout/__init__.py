@@ -17,6 +17,16 @@ except ImportError as exc:  # pragma: no cover - only without a build
 from . import reference
 from ._generator import Generator, default_generator, manual_seed
 from ._attention import attention, attention_backward
+from ._family import (
+    alpha_dropout,
+    alpha_dropout_backward,
+    dropconnect_dense,
+    dropconnect_dense_backward,
+    dropout_add_layer_norm,
+    dropout_add_layer_norm_backward,
+    gaussian_dropout,
+    gaussian_dropout_backward,
+)
 from ._api import (
     OversubscriptionWarning,
     available_backends,
@@ -35,6 +45,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Generator",
+    "alpha_dropout",
+    "alpha_dropout_backward",
+    "dropconnect_dense",
+    "dropconnect_dense_backward",
+    "dropout_add_layer_norm",
+    "dropout_add_layer_norm_backward",
+    "gaussian_dropout",
+    "gaussian_dropout_backward",
     "OversubscriptionWarning",
     "attention",
     "attention_backward",

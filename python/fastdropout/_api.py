@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -85,14 +85,54 @@ def get_num_threads() -> int:
 # --------------------------------------------------------------------------- dropout
 
 
-def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray]) -> np.ndarray:
+def noise_groups(noise_shape: Any, shape: Tuple[int, ...]) -> Optional[Tuple[List[int], List[bool]]]:
+    """Checks ``noise_shape`` against an array's shape (the contract's broadcast masks) and
+    collapses the dimensions into groups, outermost first: ``(sizes, is_noise)``; None when
+    the mask is not broadcast at all (plain dropout)."""
+    if noise_shape is None:
+        return None
+    ns = check_shape(noise_shape)
+    if len(ns) != len(shape):
+        raise ValueError(f"noise_shape must have x's rank {len(shape)}, got {tuple(ns)} for x of shape {tuple(shape)}")
+    for d, (n, s) in enumerate(zip(ns, shape)):
+        if n not in (s, 1):
+            raise ValueError(f"noise_shape[{d}] must be {s} (x's) or 1, got {n} (noise_shape {tuple(ns)}, x {tuple(shape)})")
+    sizes: List[int] = []
+    kinds: List[bool] = []
+    for n, s in zip(ns, shape):
+        if s == 1:
+            continue
+        noise = n == s
+        if kinds and kinds[-1] == noise:
+            sizes[-1] *= s
+        else:
+            sizes.append(s)
+            kinds.append(noise)
+    if all(kinds):
+        return None
+    return sizes, kinds
+
+
+def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray],
+                 op: Optional[Tuple[float, float, float, bool]] = None,
+                 groups: Optional[Tuple[List[int], List[bool]]] = None) -> np.ndarray:
+    """out = the family's op over x: dropout's select-and-scale when `op` is None, else
+    ``keep ? x * a (+ b_keep) : (b_drop or +0)`` with op = (a, b_keep, b_drop, affine);
+    the mask over `groups` (a broadcast noise array) when given."""
     src = np.asarray(x, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
     direct = out is not None and out.flags.c_contiguous and out.flags.aligned and (
         not np.may_share_memory(out, src)
         or (out.__array_interface__["data"][0] == src.__array_interface__["data"][0] and out.strides == src.strides)
     )
     target = out if direct else np.empty(src.shape, dtype=src.dtype)
-    if src.dtype.itemsize == 2:  # float16 / bfloat16: float32 arithmetic, one rounding (the contract's half-precision rule)
+    if groups is not None or op is not None:
+        a, b_keep, b_drop, affine = op if op is not None else (scale(p, src.dtype), 0.0, 0.0, False)
+        if groups is not None:
+            _core.family_noise(src.reshape(-1), target.reshape(-1), groups[0], groups[1], seed, offset, threshold(p),
+                               a, b_keep, b_drop, affine)
+        else:
+            _core.family(src.reshape(-1), target.reshape(-1), seed, offset, threshold(p), a, b_keep, b_drop, affine)
+    elif src.dtype.itemsize == 2:  # float16 / bfloat16: float32 arithmetic, one rounding (the contract's half-precision rule)
         _core.dropout_h16(src.reshape(-1).view(np.uint16), target.reshape(-1).view(np.uint16), seed, offset,
                           threshold(p), scale(p, np.float32), src.dtype.name == "bfloat16")
     else:
@@ -102,6 +142,11 @@ def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[
     if not direct:
         np.copyto(out, target)
     return out
+
+
+def check_no_half(x: np.ndarray, what: str) -> None:
+    if x.dtype.itemsize == 2:
+        raise TypeError(f"{what} takes float32 or float64, got {x.dtype} (convert with astype(np.float32))")
 
 
 def dropout(
@@ -114,6 +159,7 @@ def dropout(
     training: bool = True,
     out: Optional[np.ndarray] = None,
     return_stream: bool = False,
+    noise_shape: Optional[Sequence[int]] = None,
 ) -> Union[np.ndarray, Tuple[np.ndarray, Tuple[int, int]]]:
     """Inverted dropout: ``y = x / (1 - p)`` where kept, ``+0.0`` where dropped.
 
@@ -137,6 +183,12 @@ def dropout(
         ones given, or those drawn from the generator; ``(None, None)`` when
         ``training`` is False), for :func:`dropout_backward`.  This is how to
         backpropagate dropout drawn from a generator: the backward never draws.
+    noise_shape : optional shape of x's rank whose every dimension is x's or 1 (Keras's
+        ``noise_shape``): the mask is drawn over ``noise_shape`` (noise element ``n``, flat
+        C-order, uses word ``offset + n``) and broadcast over x, so ``(N, C, 1, 1)`` drops
+        whole channels (``torch.nn.Dropout2d``) and a 1 on the time axis locks the mask over
+        time (variational dropout, Gal and Ghahramani 2016).  One pass over x; one word per
+        noise element.  float32 and float64 only.
 
     Returns
     -------
@@ -170,6 +222,9 @@ def dropout(
     p = check_p(p)
     if out is not None:
         check_out(out, x.shape, x.dtype)
+    groups = noise_groups(noise_shape, x.shape)
+    if noise_shape is not None:
+        check_no_half(x, "dropout with noise_shape")
     # every argument is checked whichever path runs, and before anything is drawn
     offset = check_u64(offset, "offset")
     if seed is not None:
@@ -187,13 +242,14 @@ def dropout(
             y = out
         return (y, (None, None)) if return_stream else y
     if seed is None:
-        seed, offset = (generator or default_generator).draw(x.size)
-    y = _elementwise(x, p, seed, offset, out)
+        seed, offset = (generator or default_generator).draw(math.prod(noise_shape) if noise_shape is not None else x.size)
+    y = _elementwise(x, p, seed, offset, out, groups=groups)
     return (y, (seed, offset)) if return_stream else y
 
 
 def dropout_backward(
-    grad: np.ndarray, p: float, *, seed: int, offset: int = 0, out: Optional[np.ndarray] = None
+    grad: np.ndarray, p: float, *, seed: int, offset: int = 0, out: Optional[np.ndarray] = None,
+    noise_shape: Optional[Sequence[int]] = None,
 ) -> np.ndarray:
     """Gradient of :func:`dropout`: ``grad / (1 - p)`` where kept, ``+0.0`` where dropped.
 
@@ -208,6 +264,7 @@ def dropout_backward(
     p : the forward's drop probability, in [0, 1].
     seed, offset : the forward's Philox stream, ints in [0, 2**64).
     out : optional array of ``grad``'s shape and dtype (it may be ``grad``).
+    noise_shape : the forward's (a broadcast mask; float32 and float64 only).
 
     Returns
     -------
@@ -233,7 +290,10 @@ def dropout_backward(
     offset = check_u64(offset, "offset")
     if out is not None:
         check_out(out, grad.shape, grad.dtype)
-    return _elementwise(grad, p, seed, offset, out)
+    groups = noise_groups(noise_shape, grad.shape)
+    if noise_shape is not None:
+        check_no_half(grad, "dropout_backward with noise_shape")
+    return _elementwise(grad, p, seed, offset, out, groups=groups)
 
 
 def dropout_mask(shape, p: float, *, seed: int, offset: int = 0, packed: bool = False) -> np.ndarray:

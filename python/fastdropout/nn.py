@@ -47,9 +47,18 @@ from ._generator import Generator, default_generator
 
 __all__ = [
     "Adam",
+    "AlphaDropout",
     "Dense",
+    "DropConnectDense",
     "Dropout",
+    "Dropout1d",
+    "Dropout2d",
+    "Dropout3d",
+    "DropoutAddLayerNorm",
     "DropoutDense",
+    "FeatureAlphaDropout",
+    "GaussianDropout",
+    "LockedDropout",
     "Module",
     "Optimizer",
     "SGD",
@@ -786,3 +795,17 @@ def mc_predict(
         for m, mode in modes:
             m.training = mode
     return mean.astype(dtype), np.sqrt(m2 / samples).astype(dtype)
+
+
+# The rest of the dropout family (channel, locked, alpha, DropConnect, dropout + add + norm).
+from ._nn_family import (  # noqa: E402  (they build on the classes above)
+    AlphaDropout,
+    DropConnectDense,
+    Dropout1d,
+    Dropout2d,
+    Dropout3d,
+    DropoutAddLayerNorm,
+    FeatureAlphaDropout,
+    GaussianDropout,
+    LockedDropout,
+)

@@ -18,8 +18,17 @@ import numbers
 import numpy as np
 
 __all__ = [
+    "alpha_dropout",
+    "alpha_dropout_backward",
     "attention",
     "attention_backward",
+    "dropconnect_dense",
+    "dropconnect_dense_backward",
+    "dropout_add_layer_norm",
+    "dropout_add_layer_norm_backward",
+    "gaussian_dropout",
+    "gaussian_dropout_backward",
+    "gaussian_noise",
     "dense",
     "dropout",
     "dropout_backward",
@@ -285,7 +294,7 @@ def _apply_mask(values: np.ndarray, keep: np.ndarray, s) -> np.ndarray:
         return np.where(keep, values * s, values.dtype.type(0))
 
 
-def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> np.ndarray:
+def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True, noise_shape=None) -> np.ndarray:
     """Inverted dropout (the contract's dropout): ``y = where(keep, x * s, +0.0)``.
 
     ``s = dropout_scale(p, x.dtype)``; the mask is ``dropout_mask(x.shape, p, seed, offset)``
@@ -293,7 +302,9 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> n
     ``TypeError`` for an array of another dtype). Returns a new C-contiguous array of
     ``x``'s dtype (float16, bfloat16, float32 or float64). For float16 and bfloat16 (the contract's
     half-precision rule) a kept value is ``x * s`` computed in float32 with ``s`` rounded to float32,
-    then rounded once to the dtype. ``training=False`` returns a copy of ``x``.
+    then rounded once to the dtype. ``training=False`` returns a copy of ``x``.  With ``noise_shape``
+    (x's rank, each dimension x's or 1) the mask is ``dropout_mask(noise_shape, ...)`` broadcast over
+    ``x`` (the contract's broadcast masks).
     """
     x = _check_float_array(x, "x")
     p = _check_p(p)
@@ -302,7 +313,7 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> n
     x = np.asarray(x, order="C")
     if not training:
         return x.copy(order="C")
-    keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
+    keep = _broadcast_mask(x.shape, p, seed, offset, noise_shape)
     if x.dtype in _HALF_DTYPES:
         # the contract's half-precision rule: x * s in float32 (s rounded once to float32), rounded once to the dtype
         with np.errstate(over="ignore", invalid="ignore"):
@@ -311,12 +322,22 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> n
     return _apply_mask(x, keep, dropout_scale(p, x.dtype))
 
 
-def dropout_backward(grad, p, *, seed: int, offset: int = 0) -> np.ndarray:
+def dropout_backward(grad, p, *, seed: int, offset: int = 0, noise_shape=None) -> np.ndarray:
     """Gradient of :func:`dropout`: ``where(keep, grad * s, +0.0)`` with the same mask and scale.
 
     Same arguments, dtypes and errors as :func:`dropout`.
     """
-    return dropout(grad, p, seed=seed, offset=offset, training=True)
+    return dropout(grad, p, seed=seed, offset=offset, training=True, noise_shape=noise_shape)
+
+
+def _broadcast_mask(shape, p, seed, offset, noise_shape) -> np.ndarray:
+    """The keep mask of an array of ``shape``: its own, or ``noise_shape``'s broadcast."""
+    if noise_shape is None:
+        return dropout_mask(shape, p, seed=seed, offset=offset)
+    noise_shape = _check_shape(noise_shape)
+    if len(noise_shape) != len(shape) or any(n not in (s, 1) for n, s in zip(noise_shape, shape)):
+        raise ValueError(f"noise_shape {noise_shape} must have the rank of {tuple(shape)}, each dimension equal or 1")
+    return np.broadcast_to(dropout_mask(noise_shape, p, seed=seed, offset=offset), shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,3 +574,190 @@ def attention_backward(grad_out, q, k, v, p, *, seed: int = 0, offset: int = 0, 
         grad_k = grad_k.reshape(grad_k.shape[:-3] + (-1, groups) + grad_k.shape[-2:]).sum(axis=-3)
         grad_v = grad_v.reshape(grad_v.shape[:-3] + (-1, groups) + grad_v.shape[-2:]).sum(axis=-3)
     return _sum_to(grad_q, shapes[0]), _sum_to(grad_k, shapes[1]), _sum_to(grad_v, shapes[2])
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The dropout family
+# ---------------------------------------------------------------------------------------------
+
+SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's alpha * scale (Klambauer et al. 2017)
+
+
+def alpha_dropout_constants(p, dtype):
+    """``(a, b_keep, b_drop)`` of alpha dropout for ``p`` in (0, 1), computed in double and each
+    rounded once to ``dtype``: ``a = 1 / sqrt((alpha**2 * p + 1) * (1 - p))``,
+    ``b_keep = alpha * a * p``, ``b_drop = alpha * a * (p - 1)``."""
+    p = _check_p(p)
+    alpha = SELU_ALPHA_SCALE
+    a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
+    dtype = np.dtype(dtype)
+    return dtype.type(a), dtype.type(alpha * a * p), dtype.type(alpha * a * (p - 1.0))
+
+
+def alpha_dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True, noise_shape=None) -> np.ndarray:
+    """Alpha dropout for self-normalizing networks (the contract's alpha dropout; Klambauer et al.,
+    "Self-Normalizing Neural Networks", NeurIPS 2017), float32 or float64.
+
+    Kept: ``x * a + b_keep`` as two operations in the dtype (each rounded); dropped: ``b_drop``.
+    ``p = 0`` (or ``training=False``) returns a copy of ``x``, ``p = 1`` zeros.  ``noise_shape``
+    broadcasts the mask as :func:`dropout`'s (feature alpha dropout).
+    """
+    x = _check_float_array(x, "x")
+    if x.dtype in _HALF_DTYPES:
+        raise TypeError(f"alpha_dropout takes float32 or float64, got {x.dtype}")
+    p = _check_p(p)
+    seed, offset = _check_u64(seed, "seed"), _check_u64(offset, "offset")
+    x = np.asarray(x, order="C")
+    if not training or p == 0.0:
+        return x.copy(order="C")
+    if p == 1.0:
+        return np.zeros_like(x)
+    keep = _broadcast_mask(x.shape, p, seed, offset, noise_shape)
+    a, b_keep, b_drop = alpha_dropout_constants(p, x.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        kept = (x * a) + b_keep  # two roundings in the dtype
+    return np.where(keep, kept, b_drop).astype(x.dtype)
+
+
+def alpha_dropout_backward(grad, p, *, seed: int, offset: int = 0, noise_shape=None) -> np.ndarray:
+    """Gradient of :func:`alpha_dropout`: ``grad * a`` where kept, ``+0.0`` where dropped (``grad``
+    itself for ``p = 0``, zeros for ``p = 1``)."""
+    grad = _check_float_array(grad, "grad")
+    p = _check_p(p)
+    grad = np.asarray(grad, order="C")
+    if p == 0.0:
+        return grad.copy(order="C")
+    if p == 1.0:
+        return np.zeros_like(grad)
+    keep = _broadcast_mask(grad.shape, p, seed, offset, noise_shape)
+    a = alpha_dropout_constants(p, grad.dtype)[0]
+    return _apply_mask(grad, keep, a)
+
+
+def gaussian_noise(shape, p, *, seed: int, offset: int = 0) -> np.ndarray:
+    """``z`` of Gaussian dropout (the contract's Gaussian dropout), float64, for an array of ``shape``:
+    element ``i`` takes ``j = (offset + i) mod 2**64``, ``m = j >> 1``, ``u1 = (w(2m) + 0.5) 2**-32``,
+    ``u2 = (w(2m + 1) + 0.5) 2**-32``, ``r = sqrt(-2 ln u1)``, ``theta = 2 pi u2`` and
+    ``z = r cos(theta)`` (``j`` even) or ``r sin(theta)`` (``j`` odd)."""
+    shape = _check_shape(shape)
+    seed, offset = _check_u64(seed, "seed"), _check_u64(offset, "offset")
+    n = math.prod(shape)
+    if n == 0:
+        return np.zeros(shape)
+    first = offset & ~1  # the pair of the first element
+    words = random_words((offset - first) + n + 1, seed, first).astype(np.float64)
+    j = np.arange(n, dtype=np.int64) + (offset - first)  # index relative to the first pair (even)
+    pair = j & ~1
+    u1 = (words[pair] + 0.5) * 2.0**-32
+    u2 = (words[pair + 1] + 0.5) * 2.0**-32
+    r = np.sqrt(-2.0 * np.log(u1))
+    theta = 2.0 * np.pi * u2
+    odd = (j & 1).astype(bool)  # the parity of offset + i, as first is even
+    return np.where(odd, r * np.sin(theta), r * np.cos(theta)).reshape(shape)
+
+
+def gaussian_dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True) -> np.ndarray:
+    """Gaussian dropout in float64: ``x * (1 + sigma * z)``, ``sigma = sqrt(p / (1 - p))``, ``z`` from
+    :func:`gaussian_noise`; ``p`` in [0, 1) (``p = 1`` is a ValueError)."""
+    x = _check_float_array(x, "x")
+    p = _check_p(p)
+    if p == 1.0:
+        raise ValueError("gaussian_dropout needs p < 1")
+    if not training or p == 0.0:
+        return x.astype(np.float64)
+    sigma = math.sqrt(p / (1.0 - p))
+    return x.astype(np.float64) * (1.0 + sigma * gaussian_noise(x.shape, p, seed=seed, offset=offset))
+
+
+def gaussian_dropout_backward(grad, p, *, seed: int, offset: int = 0) -> np.ndarray:
+    """Gradient of :func:`gaussian_dropout`: ``grad * (1 + sigma * z)``, float64."""
+    return gaussian_dropout(grad, p, seed=seed, offset=offset)
+
+
+def dropconnect_dense(x, weight, bias=None, p=0.5, *, seed: int, offset: int = 0, activation=None,
+                      training: bool = True, return_preactivation: bool = False):
+    """DropConnect (Wan et al., "Regularization of Neural Networks using DropConnect", ICML 2013),
+    in float64: ``z = x @ dropout(weight, p, seed, offset).T + bias``, ``y = act(z)``; the mask is
+    over the weight's flat index (one mask per call) and the dropped weight is exactly
+    :func:`dropout`'s output in the weight's dtype."""
+    x = _check_float_array(x, "x")
+    weight = _check_float_array(weight, "weight")
+    activation = _check_activation(activation)
+    _check_dense_shapes(x, weight, bias)
+    dropped = dropout(weight, p, seed=seed, offset=offset, training=training)
+    z = dense(x, dropped, bias)
+    y = _activate(z, activation)
+    return (y, z) if return_preactivation else y
+
+
+def dropconnect_dense_backward(grad_out, x, weight, p, *, seed: int, offset: int = 0, activation=None,
+                               preactivation=None, bias: bool = True):
+    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`dropconnect_dense` (training), in
+    float64: ``dz = grad_out * act'(z)``, ``grad_x = dz @ dropout(weight)``,
+    ``grad_weight = where(keep, (dz.T @ x) * s, 0)``, ``grad_bias = dz`` summed over the rows."""
+    x = _check_float_array(x, "x")
+    weight = _check_float_array(weight, "weight")
+    grad_out = _check_float_array(grad_out, "grad_out")
+    activation = _check_activation(activation)
+    _check_dense_shapes(x, weight, None)
+    out_features, in_features = weight.shape
+    dz = grad_out.astype(np.float64)
+    if activation is not None:
+        if preactivation is None:
+            raise ValueError(f"preactivation is required with activation={activation!r}")
+        dz = dz * _activation_grad(_check_float_array(preactivation, "preactivation").astype(np.float64), activation)
+    rows = math.prod(x.shape[:-1])
+    dz2d = dz.reshape(rows, out_features)
+    dropped = dropout(weight, p, seed=seed, offset=offset).astype(np.float64)
+    grad_x = (dz2d @ dropped).reshape(x.shape)
+    keep = dropout_mask(weight.shape, p, seed=seed, offset=offset)
+    s = np.float64(dropout_scale(p, weight.dtype))
+    grad_weight = _apply_mask(dz2d.T @ x.reshape(rows, in_features).astype(np.float64), keep, s)
+    grad_bias = dz2d.sum(axis=0) if bias else None
+    return grad_x, grad_weight, grad_bias
+
+
+def _add_norm_parts(x, residual, p, seed, offset, training, norm, eps):
+    x = _check_float_array(x, "x")
+    residual = _check_float_array(residual, "residual")
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError("residual must have x's shape and dtype")
+    s = (residual + dropout(x, p, seed=seed, offset=offset, training=training)).astype(np.float64)  # in the dtype
+    mean = np.zeros(s.shape[:-1] + (1,)) if norm == "rms" else s.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt(((s - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
+    return x, s, (s - mean) * rstd, rstd
+
+
+def dropout_add_layer_norm(x, residual, weight, bias, p, *, eps: float = 1e-5, norm: str = "layer", seed: int,
+                           offset: int = 0, training: bool = True, return_sum: bool = False):
+    """``LayerNorm(residual + dropout(x))`` over the last axis (the contract's dropout + residual +
+    normalization), in float64 from ``s = residual + dropout(x)`` computed in the dtype:
+    ``(s - mean) / sqrt(var + eps) * weight + bias`` (biased variance), or with ``norm="rms"``
+    ``s / sqrt(mean(s**2) + eps) * weight`` (``bias`` must be None).  ``weight`` and ``bias`` may
+    be None (no affine).  Returns ``y``, or ``(y, s)``."""
+    x, s, xhat, _ = _add_norm_parts(x, residual, p, seed, offset, training, norm, eps)
+    y = xhat * (1.0 if weight is None else np.asarray(weight, np.float64))
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return (y, s) if return_sum else y
+
+
+def dropout_add_layer_norm_backward(grad_out, x, residual, weight, bias, p, *, eps: float = 1e-5,
+                                    norm: str = "layer", seed: int, offset: int = 0):
+    """Gradients ``(grad_x, grad_residual, grad_weight, grad_bias)`` of
+    :func:`dropout_add_layer_norm` (training), in float64; ``grad_weight`` is None without a
+    weight and ``grad_bias`` None without a bias (always for RMS)."""
+    x, s, xhat, rstd = _add_norm_parts(x, residual, p, seed, offset, True, norm, eps)
+    dy = _check_float_array(grad_out, "grad_out").astype(np.float64)
+    g = dy * (1.0 if weight is None else np.asarray(weight, np.float64))
+    mg = 0.0 if norm == "rms" else g.mean(axis=-1, keepdims=True)
+    ds = rstd * (g - mg - xhat * (g * xhat).mean(axis=-1, keepdims=True))
+    keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
+    grad_x = _apply_mask(ds, keep, np.float64(dropout_scale(p, x.dtype)))
+    lead = tuple(range(dy.ndim - 1))
+    grad_weight = (dy * xhat).sum(axis=lead) if weight is not None else None
+    grad_bias = dy.sum(axis=lead) if bias is not None else None
+    return grad_x, ds, grad_weight, grad_bias

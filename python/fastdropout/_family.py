@@ -1,0 +1,477 @@
+"""The rest of the dropout family in the NumPy API: alpha dropout, DropConnect, and dropout +
+residual + LayerNorm/RMSNorm (broadcast masks are ``noise_shape`` of :func:`fastdropout.dropout`)."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from ._api import _dense_inputs, _elementwise, _layer_args, check_no_half, noise_groups
+from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
+from ._generator import Generator, default_generator
+
+SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's alpha * scale
+
+
+def alpha_constants(p: float, dtype) -> Tuple[float, float, float]:
+    """``(a, b_keep, b_drop)`` in double, each rounded once to ``dtype`` (the contract's alpha dropout)."""
+    alpha = SELU_ALPHA_SCALE
+    a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
+    t = np.dtype(dtype).type
+    return float(t(a)), float(t(alpha * a * p)), float(t(alpha * a * (p - 1.0)))
+
+
+def _check_stream(seed, offset, generator):
+    offset = check_u64(offset, "offset")
+    if seed is not None:
+        seed = check_u64(seed, "seed")
+    if generator is not None:
+        if not isinstance(generator, Generator):
+            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
+        if seed is not None:
+            raise ValueError("give either seed (and offset) or generator, not both")
+    return seed, offset
+
+
+def alpha_dropout(
+    x: np.ndarray,
+    p: float = 0.5,
+    *,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[Generator] = None,
+    training: bool = True,
+    noise_shape: Optional[Sequence[int]] = None,
+    out: Optional[np.ndarray] = None,
+    return_stream: bool = False,
+) -> Union[np.ndarray, Tuple[np.ndarray, Tuple[Optional[int], Optional[int]]]]:
+    """Alpha dropout, which keeps the mean and variance of SELU activations.
+
+    With ``alpha = 1.7580993408473766`` (SELU's alpha times its scale),
+    ``a = 1 / sqrt((alpha**2 * p + 1) * (1 - p))``, ``b_keep = alpha * a * p`` and
+    ``b_drop = alpha * a * (p - 1)`` (each computed in double, rounded once to the dtype):
+    a kept element becomes ``x * a + b_keep`` (two roundings, no fused multiply-add), a dropped
+    one ``b_drop``; PyTorch's ``alpha_dropout`` formula.  The mask is :func:`dropout`'s
+    (``noise_shape`` broadcasts it: ``(N, C, 1, ...)`` is PyTorch's ``FeatureAlphaDropout``).
+
+    Parameters
+    ----------
+    x : float32 or float64 array, any shape and strides.
+    p : drop probability in [0, 1]; 0 returns a copy of ``x``, 1 returns zeros.
+    seed, offset, generator, training, out, return_stream : as :func:`dropout`.
+    noise_shape : as :func:`dropout`.
+
+    Returns
+    -------
+    ndarray of ``x``'s dtype and shape (``out`` if given); with ``return_stream`` also the
+    ``(seed, offset)`` used.
+
+    Raises
+    ------
+    TypeError
+        Other dtypes (float16 and bfloat16 included), ``out`` of another dtype, non-integer
+        ``seed``/``offset``.
+    ValueError
+        ``p`` outside [0, 1], a ``noise_shape`` that does not fit, ``seed``/``offset`` outside
+        [0, 2**64), both ``seed`` and ``generator``.
+
+    References
+    ----------
+    G. Klambauer, T. Unterthiner, A. Mayr, S. Hochreiter, "Self-Normalizing Neural Networks",
+    NeurIPS 2017.
+
+    Examples
+    --------
+    >>> fd.alpha_dropout(np.zeros(4, np.float32), 0.5, seed=2)   # b_keep where kept, b_drop where dropped
+    array([-0.77919394, -0.77919394,  0.77919394, -0.77919394], dtype=float32)
+    """
+    x = check_float_array(x, "x")
+    p = check_p(p)
+    if out is not None:
+        check_out(out, x.shape, x.dtype)
+    groups = noise_groups(noise_shape, x.shape)
+    seed, offset = _check_stream(seed, offset, generator)
+    if not training or p == 0.0:
+        y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
+        return (y, (None, None)) if return_stream else y
+    if seed is None:
+        seed, offset = (generator or default_generator).draw(math.prod(noise_shape) if noise_shape is not None else x.size)
+    if p == 1.0:
+        y = np.zeros(x.shape, x.dtype) if out is None else (out.fill(0) or out)
+    else:
+        a, b_keep, b_drop = alpha_constants(p, x.dtype)
+        y = _elementwise(x, p, seed, offset, out, op=(a, b_keep, b_drop, True), groups=groups)
+    return (y, (seed, offset)) if return_stream else y
+
+
+def alpha_dropout_backward(
+    grad: np.ndarray,
+    p: float,
+    *,
+    seed: int,
+    offset: int = 0,
+    noise_shape: Optional[Sequence[int]] = None,
+    out: Optional[np.ndarray] = None,
+) -> np.ndarray:
+    """Gradient of :func:`alpha_dropout`: ``grad * a`` where kept, ``+0.0`` where dropped (the mask
+    regenerated from ``(seed, offset, p)``); ``grad`` itself for ``p = 0``, zeros for ``p = 1``.
+
+    Parameters, returns and errors as :func:`alpha_dropout` (``seed`` is required).
+    """
+    grad = check_float_array(grad, "grad")
+    p = check_p(p)
+    seed, offset = check_u64(seed, "seed"), check_u64(offset, "offset")
+    if out is not None:
+        check_out(out, grad.shape, grad.dtype)
+    groups = noise_groups(noise_shape, grad.shape)
+    if p == 0.0:
+        return np.array(grad, order="C", copy=True) if out is None else (np.copyto(out, grad) or out)
+    if p == 1.0:
+        return np.zeros(grad.shape, grad.dtype) if out is None else (out.fill(0) or out)
+    a = alpha_constants(p, grad.dtype)[0]
+    return _elementwise(grad, p, seed, offset, out, op=(a, 0.0, 0.0, False), groups=groups)
+
+
+# --------------------------------------------------------------------------- Gaussian dropout
+
+
+def _check_gaussian_p(p: Any) -> float:
+    p = check_p(p)
+    if p == 1.0:
+        raise ValueError("gaussian_dropout needs p < 1 (sigma = sqrt(p / (1 - p)) is infinite at p = 1)")
+    return p
+
+
+def _gaussian(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray]) -> np.ndarray:
+    src = np.ascontiguousarray(x)
+    target = np.empty(src.shape, src.dtype) if out is None or not out.flags.c_contiguous else out
+    _core.gaussian(src.reshape(-1), target.reshape(-1), seed, offset, math.sqrt(p / (1.0 - p)))
+    if out is not None and target is not out:
+        np.copyto(out, target)
+        return out
+    return target
+
+
+def gaussian_dropout(
+    x: np.ndarray,
+    p: float = 0.5,
+    *,
+    seed: Optional[int] = None,
+    offset: int = 0,
+    generator: Optional[Generator] = None,
+    training: bool = True,
+    out: Optional[np.ndarray] = None,
+    return_stream: bool = False,
+) -> Union[np.ndarray, Tuple[np.ndarray, Tuple[Optional[int], Optional[int]]]]:
+    """Gaussian (multiplicative) dropout: ``y = x * (1 + sigma * z)``, ``sigma = sqrt(p / (1 - p))``.
+
+    ``z`` is a standard normal deviate per element, from the Box-Muller transform of the
+    element's pair of Philox words: element ``i`` (``j = offset + i``, ``m = j >> 1``) takes
+    ``u1 = (w(2m) + 0.5) 2**-32``, ``u2 = (w(2m + 1) + 0.5) 2**-32``, ``r = sqrt(-2 ln u1)``,
+    ``theta = 2 pi u2`` and ``z = r cos(theta)`` for even ``j``, ``r sin(theta)`` for odd.  The
+    noise has mean 1 and variance ``p / (1 - p)``, as dropout's (Srivastava et al. 2014, section
+    10; Keras's ``GaussianDropout``).  float32 computes ``z`` in float32 within
+    ``|y - y64| <= 8 eps |x| (1 + sigma |z|)`` of the float64 computation from the same words.
+
+    Parameters
+    ----------
+    x : float32 or float64 array, any shape and strides.
+    p : in [0, 1) (the variance of the noise is p / (1 - p)); 0 returns a copy of ``x``.
+    seed, offset, generator, training, out, return_stream : as :func:`dropout`.
+
+    Raises
+    ------
+    TypeError
+        Other dtypes, ``out`` of another dtype, non-integer ``seed``/``offset``.
+    ValueError
+        ``p`` outside [0, 1) (``p = 1`` included), ``seed``/``offset`` outside [0, 2**64),
+        both ``seed`` and ``generator``.
+
+    References
+    ----------
+    N. Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from Overfitting",
+    JMLR 15 (2014); G. Box, M. Muller, "A Note on the Generation of Random Normal Deviates",
+    Ann. Math. Stat. 29 (1958).
+    """
+    x = check_float_array(x, "x")
+    p = _check_gaussian_p(p)
+    if out is not None:
+        check_out(out, x.shape, x.dtype)
+    seed, offset = _check_stream(seed, offset, generator)
+    if not training or p == 0.0:
+        y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
+        return (y, (None, None)) if return_stream else y
+    if seed is None:
+        seed, offset = (generator or default_generator).draw(x.size)
+    y = _gaussian(x, p, seed, offset, out)
+    return (y, (seed, offset)) if return_stream else y
+
+
+def gaussian_dropout_backward(
+    grad: np.ndarray, p: float, *, seed: int, offset: int = 0, out: Optional[np.ndarray] = None
+) -> np.ndarray:
+    """Gradient of :func:`gaussian_dropout`: ``grad * (1 + sigma * z)`` with the same ``z``
+    (regenerated).  Parameters and errors as :func:`gaussian_dropout` (``seed`` required)."""
+    grad = check_float_array(grad, "grad")
+    p = _check_gaussian_p(p)
+    seed, offset = check_u64(seed, "seed"), check_u64(offset, "offset")
+    if out is not None:
+        check_out(out, grad.shape, grad.dtype)
+    if p == 0.0:
+        return np.array(grad, order="C", copy=True) if out is None else (np.copyto(out, grad) or out)
+    return _gaussian(grad, p, seed, offset, out)
+
+
+# --------------------------------------------------------------------------- DropConnect
+
+
+def dropconnect_dense(
+    x: np.ndarray,
+    weight: np.ndarray,
+    bias: Optional[np.ndarray] = None,
+    p: float = 0.5,
+    *,
+    seed: int,
+    offset: int = 0,
+    activation: Optional[str] = None,
+    training: bool = True,
+    return_preactivation: bool = False,
+):
+    """DropConnect: ``act(x @ dropout(weight, p, seed, offset).T + bias)`` in one GEMM.
+
+    The mask is on the weight (its flat index; one mask per call, shared by every row of
+    ``x``) and is applied while the weight's panels are packed inside the GEMM; no masked
+    copy of the weight exists.  float32; bit-identical for any thread count.
+
+    Parameters
+    ----------
+    x : float32 array ``(..., in_features)``.
+    weight : float32 array ``(out_features, in_features)`` (``torch.nn.Linear``'s layout).
+    bias : optional float32 ``(out_features,)``.
+    p, seed, offset : the weight's dropout.
+    activation : None, ``"relu"`` or ``"gelu"``.
+    training : False gives the plain dense layer.
+    return_preactivation : also return ``z`` (needed by the backward with an activation).
+
+    Returns
+    -------
+    ``y`` of shape ``(..., out_features)``, or ``(y, z)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`dropout_dense`.
+
+    References
+    ----------
+    L. Wan, M. Zeiler, S. Zhang, Y. LeCun, R. Fergus, "Regularization of Neural Networks using
+    DropConnect", ICML 2013.
+    """
+    x, weight, bias = _dense_inputs(x, weight, bias)
+    p, seed, offset, act = _layer_args(p, seed, offset, activation)
+    k, n_out = x.shape[-1], weight.shape[0]
+    rows = math.prod(x.shape[:-1])
+    x2 = np.ascontiguousarray(x).reshape(rows, k)
+    y = np.empty((rows, n_out), np.float32)
+    z = np.empty_like(y) if return_preactivation else None
+    _core.dense_forward(x2, weight, bias, y, z, act, bool(training) and p > 0.0, seed, offset, threshold(p),
+                        scale(p, np.float32), True)
+    lead = x.shape[:-1] + (n_out,)
+    return (y.reshape(lead), z.reshape(lead)) if return_preactivation else y.reshape(lead)
+
+
+def dropconnect_dense_backward(
+    grad_out: np.ndarray,
+    x: np.ndarray,
+    weight: np.ndarray,
+    p: float,
+    *,
+    seed: int,
+    offset: int = 0,
+    activation: Optional[str] = None,
+    preactivation: Optional[np.ndarray] = None,
+    bias: bool = True,
+) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
+    """Gradients of :func:`dropconnect_dense`: ``dz = grad_out * act'(z)``,
+    ``grad_x = dz @ dropout(weight)``, ``grad_weight = dropout_backward(dz.T @ x)`` (the weight's
+    mask, regenerated in the GEMM's write-back), ``grad_bias = dz.sum(0)`` (None without bias).
+
+    Returns ``(grad_x, grad_weight, grad_bias)`` in x's, weight's and ``(out_features,)``
+    shapes; errors as :func:`dropout_dense_backward`.
+    """
+    x, weight, _ = _dense_inputs(x, weight, None)
+    grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
+    p, seed, offset, act = _layer_args(p, seed, offset, activation)
+    k, n_out = x.shape[-1], weight.shape[0]
+    lead = x.shape[:-1]
+    if grad_out.shape != lead + (n_out,):
+        raise ValueError(f"grad_out must have shape {lead + (n_out,)}, got {grad_out.shape}")
+    z2 = None
+    if act:
+        if preactivation is None:
+            raise ValueError(f"preactivation is required with activation={activation!r}")
+        z = check_float_array(preactivation, "preactivation", (np.float32,))
+        if z.shape != grad_out.shape:
+            raise ValueError(f"preactivation must have shape {grad_out.shape}, got {z.shape}")
+        z2 = np.ascontiguousarray(z).reshape(-1, n_out)
+    rows = math.prod(lead)
+    x2 = np.ascontiguousarray(x).reshape(rows, k)
+    dy2 = np.ascontiguousarray(grad_out).reshape(rows, n_out)
+    gx = np.empty((rows, k), np.float32)
+    gw = np.empty(weight.shape, np.float32)
+    gb = np.empty(n_out, np.float32) if bias else None
+    _core.dense_backward(dy2, x2, weight, z2, gx, gw, gb, act, p > 0.0, seed, offset, threshold(p),
+                         scale(p, np.float32), True)
+    return gx.reshape(x.shape), gw, gb
+
+
+# --------------------------------------------------------------------------- dropout + residual + norm
+
+
+def _check_eps(eps: Any) -> float:
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (eps >= 0.0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and >= 0, got {eps}")
+    return eps
+
+
+def _add_norm_inputs(x, residual, weight, bias, norm, eps):
+    x = check_float_array(x, "x")
+    residual = check_float_array(residual, "residual")
+    if residual.dtype != x.dtype:
+        raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least one dimension (the normalized one)")
+    if norm not in ("layer", "rms"):
+        raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+    D = x.shape[-1]
+    params = []
+    for name, a in (("weight", weight), ("bias", bias)):
+        if a is not None:
+            a = check_float_array(a, name)
+            if a.dtype != x.dtype:
+                raise TypeError(f"{name} must have x's dtype {x.dtype}, got {a.dtype}")
+            if a.shape != (D,):
+                raise ValueError(f"{name} must have shape ({D},), got {a.shape}")
+            a = np.ascontiguousarray(a)
+        params.append(a)
+    if norm == "rms" and bias is not None:
+        raise ValueError("norm='rms' has no bias: pass bias=None")
+    return x, residual, params[0], params[1], _check_eps(eps)
+
+
+def dropout_add_layer_norm(
+    x: np.ndarray,
+    residual: np.ndarray,
+    weight: Optional[np.ndarray],
+    bias: Optional[np.ndarray],
+    p: float,
+    *,
+    eps: float = 1e-5,
+    norm: str = "layer",
+    seed: int,
+    offset: int = 0,
+    training: bool = True,
+    return_sum: bool = False,
+):
+    """``LayerNorm(residual + dropout(x))``, the ending of every transformer block, in one pass per row.
+
+    ``s = residual + dropout(x, p, seed, offset)`` in the dtype (the mask over x's flat index),
+    then over the last axis ``(s - mean) / sqrt(var + eps) * weight + bias`` (biased variance,
+    as ``torch.nn.functional.layer_norm``; statistics in float64), or with ``norm="rms"``
+    ``s / sqrt(mean(s**2) + eps) * weight`` (RMSNorm: Zhang and Sennrich, 2019).
+
+    Parameters
+    ----------
+    x, residual : float32 or float64 arrays of one shape ``(..., D)`` and dtype.
+    weight, bias : ``(D,)`` arrays of that dtype, or None (no scale, no shift); RMS takes no bias.
+    p, seed, offset, training : the dropout of ``x``.
+    eps : added to the variance (mean square for RMS).
+    norm : ``"layer"`` or ``"rms"``.
+    return_sum : also return ``s`` (the new residual stream of a pre-norm block).
+
+    Returns
+    -------
+    ``y`` of x's shape and dtype, or ``(y, s)``.
+
+    Raises
+    ------
+    TypeError
+        Other dtypes, mixed dtypes, non-integer ``seed``/``offset``.
+    ValueError
+        Shapes that do not fit, an unknown ``norm``, a bias with ``norm="rms"``, ``p`` outside
+        [0, 1], a negative or non-finite ``eps``.
+
+    References
+    ----------
+    J. Ba, J. Kiros, G. Hinton, "Layer Normalization", 2016; B. Zhang, R. Sennrich, "Root Mean
+    Square Layer Normalization", NeurIPS 2019.
+    """
+    x, residual, weight, bias, eps = _add_norm_inputs(x, residual, weight, bias, norm, eps)
+    p = check_p(p)
+    seed, offset = check_u64(seed, "seed"), check_u64(offset, "offset")
+    D = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    x2 = np.ascontiguousarray(x).reshape(rows, D)
+    r2 = np.ascontiguousarray(residual).reshape(rows, D)
+    y = np.empty((rows, D), x.dtype)
+    s = np.empty_like(y) if return_sum else None
+    masked = bool(training) and p > 0.0
+    _core.add_norm_forward(x2, r2, weight, bias, y, s, masked, seed, offset, threshold(p), scale(p, x.dtype) if masked else 1.0,
+                           norm == "rms", eps)
+    return (y.reshape(x.shape), s.reshape(x.shape)) if return_sum else y.reshape(x.shape)
+
+
+def dropout_add_layer_norm_backward(
+    grad_out: np.ndarray,
+    x: np.ndarray,
+    residual: np.ndarray,
+    weight: Optional[np.ndarray],
+    bias: Optional[np.ndarray],
+    p: float,
+    *,
+    eps: float = 1e-5,
+    norm: str = "layer",
+    seed: int,
+    offset: int = 0,
+) -> tuple:
+    """Gradients of :func:`dropout_add_layer_norm` (training), one pass per row, the mask regenerated.
+
+    Returns ``(grad_x, grad_residual, grad_weight, grad_bias)`` for ``norm="layer"`` and
+    ``(grad_x, grad_residual, grad_weight)`` for ``norm="rms"``; ``grad_weight`` (``grad_bias``)
+    is None without a weight (bias).  ``grad_residual`` is dL/ds, ``grad_x`` its dropout
+    backward; ``grad_weight`` and ``grad_bias`` are summed over the rows in float64 in a fixed
+    order (bit-identical for any thread count) and returned in the dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`dropout_add_layer_norm`; ``grad_out`` of another shape or dtype.
+    """
+    x, residual, weight, bias, eps = _add_norm_inputs(x, residual, weight, bias, norm, eps)
+    grad_out = check_float_array(grad_out, "grad_out")
+    if grad_out.dtype != x.dtype or grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have x's shape {x.shape} and dtype {x.dtype}, got {grad_out.shape} {grad_out.dtype}")
+    p = check_p(p)
+    seed, offset = check_u64(seed, "seed"), check_u64(offset, "offset")
+    D = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    x2 = np.ascontiguousarray(x).reshape(rows, D)
+    r2 = np.ascontiguousarray(residual).reshape(rows, D)
+    dy = np.ascontiguousarray(grad_out).reshape(rows, D)
+    gx = np.empty((rows, D), x.dtype)
+    gr = np.empty((rows, D), x.dtype)
+    gw = np.empty(D, np.float64) if weight is not None else None
+    gb = np.empty(D, np.float64) if bias is not None else None
+    masked = p > 0.0
+    _core.add_norm_backward(dy, x2, r2, weight, gx, gr, gw, gb, masked, seed, offset, threshold(p),
+                            scale(p, x.dtype) if masked else 1.0, norm == "rms", eps)
+    out = (gx.reshape(x.shape), gr.reshape(x.shape), None if gw is None else gw.astype(x.dtype))
+    return out if norm == "rms" else out + (None if gb is None else gb.astype(x.dtype),)

@@ -1,0 +1,277 @@
+"""fastdropout.nn's layers for the rest of the dropout family (re-exported by fastdropout.nn)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Tuple
+
+import numpy as np
+
+from ._api import dropout, dropout_backward
+from ._checks import check_activation, check_p
+from ._family import (
+    alpha_dropout,
+    alpha_dropout_backward,
+    dropconnect_dense,
+    dropconnect_dense_backward,
+    dropout_add_layer_norm,
+    dropout_add_layer_norm_backward,
+    gaussian_dropout,
+    gaussian_dropout_backward,
+)
+from ._generator import Generator
+
+# the helpers of fastdropout.nn (imported late there, so no cycle at import time)
+from .nn import (  # noqa: E402
+    _IDENTITY,
+    _NOTHING_SAVED,
+    Module,
+    _as_float,
+    _as_float32,
+    _check_features,
+    _linear_init,
+    _resolve_generator,
+    _take_saved,
+)
+
+
+class _MaskedLayer(Module):
+    """A dropout-family layer: ``forward`` draws from the generator and applies ``fn``, ``backward``
+    applies ``grad_fn`` with the same stream; subclasses say which noise shape an input gets."""
+
+    _forward: Callable[..., np.ndarray] = staticmethod(dropout)
+    _backward: Callable[..., np.ndarray] = staticmethod(dropout_backward)
+
+    def __init__(self, p: float = 0.5, *, seed: Optional[int] = None, generator: Optional[Generator] = None) -> None:
+        super().__init__()
+        self.p = check_p(p)
+        self.generator = _resolve_generator(seed, generator)
+        self._saved: Any = _NOTHING_SAVED
+
+    def noise_shape(self, shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+        return None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float(x, "x")
+        self.p = check_p(self.p)
+        if not (self.training and self.p > 0.0):
+            self._saved = _IDENTITY
+            return x
+        noise = self.noise_shape(x.shape)
+        seed, offset = self.generator.draw(int(np.prod(noise)) if noise is not None else x.size)
+        y = type(self)._forward(x, self.p, seed=seed, offset=offset, noise_shape=noise)
+        self._saved = (seed, offset, x.shape, noise)
+        return y
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        saved = _take_saved(self)
+        grad = _as_float(grad, "grad")
+        if saved is _IDENTITY:
+            return grad
+        seed, offset, shape, noise = saved
+        if grad.shape != shape:
+            raise ValueError(f"grad must have the forward output's shape {shape}, got {grad.shape}")
+        return type(self)._backward(grad, self.p, seed=seed, offset=offset, noise_shape=noise)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class _ChannelDropout(_MaskedLayer):
+    spatial = 1
+
+    def noise_shape(self, shape):
+        ranks = (self.spatial + 1, self.spatial + 2)
+        if len(shape) not in ranks:
+            raise ValueError(f"{type(self).__name__} expects a {ranks[0]}-D (unbatched) or {ranks[1]}-D input, "
+                             f"got shape {shape}")
+        return shape[:len(shape) - self.spatial] + (1,) * self.spatial
+
+
+class Dropout1d(_ChannelDropout):
+    """Drops whole channels of ``(N, C, L)`` (or unbatched ``(C, L)``) inputs, as ``torch.nn.Dropout1d``:
+    the mask is drawn over ``(N, C, 1)`` and broadcast (one word per channel).  Errors as
+    :class:`Dropout`; an input of another rank is a ``ValueError``.
+
+    References
+    ----------
+    J. Tompson, R. Goroshin, A. Jain, Y. LeCun, C. Bregler, "Efficient Object Localization Using
+    Convolutional Networks", CVPR 2015 (spatial dropout).
+    """
+
+    spatial = 1
+
+
+class Dropout2d(_ChannelDropout):
+    """Channel dropout of ``(N, C, H, W)`` (or ``(C, H, W)``) inputs, as ``torch.nn.Dropout2d``."""
+
+    spatial = 2
+
+
+class Dropout3d(_ChannelDropout):
+    """Channel dropout of ``(N, C, D, H, W)`` (or ``(C, D, H, W)``) inputs, as ``torch.nn.Dropout3d``."""
+
+    spatial = 3
+
+
+class LockedDropout(_MaskedLayer):
+    """One dropout mask shared along axis ``dim`` (e.g. time): variational dropout of recurrent
+    networks (Gal and Ghahramani, "A Theoretically Grounded Application of Dropout in Recurrent
+    Neural Networks", NeurIPS 2016), ``noise_shape`` = x's shape with 1 at ``dim``."""
+
+    def __init__(self, p: float = 0.5, dim: int = 0, *, seed: Optional[int] = None,
+                 generator: Optional[Generator] = None) -> None:
+        super().__init__(p, seed=seed, generator=generator)
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        self.dim = int(dim)
+
+    def noise_shape(self, shape):
+        if not -len(shape) <= self.dim < len(shape):
+            raise ValueError(f"dim {self.dim} is out of range for an input of shape {shape}")
+        d = self.dim % len(shape)
+        return shape[:d] + (1,) + shape[d + 1:]
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, dim={self.dim}"
+
+
+class AlphaDropout(_MaskedLayer):
+    """Alpha dropout for SELU networks (:func:`fastdropout.alpha_dropout`), as ``torch.nn.AlphaDropout``."""
+
+    _forward = staticmethod(alpha_dropout)
+    _backward = staticmethod(alpha_dropout_backward)
+
+
+class FeatureAlphaDropout(AlphaDropout):
+    """Alpha dropout of whole channels of an ``(N, C, ...)`` input (mask over ``(N, C, 1, ...)``), as
+    ``torch.nn.FeatureAlphaDropout``; a 1-D input is a ``ValueError``."""
+
+    def noise_shape(self, shape):
+        if len(shape) < 2:
+            raise ValueError(f"FeatureAlphaDropout expects an input of shape (N, C, ...), got {shape}")
+        return shape[:2] + (1,) * (len(shape) - 2)
+
+
+def _gaussian_forward(x, p, *, seed, offset, noise_shape):
+    return gaussian_dropout(x, p, seed=seed, offset=offset)
+
+
+def _gaussian_backward(grad, p, *, seed, offset, noise_shape):
+    return gaussian_dropout_backward(grad, p, seed=seed, offset=offset)
+
+
+class GaussianDropout(_MaskedLayer):
+    """Multiplicative Gaussian noise (:func:`fastdropout.gaussian_dropout`): ``x * (1 + sigma * z)``
+    with ``sigma = sqrt(p / (1 - p))``; ``p`` in [0, 1) (``ValueError`` at 1)."""
+
+    _forward = staticmethod(_gaussian_forward)
+    _backward = staticmethod(_gaussian_backward)
+
+    def __init__(self, p: float = 0.5, *, seed: Optional[int] = None, generator: Optional[Generator] = None) -> None:
+        super().__init__(p, seed=seed, generator=generator)
+        if self.p == 1.0:
+            raise ValueError("GaussianDropout needs p < 1")
+
+
+class DropConnectDense(Module):
+    """``act(x @ dropout(weight).T + bias)``: DropConnect (Wan et al., ICML 2013), one weight mask per
+    forward, applied inside the GEMM and regenerated in the backward.  Parameters, attributes and
+    errors as :class:`DropoutDense` (``p`` drops weights instead of inputs); each training-mode
+    forward draws ``weight.size`` elements."""
+
+    _param_names = ("weight", "bias")
+
+    def __init__(self, in_features: int, out_features: int, p: float = 0.5, *, bias: bool = True,
+                 activation: Optional[str] = None, seed: Optional[int] = None,
+                 generator: Optional[Generator] = None) -> None:
+        super().__init__()
+        self.in_features = _check_features(in_features, "in_features")
+        self.out_features = _check_features(out_features, "out_features")
+        self.p = check_p(p)
+        check_activation(activation)
+        self.activation = activation
+        self.generator = _resolve_generator(seed, generator)
+        self.weight, self.bias = _linear_init(self.generator, self.in_features, self.out_features, bool(bias))
+        self.grad_weight = np.zeros_like(self.weight)
+        self.grad_bias = None if self.bias is None else np.zeros_like(self.bias)
+        self._saved: Any = _NOTHING_SAVED
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float32(x, "x")
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self!r} expects x of shape (..., {self.in_features}), got {x.shape}")
+        self.p = check_p(self.p)
+        masked = self.training and self.p > 0.0
+        seed, offset = self.generator.draw(self.weight.size) if masked else (0, 0)
+        out = dropconnect_dense(x, self.weight, self.bias, self.p if masked else 0.0, seed=seed, offset=offset,
+                                activation=self.activation, return_preactivation=self.activation is not None)
+        y, z = out if self.activation is not None else (out, None)
+        self._saved = (x, z, seed, offset, masked)
+        return y
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        x, z, seed, offset, masked = _take_saved(self)
+        grad = _as_float32(grad, "grad")
+        gx, gw, gb = dropconnect_dense_backward(grad, x, self.weight, self.p if masked else 0.0, seed=seed,
+                                                offset=offset, activation=self.activation, preactivation=z,
+                                                bias=self.bias is not None)
+        self.grad_weight += gw
+        if gb is not None:
+            self.grad_bias += gb
+        return gx
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, p={self.p}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")
+
+
+class DropoutAddLayerNorm(Module):
+    """``LayerNorm(residual + dropout(x))`` (or RMSNorm with ``norm="rms"``) in one pass per row
+    (:func:`fastdropout.dropout_add_layer_norm`): ``forward(x, residual)`` returns the normalized
+    sum, ``backward(grad)`` returns ``(grad_x, grad_residual)`` and adds into ``grad_weight`` and
+    ``grad_bias``.  ``weight`` (ones) and ``bias`` (zeros; none for RMS) have shape ``(D,)`` as
+    ``torch.nn.LayerNorm``'s, float32.  Each training-mode forward draws ``x.size`` elements."""
+
+    _param_names = ("weight", "bias")
+
+    def __init__(self, normalized_shape: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
+                 norm: str = "layer", *, seed: Optional[int] = None, generator: Optional[Generator] = None) -> None:
+        super().__init__()
+        self.normalized_shape = _check_features(normalized_shape, "normalized_shape")
+        self.p = check_p(p)
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+        self.norm, self.eps = norm, float(eps)
+        self.generator = _resolve_generator(seed, generator)
+        D = self.normalized_shape
+        self.weight = np.ones(D, np.float32) if elementwise_affine else None
+        self.bias = np.zeros(D, np.float32) if elementwise_affine and norm == "layer" else None
+        self.grad_weight = None if self.weight is None else np.zeros_like(self.weight)
+        self.grad_bias = None if self.bias is None else np.zeros_like(self.bias)
+        self._saved: Any = _NOTHING_SAVED
+
+    def __call__(self, x: np.ndarray, residual: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        return self.forward(x, residual)
+
+    def forward(self, x: np.ndarray, residual: np.ndarray) -> np.ndarray:  # type: ignore[override]
+        x, residual = _as_float32(x, "x"), _as_float32(residual, "residual")
+        self.p = check_p(self.p)
+        masked = self.training and self.p > 0.0
+        seed, offset = self.generator.draw(x.size) if masked else (0, 0)
+        y = dropout_add_layer_norm(x, residual, self.weight, self.bias, self.p, eps=self.eps, norm=self.norm,
+                                   seed=seed, offset=offset, training=masked)
+        self._saved = (x, residual, seed, offset, masked)
+        return y
+
+    def backward(self, grad: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
+        x, residual, seed, offset, masked = _take_saved(self)
+        grads = dropout_add_layer_norm_backward(_as_float32(grad, "grad"), x, residual, self.weight, self.bias,
+                                                self.p if masked else 0.0, eps=self.eps, norm=self.norm, seed=seed,
+                                                offset=offset)
+        if self.grad_weight is not None:
+            self.grad_weight += grads[2]
+        if self.grad_bias is not None:
+            self.grad_bias += grads[3]
+        return grads[0], grads[1]
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, p={self.p}, eps={self.eps}, norm={self.norm!r}"

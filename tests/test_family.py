@@ -1,0 +1,247 @@
+"""The dropout family (the contract's broadcast masks, alpha dropout, DropConnect, dropout + residual
++ normalization) against the NumPy reference, on every backend and for 1-3 threads.
+
+* broadcast masks and alpha dropout: bit for bit (channel, spatial, locked-over-time and arbitrary
+  noise shapes; ``noise_shape = x.shape`` is plain dropout bit for bit; offsets that wrap 2**64);
+* DropConnect: forward and gradients within float32 GEMM tolerance (``max|a - b| / max|b| <=
+  max(4 K 2**-24, 2**-20)``), the weight's mask exactly (identity inputs expose it);
+* dropout + residual + LayerNorm/RMSNorm: within ``2**-20`` of the float64 computation relative to
+  the output scale (the statistics are taken in float64; float32 rounding of s and y remains), float32
+  and float64; gradients by the same bound;
+* bit-identical results for 1, 2 and 3 threads; errors before any work.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import EDGE_OFFSETS
+
+import fastdropout as fd
+from fastdropout import reference as ref
+
+
+def values(shape, dtype=np.float32, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def bits_equal(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert np.array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+NOISE = [
+    ((4, 3, 5, 6), (4, 3, 1, 1)),      # channel dropout (Dropout2d)
+    ((2, 3, 70), (2, 3, 1)),           # Dropout1d
+    ((2, 5, 3, 4, 4), (2, 5, 1, 1, 1)),  # Dropout3d
+    ((7, 3, 33), (1, 3, 33)),          # locked over time (time first)
+    ((3, 7, 33), (3, 1, 33)),          # locked over time (batch first)
+    ((5, 6, 7), (1, 6, 1)),
+    ((5, 6, 7), (5, 1, 7)),
+    ((1, 200, 3), (1, 200, 1)),
+    ((64, 65), (1, 1)),
+    ((3, 1, 70), (3, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("shape,noise", NOISE, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_broadcast_dropout_bit_for_bit(backend, threads, shape, noise, dtype):
+    x = values(shape, dtype)
+    for p, offset in ((0.3, 5), (0.5, 2**64 - 7), (1.0, 0)):
+        y = fd.dropout(x, p, seed=9, offset=offset, noise_shape=noise)
+        bits_equal(y, ref.dropout(x, p, seed=9, offset=offset, noise_shape=noise))
+        g = fd.dropout_backward(x, p, seed=9, offset=offset, noise_shape=noise)
+        bits_equal(g, ref.dropout_backward(x, p, seed=9, offset=offset, noise_shape=noise))
+
+
+def test_noise_shape_equal_to_x_is_plain_dropout(backend):
+    x = values((5, 6, 7))
+    bits_equal(fd.dropout(x, 0.4, seed=3, noise_shape=x.shape), fd.dropout(x, 0.4, seed=3))
+
+
+def test_broadcast_draws_one_word_per_noise_element():
+    x = values((4, 3, 5, 6))
+    g = fd.Generator(seed=2)
+    y, (seed, offset) = fd.dropout(x, 0.5, generator=g, noise_shape=(4, 3, 1, 1), return_stream=True)
+    assert g.offset == 12
+    bits_equal(y, ref.dropout(x, 0.5, seed=seed, offset=offset, noise_shape=(4, 3, 1, 1)))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.9, 1.0])
+def test_alpha_dropout_bit_for_bit(backend, threads, dtype, p):
+    x = values((3, 1000 + 7), dtype)
+    x[0, :4] = [np.inf, -np.inf, np.nan, -0.0]
+    for offset in (0, 3, 2**64 - 1):
+        with np.errstate(invalid="ignore"):
+            y = fd.alpha_dropout(x, p, seed=4, offset=offset)
+            expected = ref.alpha_dropout(x, p, seed=4, offset=offset)
+        bits_equal(y, expected)
+        g = fd.alpha_dropout_backward(x, p, seed=4, offset=offset)
+        bits_equal(g, ref.alpha_dropout_backward(x, p, seed=4, offset=offset))
+    noise = (3, 1)
+    bits_equal(fd.alpha_dropout(x, p, seed=4, noise_shape=noise), ref.alpha_dropout(x, p, seed=4, noise_shape=noise))
+    bits_equal(fd.alpha_dropout_backward(x, p, seed=4, noise_shape=noise),
+               ref.alpha_dropout_backward(x, p, seed=4, noise_shape=noise))
+
+
+def test_alpha_dropout_keeps_selu_statistics():
+    x = values(1 << 20, np.float64)
+    y = fd.alpha_dropout(x, 0.2, seed=1)
+    assert abs(y.mean()) < 0.01 and abs(y.std() - 1.0) < 0.01
+
+
+def gemm_close(a, b, k):
+    tol = max(4 * k * 2.0**-24, 2.0**-20)
+    scale = max(np.abs(b).max(initial=0.0), 1e-30)
+    assert np.abs(a - b).max(initial=0.0) <= tol * scale
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 17), (64, 255, 33), (300, 129, 1025)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("p", [0.0, 0.3, 0.5])
+def test_dropconnect_matches_reference(backend, threads, shape, activation, p):
+    m, k, n = shape
+    x, w, b = values((m, k)), values((n, k), seed=1) * 0.1, values(n, seed=2)
+    y, z = fd.dropconnect_dense(x, w, b, p, seed=6, offset=3, activation=activation, return_preactivation=True)
+    ry, rz = ref.dropconnect_dense(x, w, b, p, seed=6, offset=3, activation=activation, return_preactivation=True)
+    gemm_close(z, rz, k)
+    gemm_close(y, ry, k)
+    dy = values((m, n), seed=3)
+    grads = fd.dropconnect_dense_backward(dy, x, w, p, seed=6, offset=3, activation=activation, preactivation=z)
+    rgrads = ref.dropconnect_dense_backward(dy, x, w, p, seed=6, offset=3, activation=activation, preactivation=z)
+    for got, want, depth in zip(grads, rgrads, (n, m, m)):
+        gemm_close(got, want, depth)
+
+
+def test_dropconnect_mask_is_the_weight_mask(backend):
+    n, k = 37, 70
+    w = np.ones((n, k), np.float32)
+    for offset in EDGE_OFFSETS[:6]:
+        y = fd.dropconnect_dense(np.eye(k, dtype=np.float32), w, None, 0.4, seed=8, offset=offset)
+        keep = ref.dropout_mask((n, k), 0.4, seed=8, offset=offset)
+        assert np.array_equal(y.T != 0, keep)
+        _, gw, _ = fd.dropconnect_dense_backward(np.ones((k, n), np.float32), np.ones((k, k), np.float32), w, 0.4,
+                                                 seed=8, offset=offset)
+        assert np.array_equal(gw != 0, keep)
+
+
+def norm_close(a, b):
+    scale = max(np.abs(b).max(initial=0.0), 1.0)
+    assert np.abs(a.astype(np.float64) - b).max(initial=0.0) <= 2.0**-20 * scale
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (2, 5, 64), (40, 1000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5])
+def test_dropout_add_layer_norm_matches_reference(backend, threads, dtype, norm, shape, p):
+    x, r = values(shape, dtype), values(shape, dtype, seed=1)
+    D = shape[-1]
+    w, b = values(D, dtype, seed=2), (values(D, dtype, seed=3) if norm == "layer" else None)
+    y, s = fd.dropout_add_layer_norm(x, r, w, b, p, seed=7, offset=1, norm=norm, return_sum=True)
+    ry, rs = ref.dropout_add_layer_norm(x, r, w, b, p, seed=7, offset=1, norm=norm, return_sum=True)
+    assert y.dtype == dtype and y.shape == x.shape
+    bits_equal(s, rs.astype(dtype))  # residual + dropout(x) in the dtype, exactly
+    norm_close(y, ry)
+    dy = values(shape, dtype, seed=4)
+    got = fd.dropout_add_layer_norm_backward(dy, x, r, w, b, p, seed=7, offset=1, norm=norm)
+    want = ref.dropout_add_layer_norm_backward(dy, x, r, w, b, p, seed=7, offset=1, norm=norm)
+    assert len(got) == (3 if norm == "rms" else 4)
+    for g, e in zip(got, want):
+        norm_close(g, e)
+
+
+def test_dropout_add_layer_norm_without_affine_and_eval(backend):
+    x, r = values((4, 9)), values((4, 9), seed=1)
+    y = fd.dropout_add_layer_norm(x, r, None, None, 0.3, seed=2, training=False)
+    norm_close(y, ref.dropout_add_layer_norm(x, r, None, None, 0.3, seed=2, training=False))
+    gx, gr, gw, gb = fd.dropout_add_layer_norm_backward(values((4, 9), seed=5), x, r, None, None, 0.3, seed=2)
+    assert gw is None and gb is None
+
+
+def test_bit_identical_across_threads(backend):
+    x, r = values((300, 257)), values((300, 257), seed=1)
+    w, b = values(257, seed=2), values(257, seed=3)
+    dy = values((300, 257), seed=4)
+    results = []
+    for t in (1, 2, 3):
+        fd._core.set_num_threads(t)
+        try:
+            results.append((
+                fd.dropout(x, 0.3, seed=1, noise_shape=(300, 1)),
+                fd.alpha_dropout(x, 0.3, seed=1),
+                fd.dropconnect_dense(x, w.reshape(1, -1).repeat(5, 0), None, 0.5, seed=2),
+                fd.dropout_add_layer_norm(x, r, w, b, 0.2, seed=3),
+            ) + fd.dropout_add_layer_norm_backward(dy, x, r, w, b, 0.2, seed=3))
+        finally:
+            fd._core.set_num_threads(2)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            bits_equal(a, b_)
+
+
+def test_errors_before_any_work():
+    x = values((4, 6))
+    gen = fd.Generator(seed=1)
+    with pytest.raises(ValueError, match="noise_shape"):
+        fd.dropout(x, 0.5, generator=gen, noise_shape=(4, 3))
+    with pytest.raises(ValueError, match="rank"):
+        fd.dropout(x, 0.5, generator=gen, noise_shape=(4,))
+    with pytest.raises(TypeError):
+        fd.dropout(x.astype(np.float16), 0.5, generator=gen, noise_shape=(4, 1))
+    with pytest.raises(TypeError):
+        fd.alpha_dropout(x.astype(np.float16), 0.5, generator=gen)
+    with pytest.raises(ValueError):
+        fd.alpha_dropout(x, 1.5, generator=gen)
+    assert gen.offset == 0
+    out = np.full_like(x, 7.0)
+    with pytest.raises(ValueError):
+        fd.alpha_dropout(x, 0.5, seed=1, noise_shape=(2, 6), out=out)
+    assert np.all(out == 7.0)
+    w = values((3, 6))
+    with pytest.raises(ValueError):
+        fd.dropconnect_dense(x, w[:, :5], None, 0.5, seed=1)
+    with pytest.raises(TypeError):
+        fd.dropconnect_dense(x.astype(np.float64), w, None, 0.5, seed=1)
+    with pytest.raises(ValueError, match="norm"):
+        fd.dropout_add_layer_norm(x, x, None, None, 0.1, seed=1, norm="batch")
+    with pytest.raises(ValueError, match="rms"):
+        fd.dropout_add_layer_norm(x, x, np.ones(6, np.float32), np.ones(6, np.float32), 0.1, seed=1, norm="rms")
+    with pytest.raises(TypeError):
+        fd.dropout_add_layer_norm(x, x.astype(np.float64), None, None, 0.1, seed=1)
+    with pytest.raises(ValueError):
+        fd.dropout_add_layer_norm(x, x, np.ones(5, np.float32), None, 0.1, seed=1)
+    with pytest.raises(ValueError):
+        fd.dropout_add_layer_norm(x, x, None, None, 0.1, seed=1, eps=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 0.9, 0.99])
+def test_gaussian_dropout_within_the_contract_bound(backend, threads, dtype, p):
+    x = values((3, 2001), dtype)
+    eps = np.finfo(dtype).eps
+    for offset in (0, 1, 5, 2**64 - 3):
+        y = fd.gaussian_dropout(x, p, seed=12, offset=offset)
+        y64 = ref.gaussian_dropout(x, p, seed=12, offset=offset)
+        z = ref.gaussian_noise(x.shape, p, seed=12, offset=offset)
+        sigma = np.sqrt(p / (1 - p))
+        bound = 8 * eps * np.abs(x.astype(np.float64)) * (1 + sigma * np.abs(z))
+        assert y.dtype == dtype
+        assert np.all(np.abs(y - y64) <= bound)
+        g = fd.gaussian_dropout_backward(x, p, seed=12, offset=offset)
+        assert np.array_equal(g.view(np.uint8), y.view(np.uint8))
+
+
+def test_gaussian_noise_is_standard_normal():
+    z = ref.gaussian_noise(1 << 16, 0.5, seed=3)
+    assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02
+    y = fd.gaussian_dropout(np.ones(1 << 20, np.float32), 0.5, seed=3)
+    assert abs(y.mean() - 1) < 0.005 and abs(y.var() - 1) < 0.01  # mean 1, variance p / (1 - p)
+
+
+def test_gaussian_errors():
+    with pytest.raises(ValueError, match="p < 1"):
+        fd.gaussian_dropout(values(4), 1.0, seed=1)
+    with pytest.raises(TypeError):
+        fd.gaussian_dropout(values(4).astype(np.float16), 0.5, seed=1)
