@@ -29,7 +29,7 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
     assert data["header"]["backend"] == backend
     rows = data["results"]
     assert rows and all(set(r) == RESULT_FIELDS for r in rows)
-    groups = {"elementwise", "dense", "threads", "mixed", "attention", "memory"} | ({"training"} if _have_torch() else set())
+    groups = {"elementwise", "dense", "threads", "mixed", "attention", "memory", "family"} | ({"training"} if _have_torch() else set())
     assert {r["group"] for r in rows} == groups
     memory = [r for r in rows if r["group"] == "memory"]  # peak MiB, measured in fresh processes
     assert {r["impl"] for r in memory} == {"fastdropout"} | ({"torch sdpa"} if _have_torch() else set())
@@ -42,7 +42,12 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
     # every fastdropout row is compared with a peer doing the same work in the same run
     # (a forward+backward has peers only where torch or jax is installed)
     have_fwd_bwd_peer = _have_torch() or _bench._have("jax")
-    assert ours and all(r["ratios"] for r in ours if r["kernel"] != "forward+backward" or have_fwd_bwd_peer)
+    def has_peer(r):  # attention's peers and the family's forward+backward peers are torch's
+        if r["group"] in ("attention", "family") and ("fwd+bwd" in r["kernel"] or r["group"] == "attention"):
+            return _have_torch()
+        return "forward+backward" not in r["kernel"] or have_fwd_bwd_peer
+
+    assert ours and all(r["ratios"] for r in ours if has_peer(r))
     copy = next(r for r in rows if r["impl"] == "numpy copyto")
     drop = next(r for r in rows if r["impl"] == "fastdropout (out=)" and r["kernel"] == "dropout forward")
     assert drop["ratios"]["numpy copyto"] == pytest.approx(copy["median_s"] / drop["median_s"])
@@ -68,7 +73,7 @@ def _have_torch() -> bool:
 def test_bench_plot(tmp_path):
     pytest.importorskip("matplotlib")
     info, results = _bench.run(element_sizes={"a": 256, "b": 4096}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False,
-                               progress=False, mixed_shapes=[], train_batches=[])
+                               progress=False, mixed_shapes=[], train_batches=[], attention=[], memory_lengths=[], family={})
     _bench.plot(results, str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
@@ -91,7 +96,8 @@ def test_bench_help_is_plain_text(capsys):
 @pytest.mark.skipif(not _have_torch(), reason="needs torch")
 def test_training_step_rows_compare_the_same_model():
     info, results = _bench.run(element_sizes={"a": 256}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False,
-                               progress=False, mixed_shapes=[], train_batches=[4], mlp=(6, 8, 3), compile_torch=False)
+                               progress=False, mixed_shapes=[], train_batches=[4], mlp=(6, 8, 3), compile_torch=False,
+                               attention=[], memory_lengths=[], family={})
     rows = [r for r in results if r.group == "training"]
     assert [r.impl for r in rows] == ["fastdropout.torch", "torch eager"]
     assert set(rows[0].ratios) == {"torch eager"}

@@ -355,6 +355,77 @@ def attention_cases(length: int, batch: int, heads: int, threads: int):
     return cases
 
 
+FAMILY_ELEMENTS = 1 << 24
+FAMILY_DENSE = (256, 1024, 1024)
+FAMILY_NORM = (8192, 1024)
+
+
+def family_cases(threads: int, n: int = FAMILY_ELEMENTS, dense: Tuple[int, int, int] = FAMILY_DENSE,
+                 norm: Tuple[int, int] = FAMILY_NORM):
+    """[(size, [(kernel, impl, fn, work, unit)])] for the rest of the dropout family: n elements
+    (a multiple of 64 * 256), a DropConnect layer and a dropout+add+LayerNorm of rows x D."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n, dtype=np.float32)
+    y = np.empty_like(x)
+    img = x.reshape(64, 256, -1)
+    img_out = np.empty_like(img)
+    cases = [
+        ("copy (the memory limit)", "numpy copyto", lambda: np.copyto(y, x), float(n), "Gelem/s"),
+        ("channel dropout (N, C, 1)", "fastdropout", lambda: fd.dropout(img, P, seed=SEED, noise_shape=(64, 256, 1),
+                                                                          out=img_out), float(n), "Gelem/s"),
+        ("alpha dropout", "fastdropout", lambda: fd.alpha_dropout(x, P, seed=SEED, out=y), float(n), "Gelem/s"),
+        ("Gaussian dropout", "fastdropout", lambda: fd.gaussian_dropout(x, P, seed=SEED, out=y), float(n), "Gelem/s"),
+    ]
+    m, k, o = dense
+    xd = rng.standard_normal((m, k), dtype=np.float32)
+    w = (rng.standard_normal((o, k), dtype=np.float32) / math.sqrt(k)).astype(np.float32)
+    b = np.zeros(o, np.float32)
+    dy = rng.standard_normal((m, o), dtype=np.float32)
+
+    def dc_fwd_bwd():
+        fd.dropconnect_dense(xd, w, b, P, seed=SEED)
+        fd.dropconnect_dense_backward(dy, xd, w, P, seed=SEED)
+
+    rows, d = norm
+    h = rng.standard_normal((rows, d), dtype=np.float32)
+    r = rng.standard_normal((rows, d), dtype=np.float32)
+    lw, lb = np.ones(d, np.float32), np.zeros(d, np.float32)
+    g = rng.standard_normal((rows, d), dtype=np.float32)
+
+    def ln_fwd_bwd():
+        fd.dropout_add_layer_norm(h, r, lw, lb, 0.1, seed=SEED)
+        fd.dropout_add_layer_norm_backward(g, h, r, lw, lb, 0.1, seed=SEED)
+
+    flops = 6.0 * m * k * o
+    dc = [("DropConnect fwd+bwd", "fastdropout", dc_fwd_bwd, flops, "GFLOP/s")]
+    ln = [("dropout+add+LayerNorm fwd+bwd", "fastdropout", ln_fwd_bwd, float(rows * d), "Gelem/s")]
+    torch = _torch()
+    if torch is not None:
+        F = torch.nn.functional
+        torch.set_num_threads(threads)
+        tx = torch.from_numpy(x)
+        txd, tdy = torch.from_numpy(xd), torch.from_numpy(dy)
+        tw, tb = torch.from_numpy(w).clone().requires_grad_(True), torch.from_numpy(b).clone().requires_grad_(True)
+        txg = txd.clone().requires_grad_(True)
+
+        def torch_dc():
+            F.linear(txg, F.dropout(tw, P, training=True), tb).backward(tdy)
+            txg.grad = tw.grad = tb.grad = None
+
+        th, tr, tg = (torch.from_numpy(a).clone().requires_grad_(True) for a in (h, r, g))
+        tlw, tlb = torch.from_numpy(lw).clone().requires_grad_(True), torch.from_numpy(lb).clone().requires_grad_(True)
+
+        def torch_ln():
+            F.layer_norm(tr + F.dropout(th, 0.1, training=True), (d,), tlw, tlb).backward(tg.detach())
+            th.grad = tr.grad = tlw.grad = tlb.grad = None
+
+        cases.append(("alpha dropout", "torch F.alpha_dropout", lambda: F.alpha_dropout(tx, P, True), float(n), "Gelem/s"))
+        dc.append(("DropConnect fwd+bwd", "torch F.linear(x, F.dropout(W))", torch_dc, flops, "GFLOP/s"))
+        ln.append(("dropout+add+LayerNorm fwd+bwd", "torch F.layer_norm(r + F.dropout(h))", torch_ln, float(rows * d),
+                   "Gelem/s"))
+    return [(str(n), cases), ("x".join(map(str, dense)), dc), (f"{rows}x{d}", ln)]
+
+
 def attention_peak_child(impl: str, length: int) -> None:
     """Run in a fresh process: prints the peak resident memory that one forward+backward at
     p = ATTENTION_P adds (MiB) over the process after its inputs exist."""
@@ -496,6 +567,7 @@ def run(
     compile_torch: Optional[bool] = None,
     attention: Optional[Sequence[Tuple[int, int, int]]] = None,
     memory_lengths: Optional[Sequence[int]] = None,
+    family: Optional[Dict[str, object]] = None,
 ) -> Tuple[Dict[str, object], List[Result]]:
     """Measure everything; returns (header, results)."""
     if backend is not None:
@@ -535,6 +607,9 @@ def run(
         groups.append(("elementwise", str(n), [(k, i, f, float(n), "Gelem/s") for k, i, f in cases]))
     for shape in dense_shapes:
         groups.append(("dense", "x".join(map(str, shape)), [(k, i, f, w, "GFLOP/s") for k, i, f, w in dense_cases(shape, threads)]))
+    if family is None or family:  # None: the default sizes; {}: no family rows
+        for size, cases in family_cases(threads, **(family or {})):
+            groups.append(("family", size, cases))
     for length, batch, heads in attention:
         groups.append(("attention", f"{batch}x{heads}x{length}x64",
                        [(k, i, f, w, "GFLOP/s") for k, i, f, w in attention_cases(length, batch, heads, threads)]))
@@ -620,12 +695,14 @@ def _add_ratios(results: List[Result]) -> None:
     """For each fastdropout row: peer time / our time, for peers doing the same work."""
     by_key: Dict[Tuple[str, str, str], List[Result]] = {}
     for r in results:
-        if r.group in ("elementwise", "dense", "training", "attention"):
+        if r.group in ("elementwise", "dense", "training", "attention", "family"):
             by_key.setdefault((r.group, r.kernel, r.size), []).append(r)
     for (group, kernel, size), rows in by_key.items():
         peers = [r for r in rows if not r.impl.startswith("fastdropout")]
         if group == "elementwise":
             peers += by_key.get((group, "memory limit", size), [])
+        if group == "family" and kernel != "copy (the memory limit)":
+            peers += by_key.get((group, "copy (the memory limit)", size), []) if "fwd+bwd" not in kernel else []
         if group == "dense" and kernel == "forward":
             peers += [r for r in rows if r.impl == "fastdropout dense (p=0)"]
         for r in rows:
@@ -689,6 +766,8 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
     titles = (("elementwise", "Elementwise, float32, p=0.5"),
               ("dense", "Dropout -> dense, float32, p=0.5 (size = batch x in x out)"),
               ("training", "Training step: SGD on an MLP (784-1024-1024-10 unless said) with dropout before each Linear (0.2, 0.5, 0.5), ReLU, cross-entropy"),
+              ("family", f"The dropout family, float32 (16M elements at p={P}; DropConnect at {'x'.join(map(str, FAMILY_DENSE))}, p={P}; "
+                         f"dropout+add+LayerNorm at {FAMILY_NORM[0]}x{FAMILY_NORM[1]}, p=0.1)"),
               ("attention", f"Attention, float32, dropout on the probabilities (size = batch x heads x tokens x head size; rate: nominal FLOPs, 3.5x the forward's for forward+backward)"))
     for group, title in titles:
         rows = [r for r in results if r.group == group]
@@ -799,7 +878,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.tiny:
         kwargs = dict(element_sizes={"tiny": 4096}, dense_shapes=[(8, 16, 24)], repeats=1, mixed_shapes=[(8, 16, 24)],
                       train_batches=[8], mlp=(16, 32, 32, 10), compile_torch=False, attention=[(16, 1, 2)],
-                      memory_lengths=[64])
+                      memory_lengths=[64], family=dict(n=64 * 256 * 2, dense=(8, 16, 24), norm=(16, 32)))
     info, results = run(
         quick=args.quick, threads=args.threads, backend=args.backend, repeats=args.repeats or kwargs.pop("repeats", None),
         scaling=not args.no_scaling, **{**kwargs, **({"compile_torch": False} if args.no_compile else {})},

@@ -533,3 +533,269 @@ def call_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, 
     """(out, lse, state) of fastdropout::attention, by the route that fits the call."""
     return _call("attention", (q, k, v, attn_mask, state),
                  (q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, state))
+
+
+# --------------------------------------------------------------------------- the dropout family
+
+FAMILY_DROPOUT, FAMILY_ALPHA, FAMILY_GAUSSIAN = 0, 1, 2
+
+
+def _family_numpy(x: np.ndarray, p: float, kind: int, noise: Optional[Sequence[int]], seed: int, offset: int,
+                  backward: bool) -> np.ndarray:
+    from ._family import alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_backward
+
+    noise = None if noise is None or len(noise) == 0 else tuple(noise)
+    if kind == FAMILY_GAUSSIAN:
+        if backward:
+            return gaussian_dropout_backward(x, p, seed=seed, offset=offset)
+        return gaussian_dropout(x, p, seed=seed, offset=offset)
+    if kind == FAMILY_ALPHA:
+        if backward:
+            return alpha_dropout_backward(x, p, seed=seed, offset=offset, noise_shape=noise)
+        return alpha_dropout(x, p, seed=seed, offset=offset, noise_shape=noise)
+    return _np_dropout(x, p, seed=seed, offset=offset, noise_shape=noise)
+
+
+def _family_impl(x: torch.Tensor, p: float, kind: int, noise_shape: Optional[List[int]],
+                 state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, state): a dropout-family op (kind: dropout or alpha) with an optional broadcast mask."""
+    state = _draw_state() if state is None else state
+    seed, offset = read_state(state)
+    y = torch.from_numpy(_family_numpy(_numpy(x), p, kind, noise_shape, seed, offset, False))
+    return y.view(x.shape), state
+
+
+family_op = torch.library.custom_op("fastdropout::dropout_family", mutates_args=(), device_types="cpu",
+                                    tags=_SEEDED)(_fresh_state(_family_impl))
+
+
+@family_op.register_fake
+def _(x, p, kind, noise_shape, state):
+    return x.new_empty(x.shape), x.new_empty((2,), dtype=torch.int64)
+
+
+def _family_backward_impl(grad: torch.Tensor, p: float, kind: int, noise_shape: Optional[List[int]],
+                          state: torch.Tensor) -> torch.Tensor:
+    seed, offset = read_state(state)
+    return torch.from_numpy(_family_numpy(_numpy(grad), p, kind, noise_shape, seed, offset, True)).view(grad.shape)
+
+
+family_backward_op = torch.library.custom_op("fastdropout::dropout_family_backward", mutates_args=(),
+                                             device_types="cpu")(_family_backward_impl)
+
+
+@family_backward_op.register_fake
+def _(grad, p, kind, noise_shape, state):
+    return grad.new_empty(grad.shape)
+
+
+def _family_setup(ctx, inputs, output):
+    ctx.options = (inputs[1], inputs[2], inputs[3])
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(output[1])
+
+
+def _family_bwd(ctx, grad_y, grad_state):
+    (state,) = ctx.saved_tensors
+    p, kind, noise = ctx.options
+    return call_family_backward(grad_y, p, kind, noise, state), None, None, None, None
+
+
+def _family_backward_setup(ctx, inputs, output):
+    ctx.options = (inputs[1], inputs[2], inputs[3])
+    ctx.save_for_backward(inputs[4])
+
+
+def _family_backward_bwd(ctx, gg):
+    (state,) = ctx.saved_tensors  # grad -> keep * grad * a is linear and its own adjoint
+    p, kind, noise = ctx.options
+    return call_family_backward(gg, p, kind, noise, state), None, None, None, None
+
+
+family_op.register_autograd(_family_bwd, setup_context=_family_setup)
+family_backward_op.register_autograd(_family_backward_bwd, setup_context=_family_backward_setup)
+torch.library.register_vmap(family_op, _vmap_loop(family_op, 4))
+torch.library.register_vmap(family_backward_op, _vmap_loop(family_backward_op, None))
+_OPS.update(family=family_op, family_backward=family_backward_op)
+_IMPLS.update(family=_family_impl, family_backward=_family_backward_impl)
+_FAST.update(family=_fast_function("FastDropoutFamily", _family_impl, _family_setup, _family_bwd),
+             family_backward=_fast_function("FastDropoutFamilyBackward", _family_backward_impl,
+                                            _family_backward_setup, _family_backward_bwd))
+_FUNC.update(family=_function("DropoutFamily", family_op, _family_setup, _family_bwd),
+             family_backward=_function("DropoutFamilyBackward", family_backward_op, _family_backward_setup,
+                                       _family_backward_bwd))
+
+
+def call_family(x, p, kind, noise_shape, state):
+    return _call("family", (x, state), (x, p, kind, noise_shape, state))
+
+
+def call_family_backward(grad, p, kind, noise_shape, state):
+    return _call("family_backward", (grad, state), (grad, p, kind, noise_shape, state))
+
+
+# --------------------------------------------------------------------------- DropConnect
+
+
+def _dropconnect_linear_impl(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, state: Optional[torch.Tensor],
+    activation: int, train: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, z, state): y = act(x @ dropout(weight).T + bias) in float32 arithmetic."""
+    from ._family import dropconnect_dense
+
+    state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
+    seed, offset = read_state(state)
+    out = dropconnect_dense(_numpy(_as_f32(x)), _numpy(_as_f32(weight)), None if bias is None else _numpy(_as_f32(bias)),
+                            p if train else 0.0, seed=seed, offset=offset,
+                            activation={0: None, 1: "relu", 2: "gelu"}[activation], return_preactivation=True)
+    y, z = (torch.from_numpy(a) for a in out)
+    if not activation:
+        z = torch.empty(0)
+    return (y if x.dtype == torch.float32 else y.to(x.dtype)), z, state
+
+
+dropconnect_linear_op = torch.library.custom_op("fastdropout::dropconnect_linear", mutates_args=(),
+                                                device_types="cpu", tags=_SEEDED)(_fresh_state(_dropconnect_linear_impl))
+
+
+@dropconnect_linear_op.register_fake
+def _(x, weight, bias, p, state, activation, train):
+    y = x.new_empty(x.shape[:-1] + (weight.shape[0],))
+    z = x.new_empty(y.shape if activation else (0,), dtype=torch.float32)
+    return y, z, x.new_empty((2,), dtype=torch.int64)
+
+
+def _dropconnect_setup(ctx, inputs, output):
+    x, weight, bias, p, _, activation, train = inputs
+    ctx.options = (p, activation, train)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, bias, output[2])
+
+
+def _dropconnect_bwd(ctx, grad_y, grad_z, grad_state):
+    """Composite: the weight's dropout through this package's differentiable dropout op and
+    torch's matmuls, so first and second derivatives both hold."""
+    x, weight, bias, state = ctx.saved_tensors
+    p, activation, train = ctx.options
+    wd = call_dropout(weight, p, state)[0] if train and p > 0 else weight
+    dz = grad_y
+    if activation:
+        dz = grad_y * _activation_grad(torch.nn.functional.linear(x, wd, bias), activation)
+    gx = dz @ wd
+    dz2, x2 = dz.reshape(-1, dz.shape[-1]), x.reshape(-1, x.shape[-1])
+    gw = dz2.t() @ x2
+    if train and p > 0:
+        gw = call_dropout_backward(gw, p, state)
+    gb = dz2.sum(0) if bias is not None else None
+    return gx, gw, gb, None, None, None, None
+
+
+dropconnect_linear_op.register_autograd(_dropconnect_bwd, setup_context=_dropconnect_setup)
+torch.library.register_vmap(dropconnect_linear_op, _vmap_loop(dropconnect_linear_op, 4))
+_OPS["dropconnect_linear"] = dropconnect_linear_op
+_IMPLS["dropconnect_linear"] = _dropconnect_linear_impl
+_FAST["dropconnect_linear"] = _fast_function("FastDropConnectLinear", _dropconnect_linear_impl, _dropconnect_setup,
+                                             _dropconnect_bwd)
+_FUNC["dropconnect_linear"] = _function("DropConnectLinear", dropconnect_linear_op, _dropconnect_setup, _dropconnect_bwd)
+
+
+def call_dropconnect_linear(x, weight, bias, p, state, activation, train):
+    return _call("dropconnect_linear", (x, weight, bias, state), (x, weight, bias, p, state, activation, train))
+
+
+# --------------------------------------------------------------------------- dropout + residual + norm
+
+
+def _add_norm_impl(
+    x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], p: float,
+    eps: float, rms: bool, state: Optional[torch.Tensor], train: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    from ._family import dropout_add_layer_norm
+
+    state = (_draw_state() if state is None else state) if train and p > 0 else _NO_STATE.clone()
+    seed, offset = read_state(state)
+    y = dropout_add_layer_norm(_numpy(x), _numpy(residual), None if weight is None else _numpy(weight),
+                               None if bias is None else _numpy(bias), p, eps=eps, norm="rms" if rms else "layer",
+                               seed=seed, offset=offset, training=train and p > 0)
+    return torch.from_numpy(y), state
+
+
+add_norm_op = torch.library.custom_op("fastdropout::dropout_add_layer_norm", mutates_args=(), device_types="cpu",
+                                      tags=_SEEDED)(_fresh_state(_add_norm_impl))
+
+
+@add_norm_op.register_fake
+def _(x, residual, weight, bias, p, eps, rms, state, train):
+    return x.new_empty(x.shape), x.new_empty((2,), dtype=torch.int64)
+
+
+def _add_norm_backward_impl(
+    grad: torch.Tensor, x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], p: float, eps: float, rms: bool, state: torch.Tensor, train: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_residual, grad_weight, grad_bias); an absent parameter's gradient is empty."""
+    from ._family import dropout_add_layer_norm_backward
+
+    seed, offset = read_state(state)
+    g = dropout_add_layer_norm_backward(_numpy(grad), _numpy(x), _numpy(residual),
+                                        None if weight is None else _numpy(weight),
+                                        None if bias is None else _numpy(bias), p if train else 0.0, eps=eps,
+                                        norm="rms" if rms else "layer", seed=seed, offset=offset)
+    g = tuple(g) + ((None,) if rms else ())
+    return tuple(torch.empty(0, dtype=x.dtype) if a is None else torch.from_numpy(np.ascontiguousarray(a))
+                 for a in g)  # type: ignore[return-value]
+
+
+add_norm_backward_op = torch.library.custom_op("fastdropout::dropout_add_layer_norm_backward", mutates_args=(),
+                                               device_types="cpu")(_add_norm_backward_impl)
+
+
+@add_norm_backward_op.register_fake
+def _(grad, x, residual, weight, bias, p, eps, rms, state, train):
+    def like(t, ref):
+        return ref.new_empty(t.shape) if t is not None else ref.new_empty((0,))
+    return x.new_empty(x.shape), x.new_empty(x.shape), like(weight, x), like(bias, x)
+
+
+def _add_norm_setup(ctx, inputs, output):
+    x, residual, weight, bias, p, eps, rms, _, train = inputs
+    ctx.options = (p, eps, rms, train)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(x, residual, weight, bias, output[1])
+
+
+ADD_NORM_DOUBLE_BACKWARD_ERROR = ("fastdropout's dropout_add_layer_norm has no second derivative; use "
+                                  "torch.nn.functional.layer_norm(residual + dropout(x)) where one is needed")
+
+
+def _add_norm_bwd(ctx, grad_y, grad_state):
+    x, residual, weight, bias, state = ctx.saved_tensors
+    p, eps, rms, train = ctx.options
+    args = (grad_y, x, residual, weight, bias, p, eps, rms, state, train)
+    how = _route(grad_y, x, residual, weight, bias)
+    if torch.is_grad_enabled():
+        g = _FUNC["add_norm_backward"].apply(*args) if how == "func" else add_norm_backward_op(*args)
+    else:
+        g = (_add_norm_backward_impl if how == "fast" else add_norm_backward_op)(*args)
+    return g[0], g[1], (g[2] if weight is not None else None), (g[3] if bias is not None else None), \
+        None, None, None, None, None
+
+
+def _add_norm_backward_bwd(ctx, *grads):
+    raise RuntimeError(ADD_NORM_DOUBLE_BACKWARD_ERROR)
+
+
+add_norm_op.register_autograd(_add_norm_bwd, setup_context=_add_norm_setup)
+add_norm_backward_op.register_autograd(_add_norm_backward_bwd, setup_context=lambda ctx, inputs, output: None)
+torch.library.register_vmap(add_norm_op, _vmap_loop(add_norm_op, 7))
+_OPS["add_norm"] = add_norm_op
+_IMPLS["add_norm"] = _add_norm_impl
+_FAST["add_norm"] = _fast_function("FastDropoutAddLayerNorm", _add_norm_impl, _add_norm_setup, _add_norm_bwd)
+_FUNC["add_norm"] = _function("DropoutAddLayerNorm", add_norm_op, _add_norm_setup, _add_norm_bwd)
+_FUNC["add_norm_backward"] = _function("DropoutAddLayerNormBackward", add_norm_backward_op,
+                                       lambda ctx, inputs, output: None, _add_norm_backward_bwd)
+
+
+def call_add_norm(x, residual, weight, bias, p, eps, rms, state, train):
+    return _call("add_norm", (x, residual, weight, bias, state), (x, residual, weight, bias, p, eps, rms, state, train))

@@ -46,8 +46,9 @@ except ImportError as exc:  # pragma: no cover - only without torch
 from . import _torch_ops as _ops
 from ._checks import ACTIVATIONS, check_activation, check_p, check_u64
 
-__all__ = ["Dropout", "DropoutLinear", "convert", "dropout", "dropout_linear", "register_transformers",
-           "scaled_dot_product_attention"]
+__all__ = ["AlphaDropout", "DropConnectLinear", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAddLayerNorm",
+           "DropoutLinear", "FeatureAlphaDropout", "GaussianDropout", "LockedDropout", "convert", "dropout", "dropout_linear",
+           "register_transformers", "scaled_dot_product_attention"]
 
 _DROPOUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -492,3 +493,204 @@ def register_transformers(name: str = "fastdropout") -> str:
                           "pip install transformers") from exc
     AttentionInterface.register(name, _transformers_attention)
     return name
+
+
+# --------------------------------------------------------------------------- the dropout family
+
+_FAMILY_DTYPES = (torch.float32, torch.float64)
+
+
+class _FamilyDropout(torch.nn.Module):
+    """Shared body of the channel, locked and alpha dropout modules."""
+
+    kind = _ops.FAMILY_DROPOUT
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__()
+        self.p = check_p(p)
+        self.inplace = bool(inplace)
+
+    def noise_shape(self, x: torch.Tensor) -> Optional[List[int]]:
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_tensor(x, "input", _FAMILY_DTYPES)
+        p = check_p(self.p)
+        noise = self.noise_shape(x)
+        if not self.training or p == 0.0:
+            return x
+        y = _ops.call_family(x, p, self.kind, noise, None)[0]
+        return x.copy_(y) if self.inplace else y
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, inplace={self.inplace}"
+
+
+def _channel_noise(x: torch.Tensor, spatial: int, name: str) -> List[int]:
+    ranks = (spatial + 1, spatial + 2)
+    if x.dim() not in ranks:
+        raise ValueError(f"{name}: expected a {ranks[0]}-D (unbatched) or {ranks[1]}-D input, got shape {tuple(x.shape)}")
+    return list(x.shape[:x.dim() - spatial]) + [1] * spatial
+
+
+class Dropout1d(_FamilyDropout):
+    """``torch.nn.Dropout1d``: zeroes whole channels of ``(N, C, L)`` or ``(C, L)`` inputs (float32,
+    float64), with fastdropout's broadcast mask (one Philox word per channel); ``ValueError``
+    for other ranks (torch raises RuntimeError).
+
+    References
+    ----------
+    J. Tompson et al., "Efficient Object Localization Using Convolutional Networks", CVPR 2015.
+    """
+
+    def noise_shape(self, x):
+        return _channel_noise(x, 1, "Dropout1d")
+
+
+class Dropout2d(_FamilyDropout):
+    """``torch.nn.Dropout2d`` for ``(N, C, H, W)`` or ``(C, H, W)`` inputs.  As torch (2.x) does, a
+    3-D input is taken as ``(N, C, L)`` (channel-wise 1-D dropout) with torch's warning."""
+
+    def noise_shape(self, x):
+        if x.dim() == 3:
+            import warnings
+
+            warnings.warn("Dropout2d: a 3-D input is taken as (N, C, L) (channel-wise 1-D dropout), as "
+                          "torch.nn.Dropout2d does; use Dropout1d for that", UserWarning, stacklevel=3)
+            return list(x.shape[:2]) + [1]
+        return _channel_noise(x, 2, "Dropout2d")
+
+
+class Dropout3d(_FamilyDropout):
+    """``torch.nn.Dropout3d`` for ``(N, C, D, H, W)`` or ``(C, D, H, W)`` inputs."""
+
+    def noise_shape(self, x):
+        return _channel_noise(x, 3, "Dropout3d")
+
+
+class LockedDropout(_FamilyDropout):
+    """One mask shared along ``dim`` (e.g. time): variational dropout of recurrent networks (Gal and
+    Ghahramani, NeurIPS 2016; AWD-LSTM's locked dropout), ``noise_shape`` = the input's shape with 1
+    at ``dim``.  float32 and float64."""
+
+    def __init__(self, p: float = 0.5, dim: int = 0, inplace: bool = False) -> None:
+        super().__init__(p, inplace)
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+        self.dim = dim
+
+    def noise_shape(self, x):
+        if not -x.dim() <= self.dim < x.dim():
+            raise ValueError(f"LockedDropout: dim {self.dim} out of range for shape {tuple(x.shape)}")
+        shape = list(x.shape)
+        shape[self.dim % x.dim()] = 1
+        return shape
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, dim={self.dim}, inplace={self.inplace}"
+
+
+class AlphaDropout(_FamilyDropout):
+    """``torch.nn.AlphaDropout`` (SELU networks) with fastdropout's mask; float32 and float64.
+
+    References
+    ----------
+    G. Klambauer et al., "Self-Normalizing Neural Networks", NeurIPS 2017.
+    """
+
+    kind = _ops.FAMILY_ALPHA
+
+
+class FeatureAlphaDropout(AlphaDropout):
+    """``torch.nn.FeatureAlphaDropout``: alpha dropout of whole channels of ``(N, C, ...)`` inputs."""
+
+    def noise_shape(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"FeatureAlphaDropout: expected at least 2 dimensions, got shape {tuple(x.shape)}")
+        return list(x.shape[:2]) + [1] * (x.dim() - 2)
+
+
+class GaussianDropout(_FamilyDropout):
+    """Multiplicative Gaussian noise ``x * (1 + sigma * z)``, ``sigma = sqrt(p / (1 - p))`` (Keras's
+    ``GaussianDropout``; :func:`fastdropout.gaussian_dropout`); identity in eval mode; float32 and
+    float64; ``p`` in [0, 1)."""
+
+    kind = _ops.FAMILY_GAUSSIAN
+
+    def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
+        super().__init__(p, inplace)
+        if self.p == 1.0:
+            raise ValueError("GaussianDropout needs p < 1")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if check_p(self.p) == 1.0:
+            raise ValueError("GaussianDropout needs p < 1")
+        return super().forward(x)
+
+
+class DropConnectLinear(DropoutLinear):
+    """``act(F.linear(x, F.dropout(weight, p), bias))``: DropConnect (Wan et al., ICML 2013) as one
+    CPU kernel, the weight's mask applied while the GEMM packs the weight and regenerated in the
+    backward (one mask per call).  ``torch.nn.Linear``'s parameters and initialization; float32,
+    bfloat16 and float16 (computed in float32).  Second derivatives hold (the backward is written
+    with differentiable ops)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for name, t in (("x", x), ("weight", self.weight)):
+            _check_tensor(t, name, _LINEAR_DTYPES)
+        p = check_p(self.p)
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected x of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        masked = self.training and p > 0.0
+        return _ops.call_dropconnect_linear(x, self.weight, self.bias, p, None, ACTIVATIONS[self.activation], masked)[0]
+
+
+class DropoutAddLayerNorm(torch.nn.Module):
+    """``LayerNorm(residual + dropout(x))`` (``norm="rms"``: RMSNorm) in one pass per row, the ending of a
+    transformer block: ``forward(x, residual)``.  ``weight`` and ``bias`` are ``torch.nn.LayerNorm``'s
+    (ones, zeros; no bias for RMS), ``normalized_shape`` an int (the last dimension).  float32 and
+    float64; the mask is regenerated in the backward.  No second derivative (raises).
+
+    References
+    ----------
+    J. Ba, J. Kiros, G. Hinton, "Layer Normalization", 2016; B. Zhang, R. Sennrich, "Root Mean
+    Square Layer Normalization", NeurIPS 2019.
+    """
+
+    def __init__(self, normalized_shape: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
+                 norm: str = "layer", device=None, dtype=None) -> None:
+        super().__init__()
+        _check_factory(device, dtype, _FAMILY_DTYPES, "DropoutAddLayerNorm")
+        if isinstance(normalized_shape, (tuple, list)):
+            if len(normalized_shape) != 1:
+                raise ValueError("DropoutAddLayerNorm normalizes the last dimension only: give an int")
+            normalized_shape = normalized_shape[0]
+        if norm not in ("layer", "rms"):
+            raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
+        self.normalized_shape = (int(normalized_shape),)
+        self.p = check_p(p)
+        self.eps = float(eps)
+        self.norm = norm
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = torch.nn.Parameter(torch.ones(self.normalized_shape, **factory))
+            if norm == "layer":
+                self.bias = torch.nn.Parameter(torch.zeros(self.normalized_shape, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        _check_tensor(x, "x", _FAMILY_DTYPES)
+        _check_tensor(residual, "residual", _FAMILY_DTYPES)
+        if residual.shape != x.shape or residual.dtype != x.dtype or x.shape[-1:] != self.normalized_shape:
+            raise ValueError(f"x and residual must have one shape (..., {self.normalized_shape[0]}) and dtype, "
+                             f"got {tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")
+        p = check_p(self.p)
+        return _ops.call_add_norm(x.contiguous(), residual.contiguous(), self.weight, self.bias, p, self.eps,
+                                  self.norm == "rms", None, self.training and p > 0.0)[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, p={self.p}, eps={self.eps}, norm={self.norm!r}"

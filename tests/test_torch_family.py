@@ -1,0 +1,247 @@
+"""fastdropout.torch's dropout family: torch's modules (Dropout1d/2d/3d, AlphaDropout,
+FeatureAlphaDropout) with torch's ranks, eval behaviour and formulas under fastdropout's masks;
+LockedDropout, DropConnectLinear and DropoutAddLayerNorm against the torch formula with the same mask;
+custom operators under torch.compile; a BERT whose LayerNorm(residual + dropout(h)) endings are swapped."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch.nn.functional as F  # noqa: E402
+
+import fastdropout as fd  # noqa: E402
+import fastdropout.torch as fdt  # noqa: E402
+
+
+def drawn_seed(s: int) -> int:
+    """The seed an op draws right after torch.manual_seed(s)."""
+    torch.manual_seed(s)
+    return int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+
+
+def close(a, b, rtol=1e-5, atol=1e-6):
+    torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("cls,shape,noise", [
+    (fdt.Dropout1d, (4, 3, 10), (4, 3, 1)),
+    (fdt.Dropout1d, (3, 10), (3, 1)),
+    (fdt.Dropout2d, (2, 3, 4, 5), (2, 3, 1, 1)),
+    (fdt.Dropout3d, (2, 3, 2, 4, 5), (2, 3, 1, 1, 1)),
+    (fdt.Dropout3d, (3, 2, 4, 5), (3, 1, 1, 1)),
+])
+def test_channel_dropout(backend, cls, shape, noise):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    m = cls(0.4)
+    torch.manual_seed(3)
+    y = m(x)
+    keep = torch.from_numpy(np.broadcast_to(fd.dropout_mask(noise, 0.4, seed=drawn_seed(3)), shape).copy())
+    close(y, torch.where(keep, x / 0.6, 0.0))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    close(g, torch.where(keep, 1 / 0.6, 0.0).to(x.dtype))
+    m.eval()
+    assert m(x) is x
+    with pytest.raises(ValueError):
+        cls(0.4)(torch.randn(2))
+
+
+def test_dropout2d_takes_3d_as_torch_does():
+    x = torch.ones(2, 3, 4)
+    with pytest.warns(UserWarning, match="N, C, L"):
+        y = fdt.Dropout2d(0.5)(x)
+    assert all(len(set(row.tolist())) == 1 for row in y.reshape(6, 4))  # whole (N, C) rows kept or dropped
+    with pytest.warns(UserWarning):
+        torch.nn.Dropout2d(0.5)(x)  # torch's own warning: the same reading
+
+
+@pytest.mark.parametrize("feature", [False, True])
+def test_alpha_dropout_is_torchs_formula(backend, feature):
+    x = torch.randn(4, 3, 50, requires_grad=True)
+    m = fdt.FeatureAlphaDropout(0.3) if feature else fdt.AlphaDropout(0.3)
+    torch.manual_seed(5)
+    y = m(x)
+    noise = (4, 3, 1) if feature else (4, 3, 50)
+    keep = torch.from_numpy(np.broadcast_to(fd.dropout_mask(noise, 0.3, seed=drawn_seed(5)), x.shape).copy())
+    alpha, p = 1.7580993408473766, 0.3  # torch's _dropout_impl: input * noise * a + b
+    a = 1.0 / math.sqrt((alpha * alpha * p + 1) * (1 - p))
+    b = (keep.double() - 1) * alpha * a + alpha * a * p
+    close(y, (x.detach().double() * keep.double() * a + b).float())
+    (g,) = torch.autograd.grad(y.sum(), x)
+    close(g, keep.float() * a)
+    m.eval()
+    assert m(x) is x
+    big = torch.randn(1 << 18)
+    torch.manual_seed(1)
+    ours, theirs = fdt.AlphaDropout(0.2)(big), F.alpha_dropout(big, 0.2, True)
+    for stat in (torch.mean, torch.std):
+        assert abs(stat(ours) - stat(theirs)) < 0.02
+
+
+def test_locked_dropout_shares_the_mask_over_time():
+    x = torch.randn(7, 3, 5, requires_grad=True)
+    torch.manual_seed(2)
+    y = fdt.LockedDropout(0.5, dim=0)(x)
+    keep = torch.from_numpy(np.broadcast_to(fd.dropout_mask((1, 3, 5), 0.5, seed=drawn_seed(2)), x.shape).copy())
+    close(y, torch.where(keep, x * 2, 0.0))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_dropconnect_linear(backend, activation):
+    torch.manual_seed(0)
+    m = fdt.DropConnectLinear(12, 7, p=0.3, activation=activation)
+    x = torch.randn(5, 12, requires_grad=True)
+    torch.manual_seed(9)
+    y = m(x)
+    keep = torch.from_numpy(fd.dropout_mask((7, 12), 0.3, seed=drawn_seed(9)))
+    expected = F.linear(x, m.weight * keep / 0.7, m.bias)
+    expected = {None: expected, "relu": F.relu(expected), "gelu": F.gelu(expected)}[activation]
+    close(y, expected)
+    g = torch.randn_like(y)
+    params = (x, m.weight, m.bias)
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g)):
+        close(a, b)
+    act = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}[activation]
+    # second derivatives (a gradient penalty) are right
+    torch.manual_seed(9)
+    (gx,) = torch.autograd.grad(m(x).square().sum(), x, create_graph=True)
+    (gx_ref,) = torch.autograd.grad(act(F.linear(x, m.weight * keep / 0.7, m.bias)).square().sum(), x,
+                                    create_graph=True)
+    pen = torch.autograd.grad(gx.square().sum(), m.weight)[0]
+    pen_ref = torch.autograd.grad(gx_ref.square().sum(), m.weight)[0]
+    close(pen, pen_ref, rtol=1e-4, atol=1e-5)
+    m.eval()
+    close(m(x), act(F.linear(x, m.weight, m.bias)))
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_add_layer_norm(backend, norm, dtype):
+    m = fdt.DropoutAddLayerNorm(16, p=0.2, norm=norm, dtype=dtype)
+    with torch.no_grad():
+        m.weight.normal_()
+        if m.bias is not None:
+            m.bias.normal_()
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    r = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    torch.manual_seed(4)
+    y = m(x, r)
+    keep = torch.from_numpy(fd.dropout_mask(x.shape, 0.2, seed=drawn_seed(4)))
+    s = r + torch.where(keep, x * (1 / 0.8), 0.0)
+    expected = F.layer_norm(s, (16,), m.weight, m.bias, 1e-5) if norm == "layer" else F.rms_norm(s, (16,), m.weight, 1e-5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    close(y, expected, **tol)
+    g = torch.randn_like(y)
+    params = [x, r] + [p for p in (m.weight, m.bias) if p is not None]
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(expected, params, g)):
+        close(a, b, **({"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else tol))
+    m.eval()
+    ev = F.layer_norm(r + x, (16,), m.weight, m.bias, 1e-5) if norm == "layer" else F.rms_norm(r + x, (16,), m.weight, 1e-5)
+    close(m(x, r), ev, **tol)
+
+
+def test_family_compiles_without_graph_breaks():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv1d(4, 4, 3, padding=1)
+            self.drop = fdt.Dropout1d(0.2)
+            self.alpha = fdt.AlphaDropout(0.1)
+            self.lin = fdt.DropConnectLinear(10, 10, p=0.3)
+            self.norm = fdt.DropoutAddLayerNorm(10, p=0.1)
+
+        def forward(self, x):
+            h = self.alpha(self.drop(self.conv(x)))
+            return self.norm(self.lin(h), h)
+
+    torch.manual_seed(0)
+    model = Block()
+    x = torch.randn(2, 4, 10)
+    compiled = torch.compile(model, fullgraph=True)
+    outs = []
+    for m in (model, compiled):
+        torch.manual_seed(8)
+        y = m(x)
+        outs.append((y, torch.autograd.grad(y.square().sum(), list(model.parameters()))))
+    close(outs[1][0], outs[0][0])
+    for a, b in zip(outs[1][1], outs[0][1]):
+        close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_errors():
+    with pytest.raises(TypeError):
+        fdt.AlphaDropout(0.5)(torch.ones(3, 3, dtype=torch.bfloat16))
+    with pytest.raises(ValueError):
+        fdt.AlphaDropout(1.5)
+    with pytest.raises(ValueError):
+        fdt.FeatureAlphaDropout(0.5)(torch.ones(3))
+    with pytest.raises(ValueError):
+        fdt.LockedDropout(0.5, dim=3)(torch.ones(2, 2))
+    with pytest.raises(ValueError):
+        fdt.DropoutAddLayerNorm(8)(torch.ones(2, 8), torch.ones(2, 7))
+    with pytest.raises(ValueError):
+        fdt.DropoutAddLayerNorm(8, norm="batch")
+    with pytest.raises(TypeError):
+        fdt.DropoutAddLayerNorm(8, dtype=torch.bfloat16)
+    m = fdt.DropoutAddLayerNorm(8)
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivative"):
+        (gx,) = torch.autograd.grad(m(x, x.detach()).square().sum(), x, create_graph=True)
+        gx.sum().backward()
+
+
+def swap_bert_add_norm(model, p):
+    """The README's recipe: each BertSelfOutput / BertOutput computes
+    LayerNorm(dropout(dense(h)) + input); give that ending to one DropoutAddLayerNorm."""
+    for module in model.modules():
+        if type(module).__name__ in ("BertSelfOutput", "BertOutput"):
+            ln = module.LayerNorm
+            fused = fdt.DropoutAddLayerNorm(ln.normalized_shape[0], p=p, eps=ln.eps)
+            fused.load_state_dict(ln.state_dict())
+            module.add_norm = fused.train(module.training)
+            module.forward = (lambda m: lambda hidden_states, input_tensor:
+                              m.add_norm(m.dense(hidden_states), input_tensor))(module)
+    return model
+
+
+def test_bert_with_fused_add_layer_norm():
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.1,
+                        attention_probs_dropout_prob=0.0, num_labels=3)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    ids = torch.randint(0, 60, (16, 10), generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
+    before = model(input_ids=ids).logits
+    swap_bert_add_norm(model, config.hidden_dropout_prob)
+    close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)  # eval: unchanged
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    torch.manual_seed(3)
+    losses = []
+    for _ in range(12):
+        loss = model(input_ids=ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.7
+
+
+def test_gaussian_dropout_module():
+    x = torch.randn(6, 50, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(6)
+    y = fdt.GaussianDropout(0.3)(x)
+    close(y, torch.from_numpy(fd.gaussian_dropout(x.detach().numpy(), 0.3, seed=drawn_seed(6))))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    close(g * x.detach(), y.detach())  # dy/dx = 1 + sigma z = y / x
+    m = fdt.GaussianDropout(0.3).eval()
+    assert m(x) is x
+    with pytest.raises(ValueError):
+        fdt.GaussianDropout(1.0)
