@@ -78,55 +78,61 @@ void family_f64(const double* x, double* y, int64_t n, const KeepSource& src, co
 // Dropout + residual + LayerNorm / RMSNorm, one row at a time (statistics in double)
 // ---------------------------------------------------------------------------
 
-/// s = residual + dropout(x) for one row, in the dtype, widened into `s`.
-template <class T>
-void add_dropped_row(const AddNormProblem& a, int64_t r, double* s) {
-  const T* x = static_cast<const T*>(a.x) + r * a.D;
-  const T* res = static_cast<const T*>(a.residual) + r * a.D;
-  const T scale = static_cast<T>(a.keep_scale);
-  if (!a.mask.enabled) {
-    for (int64_t c = 0; c < a.D; ++c) s[c] = static_cast<double>(T(res[c] + x[c]));
-    return;
-  }
-  BitStream bits(a.mask.offset + static_cast<uint64_t>(r * a.D), a.mask.key, a.mask.threshold);
-  for (int64_t c0 = 0; c0 < a.D; c0 += 64) {
-    const uint64_t w = bits.next(a.D - c0);
-    const int64_t len = min64(64, a.D - c0);
-    for (int64_t k = 0; k < len; ++k) {
-      const T dropped = ((w >> k) & 1) ? T(x[c0 + k] * scale) : T(0);
-      s[c0 + k] = static_cast<double>(T(res[c0 + k] + dropped));
-    }
-  }
+/// Lanes of the row sums: kSumLanes partial sums, added up in a fixed order at the end (the
+/// compiler vectorizes these loops; the order never depends on threads).
+constexpr int64_t kSumLanes = 8;
+
+/// sum of v[0:n] over kSumLanes partial sums.
+inline double lane_sum(const double* v, int64_t n) {
+  double acc[kSumLanes] = {};
+  int64_t c = 0;
+  for (; c + kSumLanes <= n; c += kSumLanes)
+    for (int64_t l = 0; l < kSumLanes; ++l) acc[l] += v[c + l];
+  for (; c < n; ++c) acc[c % kSumLanes] += v[c];
+  double s = 0.0;
+  for (int64_t l = 0; l < kSumLanes; ++l) s += acc[l];
+  return s;
 }
 
-/// Mean (0 for RMSNorm) and 1 / sqrt(variance + eps) of a row.
-inline void row_stats(const double* s, int64_t D, bool rms, double eps, double& mean, double& rstd) {
-  double m = 0.0;
-  if (!rms) {
-    for (int64_t c = 0; c < D; ++c) m += s[c];
-    m /= static_cast<double>(D);
+/// s = residual + dropout(x) for one row, in the dtype (dropout's own select-and-scale into
+/// `tmp`), widened into `s`.
+template <class T>
+void add_dropped_row(const AddNormProblem& a, int64_t r, double* s, T* tmp) {
+  const T* x = static_cast<const T*>(a.x) + r * a.D;
+  const T* res = static_cast<const T*>(a.residual) + r * a.D;
+  if (a.mask.enabled) {
+    dropout<T>(x, tmp, a.D, a.mask.offset + static_cast<uint64_t>(r * a.D), a.mask.key, a.mask.threshold,
+               static_cast<T>(a.keep_scale));
+    x = tmp;
   }
-  double v = 0.0;
-  for (int64_t c = 0; c < D; ++c) v += (s[c] - m) * (s[c] - m);
+  for (int64_t c = 0; c < a.D; ++c) s[c] = static_cast<double>(T(res[c] + x[c]));
+}
+
+/// Mean (0 for RMSNorm) and 1 / sqrt(variance + eps) of a row; `work` holds D doubles.
+inline void row_stats(const double* s, int64_t D, bool rms, double eps, double* work, double& mean, double& rstd) {
+  const double m = rms ? 0.0 : lane_sum(s, D) / static_cast<double>(D);
+  for (int64_t c = 0; c < D; ++c) work[c] = (s[c] - m) * (s[c] - m);
   mean = m;
-  rstd = 1.0 / std::sqrt(v / static_cast<double>(D) + eps);
+  rstd = 1.0 / std::sqrt(lane_sum(work, D) / static_cast<double>(D) + eps);
 }
 
 template <class T>
 void add_norm(const AddNormProblem& a, int64_t r0, int64_t r1) {
-  std::unique_ptr<double[]> s(new double[static_cast<size_t>(a.D > 0 ? a.D : 1)]);
+  const int64_t D = a.D > 0 ? a.D : 1;
+  std::unique_ptr<double[]> buf(new double[static_cast<size_t>(2 * D)]);
+  std::unique_ptr<T[]> tmp(new T[static_cast<size_t>(D)]);
+  double *s = buf.get(), *work = s + D;
   const T* w = static_cast<const T*>(a.weight);
   const T* b = static_cast<const T*>(a.bias);
   for (int64_t r = r0; r < r1; ++r) {
-    add_dropped_row<T>(a, r, s.get());
+    add_dropped_row<T>(a, r, s, tmp.get());
     double mean, rstd;
-    row_stats(s.get(), a.D, a.rms, a.eps, mean, rstd);
+    row_stats(s, a.D, a.rms, a.eps, work, mean, rstd);
     T* y = static_cast<T*>(a.y) + r * a.D;
     for (int64_t c = 0; c < a.D; ++c) {
-      double v = (s[c] - mean) * rstd;
-      if (w) v *= static_cast<double>(w[c]);
-      if (b) v += static_cast<double>(b[c]);
-      y[c] = static_cast<T>(v);
+      const double v = (s[c] - mean) * rstd;
+      const double scaled = w ? v * static_cast<double>(w[c]) : v;
+      y[c] = static_cast<T>(b ? scaled + static_cast<double>(b[c]) : scaled);
     }
     if (a.sum) {
       T* out = static_cast<T*>(a.sum) + r * a.D;
@@ -137,47 +143,38 @@ void add_norm(const AddNormProblem& a, int64_t r0, int64_t r1) {
 
 template <class T>
 void add_norm_backward(const AddNormProblem& a, int64_t r0, int64_t r1, double* wsum, double* bsum) {
-  std::unique_ptr<double[]> buf(new double[static_cast<size_t>(2 * (a.D > 0 ? a.D : 1))]);
-  double* s = buf.get();
-  double* g = s + a.D;
+  const int64_t D = a.D > 0 ? a.D : 1;
+  std::unique_ptr<double[]> buf(new double[static_cast<size_t>(4 * D)]);
+  std::unique_ptr<T[]> tmp(new T[static_cast<size_t>(D)]);
+  double *s = buf.get(), *g = s + D, *xhat = g + D, *work = xhat + D;
   const T* w = static_cast<const T*>(a.weight);
-  const T scale = static_cast<T>(a.keep_scale);
   for (int64_t r = r0; r < r1; ++r) {
-    add_dropped_row<T>(a, r, s);
+    add_dropped_row<T>(a, r, s, tmp.get());
     double mean, rstd;
-    row_stats(s, a.D, a.rms, a.eps, mean, rstd);
+    row_stats(s, a.D, a.rms, a.eps, work, mean, rstd);
     const T* dy = static_cast<const T*>(a.grad_out) + r * a.D;
-    double mg = 0.0, mgx = 0.0;
     for (int64_t c = 0; c < a.D; ++c) {
-      const double xhat = (s[c] - mean) * rstd;
+      xhat[c] = (s[c] - mean) * rstd;
       const double d = static_cast<double>(dy[c]);
       g[c] = w ? d * static_cast<double>(w[c]) : d;
-      mg += g[c];
-      mgx += g[c] * xhat;
-      if (wsum) wsum[c] += d * xhat;
-      if (bsum) bsum[c] += d;
+      work[c] = g[c] * xhat[c];
     }
-    mg = a.rms ? 0.0 : mg / static_cast<double>(a.D);
-    mgx /= static_cast<double>(a.D);
+    if (wsum)
+      for (int64_t c = 0; c < a.D; ++c) wsum[c] += static_cast<double>(dy[c]) * xhat[c];
+    if (bsum)
+      for (int64_t c = 0; c < a.D; ++c) bsum[c] += static_cast<double>(dy[c]);
+    const double mg = a.rms ? 0.0 : lane_sum(g, a.D) / static_cast<double>(a.D);
+    const double mgx = lane_sum(work, a.D) / static_cast<double>(a.D);
     T* gr = static_cast<T*>(a.grad_residual) + r * a.D;
+    for (int64_t c = 0; c < a.D; ++c) tmp[c] = static_cast<T>(rstd * (g[c] - mg - xhat[c] * mgx));  // dL/ds
+    if (gr) std::memcpy(gr, tmp.get(), static_cast<size_t>(a.D) * sizeof(T));
     T* gx = static_cast<T*>(a.grad_x) + r * a.D;
-    for (int64_t c = 0; c < a.D; ++c) {
-      const double xhat = (s[c] - mean) * rstd;
-      g[c] = rstd * (g[c] - mg - xhat * mgx);  // dL/ds
-      if (gr) gr[c] = static_cast<T>(g[c]);
-    }
     if (!gx) continue;
-    if (!a.mask.enabled) {
-      for (int64_t c = 0; c < a.D; ++c) gx[c] = static_cast<T>(g[c]);
-      continue;
-    }
-    BitStream bits(a.mask.offset + static_cast<uint64_t>(r * a.D), a.mask.key, a.mask.threshold);
-    for (int64_t c0 = 0; c0 < a.D; c0 += 64) {
-      const uint64_t word = bits.next(a.D - c0);
-      const int64_t len = min64(64, a.D - c0);
-      for (int64_t k = 0; k < len; ++k)
-        gx[c0 + k] = ((word >> k) & 1) ? T(static_cast<T>(g[c0 + k]) * scale) : T(0);
-    }
+    if (a.mask.enabled)
+      dropout<T>(tmp.get(), gx, a.D, a.mask.offset + static_cast<uint64_t>(r * a.D), a.mask.key, a.mask.threshold,
+                 static_cast<T>(a.keep_scale));
+    else
+      std::memcpy(gx, tmp.get(), static_cast<size_t>(a.D) * sizeof(T));
   }
 }
 
@@ -238,11 +235,13 @@ inline float log_poly(float x) {
 
 /// The two normal deviates (r cos theta, r sin theta) of words w1, w2 in float32.
 inline void box_muller_f32(uint32_t w1, uint32_t w2, float& z_cos, float& z_sin) {
-  // ln u1, u1 = (w1 + 0.5) 2**-32.  Below one half: ln((2 w1 + 1) 2**-33).  Above: ln(1 - t)
-  // with t = (2 (2**32 - 1 - w1) + 1) 2**-33 exactly, as log1p: ln(v) - ((v - 1) + t) / v.
+  // ln u1, u1 = (w1 + 0.5) 2**-32.  Below one half: ln u1 directly.  Above: ln(1 - t) with
+  // t = (2**32 - 1 - w1 + 0.5) 2**-32 (to a relative 2**-23), as log1p: ln(v) - ((v - 1) + t) / v.
+  // (Signed conversions of 31-bit integers: AVX2 has no unsigned one.)
   const bool upper = w1 >= 0x80000000u;
-  const float lo_arg = static_cast<float>(2.0 * static_cast<double>(w1) + 1.0) * 1.16415321826934814453125e-10f;  // 2**-33
-  const float t = static_cast<float>(2.0 * static_cast<double>(0xffffffffu - w1) + 1.0) * 1.16415321826934814453125e-10f;
+  constexpr float k2m32 = 2.3283064365386962890625e-10f;  // 2**-32
+  const float lo_arg = (static_cast<float>(static_cast<int32_t>(w1 & 0x7fffffffu)) + 0.5f) * k2m32;
+  const float t = (static_cast<float>(static_cast<int32_t>((0xffffffffu - w1) & 0x7fffffffu)) + 0.5f) * k2m32;
   const float v = upper ? 1.0f - t : lo_arg;
   const float corr = upper ? ((v - 1.0f) + t) / v : 0.0f;
   const float ln_u1 = log_poly(v) - corr;
