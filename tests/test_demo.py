@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
@@ -88,3 +89,13 @@ def test_command_line_entry_point():
     )
     assert result.returncode == 0, result.stderr
     assert "least certain tenth" in result.stdout
+
+
+def test_demo_plot_draws_both_ensembles(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "ensembles.png"
+    assert _demo.main(["--quick", "--plot", str(path)]) == 0
+    assert path.stat().st_size > 10_000 and f"wrote {path}" in capsys.readouterr().out
+    # two one-hot members: the first right twice; with the second the average ties on image 2
+    acc, ent, _ = _demo._growing([np.eye(10)[[0, 1]], np.eye(10)[[0, 2]]], np.array([0, 1]))
+    assert acc.tolist() == [1.0, 1.0] and ent[0] == pytest.approx(0.0, abs=1e-9) and ent[1] > 0

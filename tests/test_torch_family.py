@@ -193,17 +193,15 @@ def test_errors():
         gx.sum().backward()
 
 
-def swap_bert_add_norm(model, p):
-    """The README's recipe: each BertSelfOutput / BertOutput computes
+def swap_add_layer_norm(model):
+    """The README's recipe, as written there: each BertSelfOutput / BertOutput computes
     LayerNorm(dropout(dense(h)) + input); give that ending to one DropoutAddLayerNorm."""
-    for module in model.modules():
-        if type(module).__name__ in ("BertSelfOutput", "BertOutput"):
-            ln = module.LayerNorm
-            fused = fdt.DropoutAddLayerNorm(ln.normalized_shape[0], p=p, eps=ln.eps)
-            fused.load_state_dict(ln.state_dict())
-            module.add_norm = fused.train(module.training)
-            module.forward = (lambda m: lambda hidden_states, input_tensor:
-                              m.add_norm(m.dense(hidden_states), input_tensor))(module)
+    for m in model.modules():
+        if type(m).__name__ in ("BertSelfOutput", "BertOutput"):
+            fused = fdt.DropoutAddLayerNorm(m.LayerNorm.normalized_shape[0], p=m.dropout.p, eps=m.LayerNorm.eps)
+            fused.load_state_dict(m.LayerNorm.state_dict())
+            m.add_norm = fused.train(m.training)
+            m.forward = (lambda m: lambda h, inp: m.add_norm(m.dense(h), inp))(m)
     return model
 
 
@@ -219,7 +217,7 @@ def test_bert_with_fused_add_layer_norm():
     ids = torch.randint(0, 60, (16, 10), generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(2))
     before = model(input_ids=ids).logits
-    swap_bert_add_norm(model, config.hidden_dropout_prob)
+    swap_add_layer_norm(model)
     close(model(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)  # eval: unchanged
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

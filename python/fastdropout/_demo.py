@@ -57,6 +57,10 @@ def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="a shortened run (small model, 3 epochs) for tests")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, order and masks")
     parser.add_argument(
+        "--plot", metavar="PATH",
+        help="also draw the MC-dropout ensemble beside a random forest as each grows (1 to 100 members) to a PNG "
+             "(needs matplotlib)")
+    parser.add_argument(
         "--threads", type=_positive_int, default=1,
         help="kernel threads (default 1: the matrices are small; the numbers are the same for any count)",
     )
@@ -155,6 +159,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("--plot needs matplotlib: pip install \"fastdropout[bench]\"", file=sys.stderr)
+            return 1
     train_size, hidden, epochs, samples = TRAIN_SIZE, HIDDEN, EPOCHS, MC_SAMPLES
     if args.quick:
         train_size, hidden, epochs, samples = (QUICK[k] for k in ("train_size", "hidden", "epochs", "mc_samples"))
@@ -164,13 +174,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous_threads = _api.get_num_threads()
     _api.set_num_threads(args.threads)
     try:
-        _run(seed, train_size, hidden, epochs, samples)
+        model, data = _run(seed, train_size, hidden, epochs, samples)
+        if args.plot:
+            _plot_ensembles(model, data, seed, args.plot)
+            print(f"\nwrote {args.plot}")
     finally:
         _api.set_num_threads(previous_threads)
     return 0
 
 
-def _run(seed: int, train_size: int, hidden: int, epochs: int, samples: int) -> None:
+def _run(seed: int, train_size: int, hidden: int, epochs: int, samples: int):
+    """Trains and reports; returns (the dropout model, the data)."""
     data = _load_digits(seed, train_size)
     n_train, n_test = len(data[0]), len(data[2])
     print("fastdropout demo: scikit-learn's handwritten digits (8x8 pixels, 10 classes)")
@@ -217,6 +231,67 @@ def _run(seed: int, train_size: int, hidden: int, epochs: int, samples: int) -> 
         f"  least certain tenth ({mc['n']} images, entropy >= {mc['uncertain_entropy']:.3f})  "
         f"{100 * mc['uncertain']:5.1f}%  ({mc['uncertain_errors']} of the {mc['errors']} errors)"
     )
+    return runs["dropout"][0], data
+
+
+ENSEMBLE = 100  # members of both ensembles in the plot
+
+
+def _entropy(prob: np.ndarray) -> np.ndarray:
+    return -np.sum(prob * np.log(np.clip(prob, 1e-12, None)), axis=1)
+
+
+def _growing(member_probs, y: np.ndarray):
+    """Accuracy and mean predictive entropy of the average of the first k members, k = 1..n."""
+    acc, ent, total = [], [], None
+    for k, prob in enumerate(member_probs, start=1):
+        total = prob.astype(np.float64) if total is None else total + prob
+        mean = total / k
+        acc.append(float(np.mean(mean.argmax(axis=1) == y)))
+        ent.append(float(_entropy(mean).mean()))
+    return np.array(acc), np.array(ent), mean
+
+
+def _plot_ensembles(model: nn.Module, data, seed: int, path: str) -> None:
+    """Dropout trains an implicit ensemble of thinned networks, in the spirit of a random forest:
+    MC dropout samples its members, a forest grows its trees.  Both grow to ENSEMBLE members."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.ensemble import RandomForestClassifier
+
+    x_train, y_train, x_test, y_test = data
+    model.train()
+    mc_members = (nn.softmax(model(x_test)) for _ in range(ENSEMBLE))  # each pass: a new thinned network
+    mc_acc, mc_ent, mc_mean = _growing(mc_members, y_test)
+    model.eval()
+    forest = RandomForestClassifier(n_estimators=ENSEMBLE, random_state=seed, n_jobs=1).fit(x_train, y_train)
+    rf_acc, rf_ent, rf_mean = _growing((t.predict_proba(x_test) for t in forest.estimators_), y_test)
+    k = np.arange(1, ENSEMBLE + 1)
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for acc, ent, label in ((mc_acc, mc_ent, "MC dropout (thinned networks)"), (rf_acc, rf_ent, "random forest (trees)")):
+        axes[0].plot(k, 100 * acc, label=label)
+        axes[1].plot(k, ent, label=label)
+    axes[0].set(xscale="log", xlabel="ensemble members", ylabel="test accuracy (%)", title="accuracy as the ensemble grows")
+    axes[1].set(xscale="log", xlabel="ensemble members", ylabel="mean predictive entropy (nats)",
+                title="uncertainty as the ensemble grows")
+    axes[0].legend()
+    bins = np.linspace(0, np.log(10), 30)
+    for mean, label, style in ((mc_mean, "MC dropout", "-"), (rf_mean, "random forest", "--")):
+        right = mean.argmax(axis=1) == y_test
+        ent = _entropy(mean)
+        for sel, what in ((right, "right"), (~right, "wrong")):
+            hist, _ = np.histogram(ent[sel], bins=bins, density=True)
+            axes[2].step(bins[:-1], hist, where="post", linestyle=style, label=f"{label}: {what} ({sel.sum()})")
+    axes[2].set(xlabel="predictive entropy of the 100-member average (nats)", ylabel="density",
+                title="uncertainty of right and wrong answers")
+    axes[2].legend(fontsize=8)
+    fig.suptitle(f"scikit-learn digits ({len(x_train)} train, {len(x_test)} test images), seed {seed}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":  # pragma: no cover
