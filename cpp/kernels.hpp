@@ -22,14 +22,18 @@ struct MaskSpec {
   float scale = 1.0f;
 };
 
-/// A C-contiguous float32 matrix as a GEMM operand source.  Values are read as
-/// `p[r, c] * act'(z[r, c])` (when `z`), then masked and scaled (when `mask`).
+/// A C-contiguous float32 (or bfloat16) matrix as a GEMM operand source.  Values are read as
+/// `p[r, c] * act'(z[r, c])` (when `z`), then masked and scaled (when `mask`).  With `h`
+/// the values are bfloat16 (`h` instead of `p`), widened to float32 as they are packed; a
+/// masked bfloat16 value is `x * s` in float32 rounded once to bfloat16 (the contract's
+/// half-precision rule), so the product is that of the bfloat16 operands.
 struct Mat {
   const float* p = nullptr;
   int64_t rows = 0, cols = 0;
   const float* z = nullptr;
   Activation zact = Activation::none;
   MaskSpec mask;
+  const uint16_t* h = nullptr;
 };
 
 /// C (M x N, row-major, ld N) = op(A) @ op(B) followed by the epilogue.

@@ -271,10 +271,34 @@ inline void prefetch_tile(const float* c, int64_t ldc, int64_t rows, int64_t col
     for (int64_t n = 0; n < cols; n += 16) prefetch(c + r * ldc + n);
 }
 
+/// bfloat16 bits to float32 (exact).
+inline void widen_bf16(const uint16_t* h, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = static_cast<uint32_t>(h[i]) << 16;
+    std::memcpy(out + i, &u, sizeof u);
+  }
+}
+
+/// Rounds float32 values to bfloat16 precision in place (to nearest, ties to even; NaN stays NaN).
+inline void round_to_bf16(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, v + i, sizeof u);
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    u = nan ? (u | 0x00400000u) & 0xffff0000u : r;
+    std::memcpy(v + i, &u, sizeof u);
+  }
+}
+
 /// Elements (r, c0 .. c0 + len) of m, transformed; either a pointer into m or `buf`.
 const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t at = r * m.cols + c0;
   const float* src = m.p + at;
+  if (m.h) {
+    widen_bf16(m.h + at, buf, len);
+    src = buf;
+  }
   if (m.z) {
     mul_activation_grad(src, m.z + at, buf, len, m.zact);
     src = buf;
@@ -282,6 +306,7 @@ const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, floa
   if (m.mask.enabled) {
     dropout<float>(src, buf, len, m.mask.offset + static_cast<uint64_t>(at), m.mask.key,
                    m.mask.threshold, m.mask.scale);
+    if (m.h) round_to_bf16(buf, len);  // a dropped-out bfloat16 value is bfloat16
     src = buf;
   }
   return src;
@@ -292,7 +317,7 @@ const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, floa
 void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0, int64_t nd,
           int64_t w, float* out, float* buf) {
   const int64_t panels = (nl + w - 1) / w;
-  if (lanes_are_rows && !m.z && !m.mask.enabled && w % kT == 0) {
+  if (lanes_are_rows && !m.z && !m.mask.enabled && !m.h && w % kT == 0) {
     // plain rows: kT x kT blocks transposed in registers, the edges one by one
     const int64_t fl = nl / kT * kT, fd = nd / kT * kT;
     for (int64_t lb = 0; lb < fl; lb += kT) {
@@ -322,7 +347,7 @@ void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0,
   } else {
     constexpr int64_t kAhead = 8;  // rows: strided rows defeat the hardware prefetcher
     for (int64_t d = 0; d < nd; ++d) {
-      if (d + kAhead < nd) {
+      if (d + kAhead < nd && !m.h) {
         const float* next = m.p + (d0 + d + kAhead) * m.cols + l0;
         for (int64_t l = 0; l < nl; l += 16) prefetch(next + l);
         if (m.z) {

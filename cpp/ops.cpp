@@ -185,8 +185,8 @@ void dense_forward(const DenseForward& a) {
   g.M = a.M;
   g.N = a.N;
   g.K = a.K;
-  g.a = Mat{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
-  g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, a.weight_mask};
+  g.a = Mat{a.x, a.M, a.K, nullptr, Activation::none, a.mask, a.xh};
+  g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, a.weight_mask, a.wh};
   g.a_trans = false;
   g.b_trans = true;  // op(B)(k, n) = w[n, k]
   g.c = a.y;
@@ -197,21 +197,21 @@ void dense_forward(const DenseForward& a) {
 }
 
 void dense_backward(const DenseBackward& a) {
-  const Mat dz{a.dy, a.M, a.N, a.act == Activation::none ? nullptr : a.z, a.act, MaskSpec{}};
+  const Mat dz{a.dy, a.M, a.N, a.act == Activation::none ? nullptr : a.z, a.act, MaskSpec{}, a.dyh};
   if (a.grad_x) {  // grad_x = mask * (dz @ w) * s
     GemmProblem g;
     g.M = a.M;
     g.N = a.K;
     g.K = a.N;
     g.a = dz;
-    g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, a.weight_mask};
+    g.b = Mat{a.w, a.N, a.K, nullptr, Activation::none, a.weight_mask, a.wh};
     g.c = a.grad_x;
     g.out_mask = a.mask;
     gemm(g);
   }
   if (a.grad_w) {  // grad_w = dz.T @ dropout(x)
     GemmProblem g;
-    const Mat xd{a.x, a.M, a.K, nullptr, Activation::none, a.mask};
+    const Mat xd{a.x, a.M, a.K, nullptr, Activation::none, a.mask, a.xh};
     // On the sparse path: grad_w.T = dropout(x).T @ dz, stored transposed, so that the
     // masked operand is on the left, where the sparse path skips its dropped elements.
     // Its depth is the batch: from 256 rows it measured faster than the dense kernel

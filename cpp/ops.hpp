@@ -37,6 +37,8 @@ struct DenseForward {
   Activation act = Activation::none;
   MaskSpec mask;
   MaskSpec weight_mask;  ///< DropConnect: the mask on w (w's flat index), applied while packing
+  const uint16_t* xh = nullptr;  ///< bfloat16 x (instead of x)
+  const uint16_t* wh = nullptr;  ///< bfloat16 w (instead of w)
 };
 void dense_forward(const DenseForward& a);
 
@@ -53,6 +55,7 @@ struct DenseBackward {
   Activation act = Activation::none;
   MaskSpec mask;
   MaskSpec weight_mask;  ///< DropConnect
+  const uint16_t *dyh = nullptr, *xh = nullptr, *wh = nullptr;  ///< bfloat16 operands (instead)
 };
 void dense_backward(const DenseBackward& a);
 

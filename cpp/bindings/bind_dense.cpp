@@ -7,6 +7,24 @@ namespace bind {
 
 namespace {
 
+/// A GEMM operand: float32, or bfloat16 given as its uint16 bits.
+struct Operand {
+  const float* p = nullptr;
+  const uint16_t* h = nullptr;
+};
+
+Operand operand(const py::array& a, const char* name) {
+  Operand o;
+  if (a.dtype().equal(py::dtype::of<uint16_t>())) {
+    require<uint16_t>(a, name);
+    o.h = static_cast<const uint16_t*>(a.data());
+  } else {
+    require<float>(a, name);
+    o.p = static_cast<const float*>(a.data());
+  }
+  return o;
+}
+
 const float* optional_in(const py::object& o, const char* name, std::initializer_list<py::ssize_t> shape) {
   if (o.is_none()) return nullptr;
   py::array a = o.cast<py::array>();
@@ -26,8 +44,7 @@ float* optional_out(const py::object& o, const char* name, std::initializer_list
 void dense_forward(const py::array& x, const py::array& w, const py::object& bias,
                    py::array y, const py::object& z, int act, bool masked, uint64_t seed,
                    uint64_t offset, uint64_t threshold, double scale, bool on_weight) {
-  require<float>(x, "x");
-  require<float>(w, "weight");
+  const Operand xo = operand(x, "x"), wo = operand(w, "weight");
   if (x.ndim() != 2) throw py::value_error("x: expected 2 dimensions, got shape " + shape_str(x));
   if (w.ndim() != 2) throw py::value_error("weight: expected 2 dimensions, got shape " + shape_str(w));
   const py::ssize_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
@@ -36,8 +53,10 @@ void dense_forward(const py::array& x, const py::array& w, const py::object& bia
                           shape_str(w));
   require_threshold(threshold);
   ops::DenseForward a;
-  a.x = static_cast<const float*>(x.data());
-  a.w = static_cast<const float*>(w.data());
+  a.x = xo.p;
+  a.xh = xo.h;
+  a.w = wo.p;
+  a.wh = wo.h;
   a.bias = optional_in(bias, "bias", {N});
   require<float>(y, "out", true);
   require_shape(y, "out", {M, N});
@@ -56,9 +75,7 @@ void dense_backward(const py::array& dy, const py::array& x, const py::array& w,
                     const py::object& z, const py::object& grad_x, const py::object& grad_w,
                     const py::object& grad_b, int act, bool masked, uint64_t seed, uint64_t offset,
                     uint64_t threshold, double scale, bool on_weight) {
-  require<float>(dy, "grad_out");
-  require<float>(x, "x");
-  require<float>(w, "weight");
+  const Operand dyo = operand(dy, "grad_out"), xo = operand(x, "x"), wo = operand(w, "weight");
   if (x.ndim() != 2 || w.ndim() != 2 || dy.ndim() != 2)
     throw py::value_error("grad_out, x and weight must be 2-D here");
   const py::ssize_t M = x.shape(0), K = x.shape(1), N = w.shape(0);
@@ -67,9 +84,12 @@ void dense_backward(const py::array& dy, const py::array& x, const py::array& w,
   require_threshold(threshold);
   ops::DenseBackward a;
   a.act = to_activation(act);
-  a.dy = static_cast<const float*>(dy.data());
-  a.x = static_cast<const float*>(x.data());
-  a.w = static_cast<const float*>(w.data());
+  a.dy = dyo.p;
+  a.dyh = dyo.h;
+  a.x = xo.p;
+  a.xh = xo.h;
+  a.w = wo.p;
+  a.wh = wo.h;
   a.z = optional_in(z, "preactivation", {M, N});
   if (a.act != Activation::none && !a.z)
     throw py::value_error("preactivation is required when an activation is set");
@@ -90,7 +110,8 @@ void register_dense(py::module_& m) {
   m.def("dense_forward", &dense_forward, py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("out"), py::arg("preactivation"), py::arg("activation"), py::arg("masked"),
         py::arg("seed"), py::arg("offset"), py::arg("threshold"), py::arg("scale"), py::arg("on_weight") = false,
-        "out = act(dropout(x) @ weight.T + bias) for 2-D C-contiguous float32 arrays; with on_weight,\n"
+        "out = act(dropout(x) @ weight.T + bias) for 2-D C-contiguous float32 arrays (x, weight: or\n"
+        "bfloat16 as uint16 bits, widened while packed); with on_weight,\n"
         "act(x @ dropout(weight).T + bias) (DropConnect).");
   m.def("dense_backward", &dense_backward, py::arg("grad_out"), py::arg("x"), py::arg("weight"),
         py::arg("preactivation"), py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_bias"),

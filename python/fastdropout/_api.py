@@ -347,9 +347,22 @@ def dropout_mask(shape, p: float, *, seed: int, offset: int = 0, packed: bool = 
 # --------------------------------------------------------------------------- dense
 
 
+def dense_dtypes() -> Tuple[type, ...]:
+    """What the dense functions take: float32, and bfloat16 when ml_dtypes is installed."""
+    bf16 = elementwise_dtypes()[3:]
+    return (np.float32,) + tuple(bf16)
+
+
+def as_operand(a: np.ndarray) -> np.ndarray:
+    """A GEMM operand for the core: float32 as is, bfloat16 as its uint16 bits."""
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
 def _dense_inputs(x, weight, bias):
-    x = check_float_array(x, "x", (np.float32,))
-    weight = check_float_array(weight, "weight", (np.float32,))
+    x = check_float_array(x, "x", dense_dtypes())
+    weight = check_float_array(weight, "weight", dense_dtypes())
+    if weight.dtype != x.dtype:
+        raise TypeError(f"x and weight must have one dtype (float32 or bfloat16), got {x.dtype} and {weight.dtype}")
     if x.ndim < 1:
         raise ValueError("x must have shape (..., in_features), got a 0-d array")
     if weight.ndim != 2:
@@ -359,22 +372,23 @@ def _dense_inputs(x, weight, bias):
             f"weight must have shape (out_features, {x.shape[-1]}) for x of shape {x.shape}, got {weight.shape}"
         )
     if bias is not None:
-        bias = check_float_array(bias, "bias", (np.float32,))
+        bias = check_float_array(bias, "bias", dense_dtypes())
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must have shape ({weight.shape[0]},), got {bias.shape}")
-        bias = np.ascontiguousarray(bias)
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
     return x, np.ascontiguousarray(weight), bias
 
 
 def dense_forward_checked(x, weight, bias, p, seed, offset, act, masked, want_z):
-    """(y, z) as 2-D arrays (z None unless want_z), from arguments already checked:
-    float32 arrays of fitting shapes, weight and bias C-contiguous."""
+    """(y, z) as 2-D float32 arrays (z None unless want_z), from arguments already checked:
+    float32 or bfloat16 arrays of fitting shapes, weight and bias C-contiguous."""
     k = x.shape[-1]
     rows = math.prod(x.shape[:-1])  # (reshape(-1, k) cannot infer the rows when k == 0)
     x2 = np.ascontiguousarray(x).reshape(rows, k)
     y = np.empty((rows, weight.shape[0]), dtype=np.float32)
     z = np.empty_like(y) if want_z else None
-    _core.dense_forward(x2, weight, bias, y, z, act, masked, seed, offset, threshold(p), scale(p, np.float32))
+    _core.dense_forward(as_operand(x2), as_operand(weight), bias, y, z, act, masked, seed, offset, threshold(p),
+                        scale(p, np.float32))
     return y, z
 
 
@@ -389,8 +403,8 @@ def dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, masked,
     grad_x = np.empty(x2.shape, dtype=np.float32) if want[0] else None
     grad_w = np.empty(weight.shape, dtype=np.float32) if want[1] else None
     grad_b = np.empty(n_out, dtype=np.float32) if want[2] else None
-    _core.dense_backward(dy2, x2, weight, z2, grad_x, grad_w, grad_b, act, masked, seed, offset, threshold(p),
-                         scale(p, np.float32))
+    _core.dense_backward(as_operand(dy2), as_operand(x2), as_operand(weight), z2, grad_x, grad_w, grad_b, act, masked,
+                         seed, offset, threshold(p), scale(p, np.float32))
     return None if grad_x is None else grad_x.reshape(x.shape), grad_w, grad_b
 
 
@@ -438,13 +452,16 @@ def dropout_dense(
 
     The mask is generated inside the matrix multiply while ``x`` is packed
     (the contract's fused layer); it is exactly the mask :func:`dropout` would apply to
-    ``x``.  float32 only: float64 inputs raise ``TypeError`` (convert with
+    ``x``.  float32, or bfloat16 (``ml_dtypes.bfloat16``; x and weight of one dtype): bfloat16
+    operands are widened to float32 as the GEMM packs them (a dropped-out value ``x * s`` is
+    rounded once to bfloat16), products are summed in float32 and ``y`` is rounded once to
+    bfloat16; ``z`` stays float32.  float64 inputs raise ``TypeError`` (convert with
     ``astype(np.float32)``).  Results are bit-identical for any thread count.
 
     Parameters
     ----------
-    x : float32 array of shape (..., in_features)
-    weight : float32 array of shape (out_features, in_features)
+    x : float32 or bfloat16 array of shape (..., in_features)
+    weight : array of x's dtype, shape (out_features, in_features)
     bias : optional float32 array of shape (out_features,)
     p, seed, offset : the dropout applied to x
     activation : None, "relu" or "gelu" (erf form, as ``torch.nn.GELU()``)
@@ -459,7 +476,7 @@ def dropout_dense(
     Raises
     ------
     TypeError
-        Other dtypes than float32 (float64 included), a torch tensor, non-integer
+        Other dtypes than float32 and bfloat16 (float64 included), mixed dtypes, a torch tensor, non-integer
         ``seed``/``offset``, an activation that is not a string.
     ValueError
         Shapes that do not fit, ``p`` outside [0, 1], ``seed``/``offset`` outside
@@ -483,6 +500,8 @@ def dropout_dense(
     n_out = weight.shape[0]
     y, z = dense_forward_checked(x, weight, bias, p, seed, offset, act, bool(training) and p > 0.0, return_preactivation)
     y = y.reshape(lead + (n_out,))
+    if x.dtype != np.float32:
+        y = y.astype(x.dtype)  # one rounding of the float32 result
     if return_preactivation:
         return y, z.reshape(lead + (n_out,))
     return y
@@ -512,8 +531,9 @@ def dropout_dense_backward(
 
     Parameters
     ----------
-    grad_out : float32 array of shape ``(..., out_features)``, dL/dy.
-    x, weight : the forward's inputs (float32).
+    grad_out : float32 or bfloat16 array of shape ``(..., out_features)``, dL/dy.
+    x, weight : the forward's inputs (float32, or bfloat16: the gradients are computed in float32
+        from the bfloat16 operands and rounded once to bfloat16).
     p, seed, offset, activation : the forward's.
     preactivation : the forward's ``z`` (``return_preactivation=True``), required with an
         activation.
@@ -541,7 +561,7 @@ def dropout_dense_backward(
             or not all(isinstance(v, (bool, np.bool_)) for v in output_mask)):
         raise TypeError(f"output_mask must be a tuple of three bools (grad_x, grad_weight, grad_bias), got {output_mask!r}")
     x, weight, _ = _dense_inputs(x, weight, None)
-    grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
+    grad_out = check_float_array(grad_out, "grad_out", dense_dtypes())
     p, seed, offset, act = _layer_args(p, seed, offset, activation)
     lead = x.shape[:-1]
     n_out = weight.shape[0]
@@ -555,4 +575,7 @@ def dropout_dense_backward(
         if z.shape != grad_out.shape:
             raise ValueError(f"preactivation must have shape {grad_out.shape}, got {z.shape}")
     want = (bool(output_mask[0]), bool(output_mask[1]), bool(bias) and bool(output_mask[2]))
-    return dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, bool(training) and p > 0.0, want)
+    grads = dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, bool(training) and p > 0.0, want)
+    if x.dtype == np.float32:
+        return grads
+    return tuple(None if g is None else g.astype(x.dtype) for g in grads)  # type: ignore[return-value]

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._api import _dense_inputs, _elementwise, _layer_args, check_no_half, noise_groups
+from ._api import _dense_inputs, _elementwise, _layer_args, as_operand, check_no_half, dense_dtypes, noise_groups
 from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
 from ._generator import Generator, default_generator
 
@@ -277,10 +277,11 @@ def dropconnect_dense(
     x2 = np.ascontiguousarray(x).reshape(rows, k)
     y = np.empty((rows, n_out), np.float32)
     z = np.empty_like(y) if return_preactivation else None
-    _core.dense_forward(x2, weight, bias, y, z, act, bool(training) and p > 0.0, seed, offset, threshold(p),
-                        scale(p, np.float32), True)
+    _core.dense_forward(as_operand(x2), as_operand(weight), bias, y, z, act, bool(training) and p > 0.0, seed, offset,
+                        threshold(p), scale(p, np.float32), True)
     lead = x.shape[:-1] + (n_out,)
-    return (y.reshape(lead), z.reshape(lead)) if return_preactivation else y.reshape(lead)
+    y = y.reshape(lead) if x.dtype == np.float32 else y.reshape(lead).astype(x.dtype)
+    return (y, z.reshape(lead)) if return_preactivation else y
 
 
 def dropconnect_dense_backward(
@@ -303,7 +304,7 @@ def dropconnect_dense_backward(
     shapes; errors as :func:`dropout_dense_backward`.
     """
     x, weight, _ = _dense_inputs(x, weight, None)
-    grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
+    grad_out = check_float_array(grad_out, "grad_out", dense_dtypes())
     p, seed, offset, act = _layer_args(p, seed, offset, activation)
     k, n_out = x.shape[-1], weight.shape[0]
     lead = x.shape[:-1]
@@ -323,8 +324,10 @@ def dropconnect_dense_backward(
     gx = np.empty((rows, k), np.float32)
     gw = np.empty(weight.shape, np.float32)
     gb = np.empty(n_out, np.float32) if bias else None
-    _core.dense_backward(dy2, x2, weight, z2, gx, gw, gb, act, p > 0.0, seed, offset, threshold(p),
-                         scale(p, np.float32), True)
+    _core.dense_backward(as_operand(dy2), as_operand(x2), as_operand(weight), z2, gx, gw, gb, act, p > 0.0, seed,
+                         offset, threshold(p), scale(p, np.float32), True)
+    if x.dtype != np.float32:
+        return gx.reshape(x.shape).astype(x.dtype), gw.astype(x.dtype), None if gb is None else gb.astype(x.dtype)
     return gx.reshape(x.shape), gw, gb
 
 

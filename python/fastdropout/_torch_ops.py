@@ -165,6 +165,14 @@ def _as_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else (t if t.dtype == torch.float32 else t.float())
 
 
+def _operand(t: torch.Tensor) -> np.ndarray:
+    """A GEMM operand for the core: bfloat16 as its uint16 bits (widened while packed, no
+    float32 copy), float32 as is, float16 converted to float32."""
+    if t.dtype == torch.bfloat16:
+        return _numpy(t.contiguous().view(torch.int16)).view(np.uint16)
+    return _numpy(_as_f32(t))
+
+
 def _dropout_linear_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, state: Optional[torch.Tensor],
     activation: int, train: bool,
@@ -173,8 +181,8 @@ def _dropout_linear_impl(
     pre-activation (empty without an activation), and the stream state used."""
     state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
     seed, offset = read_state(state)
-    w, b = _numpy(_as_f32(weight)), None if bias is None else _numpy(_as_f32(bias))
-    y2, z2 = dense_forward_checked(_numpy(_as_f32(x)), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
+    w, b = _operand(weight), None if bias is None else _numpy(_as_f32(bias))
+    y2, z2 = dense_forward_checked(_operand(x), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
                                    p, seed, offset, activation, train, activation != 0)
     y, z = torch.from_numpy(y2), torch.from_numpy(z2) if z2 is not None else torch.empty(0)
     if x.dim() != 2:
@@ -205,7 +213,7 @@ def _dropout_linear_backward_impl(
     seed, offset = read_state(state)
     want = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and has_bias)
     grads = dense_backward_checked(
-        _numpy(_as_f32(grad_y)), _numpy(_as_f32(x)), np.ascontiguousarray(_numpy(_as_f32(weight))),
+        _operand(grad_y), _operand(x), np.ascontiguousarray(_operand(weight)),
         _numpy(z) if activation else None, p, seed, offset, activation, train, want,
     )
     dtypes = (x.dtype, weight.dtype, weight.dtype)
