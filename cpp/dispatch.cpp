@@ -107,6 +107,7 @@ const CpuFlags& cpu() {
   return flags;
 }
 
+#if defined(FD_HAVE_X86_BACKENDS)
 bool can_run_avx2() {
   const CpuFlags& f = cpu();
   return f.os_avx && f.avx2 && f.fma && f.f16c;  // every AVX2 CPU has F16C (since Ivy Bridge)
@@ -117,12 +118,16 @@ bool can_run_avx512() {
   return can_run_avx2() && f.os_avx512 && f.avx512f && f.avx512bw && f.avx512dq && f.avx512vl &&
          f.bmi1 && f.bmi2;
 }
+#endif
 
 const Kernels* table_for(const std::string& name) {
   if (name == "scalar") return &scalar::kernels();
 #if defined(FD_HAVE_X86_BACKENDS)
   if (name == "avx2" && can_run_avx2()) return &avx2::kernels();
   if (name == "avx512" && can_run_avx512()) return &avx512::kernels();
+#endif
+#if defined(FD_HAVE_NEON_BACKEND)
+  if (name == "neon") return &neon::kernels();
 #endif
   return nullptr;
 }
@@ -163,6 +168,8 @@ std::atomic<int> g_threads{0};
 std::vector<std::string> compiled_backends() {
 #if defined(FD_HAVE_X86_BACKENDS)
   return {"scalar", "avx2", "avx512"};
+#elif defined(FD_HAVE_NEON_BACKEND)
+  return {"scalar", "neon"};
 #else
   return {"scalar"};
 #endif
@@ -173,6 +180,9 @@ std::vector<std::string> available_backends() {
 #if defined(FD_HAVE_X86_BACKENDS)
   if (can_run_avx2()) out.push_back("avx2");
   if (can_run_avx512()) out.push_back("avx512");
+#endif
+#if defined(FD_HAVE_NEON_BACKEND)
+  out.push_back("neon");
 #endif
   return out;
 }

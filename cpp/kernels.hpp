@@ -319,5 +319,8 @@ namespace scalar { const Kernels& kernels(); }
 namespace avx2 { const Kernels& kernels(); }
 namespace avx512 { const Kernels& kernels(); }
 #endif
+#if defined(FD_HAVE_NEON_BACKEND)
+namespace neon { const Kernels& kernels(); }
+#endif
 
 }  // namespace fastdropout
