@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "philox.hpp"
 
@@ -200,7 +201,7 @@ inline __m256 exp8(__m256 x) {
 /// The largest of x[0:n] (n a multiple of 8; -inf when all are).
 #define FD_ISA_ROWS 1
 inline float row_max(const float* x, int64_t n) {
-  __m256 m = _mm256_set1_ps(-__builtin_huge_valf());
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
   alignas(32) float t[8];
   _mm256_store_ps(t, m);

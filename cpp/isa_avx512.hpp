@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <limits>
 
 #include "philox.hpp"
 
@@ -163,7 +164,7 @@ inline __m512 exp16(__m512 x) {
 /// The largest of x[0:n] (n a multiple of 16; -inf when all are).
 #define FD_ISA_ROWS 1
 inline float row_max(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(-__builtin_huge_valf());
+  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + j));
   return _mm512_reduce_max_ps(m);
 }
