@@ -334,6 +334,29 @@ void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0,
     }
     return;
   }
+  if (lanes_are_rows && !m.z && !m.mask.enabled && m.h && w % kT == 0) {
+    // plain bfloat16 rows: each kT x kT block widened into a small tile, then transposed
+    alignas(64) float tile[kT * kT];
+    const int64_t fl = nl / kT * kT, fd = nd / kT * kT;
+    for (int64_t lb = 0; lb < fl; lb += kT) {
+      const uint16_t* src = m.h + (l0 + lb) * m.cols + d0;
+      float* dst = out + (lb / w) * nd * w + (lb % w);
+      for (int64_t db = 0; db < fd; db += kT) {
+        for (int64_t l = 0; l < kT; ++l) widen_bf16(src + l * m.cols + db, tile + l * kT, kT);
+        transpose_block(tile, kT, dst + db * w, w);
+      }
+      for (int64_t l = 0; l < kT; ++l) {
+        widen_bf16(src + l * m.cols + fd, tile, nd - fd);
+        for (int64_t d = fd; d < nd; ++d) dst[d * w + l] = tile[d - fd];
+      }
+    }
+    for (int64_t l = fl; l < panels * w; ++l) {
+      float* dst = out + (l / w) * nd * w + (l % w);
+      const float* seg = l < nl ? load_segment(m, l0 + l, d0, nd, buf) : nullptr;
+      for (int64_t d = 0; d < nd; ++d) dst[d * w] = seg ? seg[d] : 0.0f;
+    }
+    return;
+  }
   if (lanes_are_rows) {
     for (int64_t l = 0; l < nl; ++l) {
       const float* seg = load_segment(m, l0 + l, d0, nd, buf);
