@@ -195,23 +195,11 @@ void add_norm_backward_f64(const AddNormProblem& a, int64_t r0, int64_t r1, doub
 // compiler vectorizes the float32 loop (-fno-trapping-math).
 // ---------------------------------------------------------------------------
 
-inline float bits_to_float(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-
 /// ln(x) for a positive normal float (Cephes' logf polynomial, about 1 ulp).
 inline float log_poly(float x) {
-  const uint32_t u = float_to_bits(x);
+  const uint32_t u = f32_bits(x);
   int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 127;
-  float m = bits_to_float((u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
+  float m = bits_f32((u & 0x007fffffu) | 0x3f800000u);  // [1, 2)
   const bool big = m > 1.41421356f;
   m = big ? m * 0.5f : m;
   e = big ? e + 1 : e;

@@ -3,7 +3,6 @@ with the same mask), the custom operator under torch.compile, torch.export, torc
 bfloat16, errors, and Hugging Face transformers' attention interface."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")

@@ -20,7 +20,7 @@ from ._checks import (
     scale,
     threshold,
 )
-from ._generator import Generator, default_generator
+from ._generator import Generator, check_stream, default_generator
 
 ArrayPair = Tuple[np.ndarray, np.ndarray]
 
@@ -226,14 +226,7 @@ def dropout(
     if noise_shape is not None:
         check_no_half(x, "dropout with noise_shape")
     # every argument is checked whichever path runs, and before anything is drawn
-    offset = check_u64(offset, "offset")
-    if seed is not None:
-        seed = check_u64(seed, "seed")
-    if generator is not None:
-        if not isinstance(generator, Generator):
-            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
-        if seed is not None:
-            raise ValueError("give either seed (and offset) or generator, not both")
+    seed, offset = check_stream(seed, offset, generator)
     if not training:
         if out is None:
             y = np.array(x, order="C", copy=True)

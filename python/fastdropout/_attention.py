@@ -9,7 +9,7 @@ import numpy as np
 
 from . import _core
 from ._checks import check_float_array, check_p, check_u64, scale as dropout_scale, threshold
-from ._generator import Generator, default_generator
+from ._generator import Generator, check_stream, default_generator
 
 
 class AttentionPlan(NamedTuple):
@@ -266,14 +266,7 @@ def attention(
     """
     q, k, v, pl = _check_inputs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     p = check_p(p)
-    offset = check_u64(offset, "offset")
-    if seed is not None:
-        seed = check_u64(seed, "seed")
-    if generator is not None:
-        if not isinstance(generator, Generator):
-            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
-        if seed is not None:
-            raise ValueError("give either seed (and offset) or generator, not both")
+    seed, offset = check_stream(seed, offset, generator)
     masked = bool(training) and p > 0.0
     if masked and seed is None:
         seed, offset = (generator or default_generator).draw(pl.batch * pl.Lq * pl.Lk)

@@ -426,11 +426,25 @@ def family_cases(threads: int, n: int = FAMILY_ELEMENTS, dense: Tuple[int, int, 
     return [(str(n), cases), ("x".join(map(str, dense)), dc), (f"{rows}x{d}", ln)]
 
 
+def _peak_rss_kib() -> float:
+    """This process's peak resident size in KiB: Linux's VmHWM (the high-water mark of this
+    address space, which starts afresh at exec), else ru_maxrss (which on Linux also keeps
+    the peak of the process that spawned this one, when that is larger)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def attention_peak_child(impl: str, length: int) -> None:
     """Run in a fresh process: prints the peak resident memory that one forward+backward at
     p = ATTENTION_P adds (MiB) over the process after its inputs exist."""
-    import resource
-
     rng = np.random.default_rng(0)
     shape = (1, 4, length, 64)
     q, k, v, dout = (rng.standard_normal(shape, dtype=np.float32) for _ in range(4))
@@ -438,7 +452,7 @@ def attention_peak_child(impl: str, length: int) -> None:
         small = tuple(a[:, :, :64] for a in (q, k, v, dout))
         out, lse = fd.attention(*small[:3], ATTENTION_P, seed=1, return_lse=True)  # load everything first
         fd.attention_backward(small[3], *small[:3], out, lse, ATTENTION_P, seed=1)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _peak_rss_kib()
         out, lse = fd.attention(q, k, v, ATTENTION_P, seed=1, return_lse=True)
         fd.attention_backward(dout, q, k, v, out, lse, ATTENTION_P, seed=1)
     else:
@@ -448,14 +462,13 @@ def attention_peak_child(impl: str, length: int) -> None:
         tdout = torch.from_numpy(dout)
         F = torch.nn.functional
         F.scaled_dot_product_attention(tq[:, :, :64], tk[:, :, :64], tv[:, :, :64], dropout_p=ATTENTION_P).sum().backward()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = _peak_rss_kib()
         F.scaled_dot_product_attention(tq, tk, tv, dropout_p=ATTENTION_P).backward(tdout)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((peak - before) / 1024.0)  # ru_maxrss is in KiB on Linux
+    print((_peak_rss_kib() - before) / 1024.0)
 
 
 def measure_attention_memory(lengths: Sequence[int]) -> List[Result]:
-    """Peak memory of one forward+backward, each in a fresh process (Linux: ru_maxrss)."""
+    """Peak memory of one forward+backward, each in a fresh process (Linux: VmHWM)."""
     import subprocess
 
     out = []
@@ -768,7 +781,7 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
               ("training", "Training step: SGD on an MLP (784-1024-1024-10 unless said) with dropout before each Linear (0.2, 0.5, 0.5), ReLU, cross-entropy"),
               ("family", f"The dropout family, float32 (16M elements at p={P}; DropConnect at {'x'.join(map(str, FAMILY_DENSE))}, p={P}; "
                          f"dropout+add+LayerNorm at {FAMILY_NORM[0]}x{FAMILY_NORM[1]}, p=0.1)"),
-              ("attention", f"Attention, float32, dropout on the probabilities (size = batch x heads x tokens x head size; rate: nominal FLOPs, 3.5x the forward's for forward+backward)"))
+              ("attention", "Attention, float32, dropout on the probabilities (size = batch x heads x tokens x head size; rate: nominal FLOPs, 3.5x the forward's for forward+backward)"))
     for group, title in titles:
         rows = [r for r in results if r.group == group]
         if not rows:

@@ -9,9 +9,9 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._api import _dense_inputs, _elementwise, _layer_args, as_operand, check_no_half, dense_dtypes, noise_groups
+from ._api import _dense_inputs, _elementwise, _layer_args, as_operand, dense_dtypes, noise_groups
 from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
-from ._generator import Generator, default_generator
+from ._generator import Generator, check_stream, default_generator
 
 SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's alpha * scale
 
@@ -22,18 +22,6 @@ def alpha_constants(p: float, dtype) -> Tuple[float, float, float]:
     a = 1.0 / math.sqrt((alpha * alpha * p + 1.0) * (1.0 - p))
     t = np.dtype(dtype).type
     return float(t(a)), float(t(alpha * a * p)), float(t(alpha * a * (p - 1.0)))
-
-
-def _check_stream(seed, offset, generator):
-    offset = check_u64(offset, "offset")
-    if seed is not None:
-        seed = check_u64(seed, "seed")
-    if generator is not None:
-        if not isinstance(generator, Generator):
-            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
-        if seed is not None:
-            raise ValueError("give either seed (and offset) or generator, not both")
-    return seed, offset
 
 
 def alpha_dropout(
@@ -93,7 +81,7 @@ def alpha_dropout(
     if out is not None:
         check_out(out, x.shape, x.dtype)
     groups = noise_groups(noise_shape, x.shape)
-    seed, offset = _check_stream(seed, offset, generator)
+    seed, offset = check_stream(seed, offset, generator)
     if not training or p == 0.0:
         y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
         return (y, (None, None)) if return_stream else y
@@ -200,7 +188,7 @@ def gaussian_dropout(
     p = _check_gaussian_p(p)
     if out is not None:
         check_out(out, x.shape, x.dtype)
-    seed, offset = _check_stream(seed, offset, generator)
+    seed, offset = check_stream(seed, offset, generator)
     if not training or p == 0.0:
         y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
         return (y, (None, None)) if return_stream else y
@@ -295,8 +283,10 @@ def dropconnect_dense_backward(
     activation: Optional[str] = None,
     preactivation: Optional[np.ndarray] = None,
     bias: bool = True,
+    training: bool = True,
 ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
-    """Gradients of :func:`dropconnect_dense`: ``dz = grad_out * act'(z)``,
+    """Gradients of :func:`dropconnect_dense` (of the plain layer with ``training=False``):
+    ``dz = grad_out * act'(z)``,
     ``grad_x = dz @ dropout(weight)``, ``grad_weight = dropout_backward(dz.T @ x)`` (the weight's
     mask, regenerated in the GEMM's write-back), ``grad_bias = dz.sum(0)`` (None without bias).
 
@@ -324,8 +314,8 @@ def dropconnect_dense_backward(
     gx = np.empty((rows, k), np.float32)
     gw = np.empty(weight.shape, np.float32)
     gb = np.empty(n_out, np.float32) if bias else None
-    _core.dense_backward(as_operand(dy2), as_operand(x2), as_operand(weight), z2, gx, gw, gb, act, p > 0.0, seed,
-                         offset, threshold(p), scale(p, np.float32), True)
+    _core.dense_backward(as_operand(dy2), as_operand(x2), as_operand(weight), z2, gx, gw, gb, act,
+                         bool(training) and p > 0.0, seed, offset, threshold(p), scale(p, np.float32), True)
     if x.dtype != np.float32:
         return gx.reshape(x.shape).astype(x.dtype), gw.astype(x.dtype), None if gb is None else gb.astype(x.dtype)
     return gx.reshape(x.shape), gw, gb

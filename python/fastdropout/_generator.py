@@ -119,3 +119,19 @@ def manual_seed(seed: int) -> Generator:
     Raises ``TypeError`` for a non-integer ``seed`` and ``ValueError`` outside [0, 2**64).
     """
     return default_generator.manual_seed(seed)
+
+
+def check_stream(seed: Any, offset: Any, generator: Any) -> Tuple[Optional[int], int]:
+    """The ``seed``/``offset``/``generator`` arguments of a drawing function, checked before
+    anything is drawn: ``(seed or None, offset)``.  ``TypeError`` for non-integers or a
+    ``generator`` that is not a :class:`Generator`, ``ValueError`` outside [0, 2**64) or
+    for both ``seed`` and ``generator``."""
+    offset = check_u64(offset, "offset")
+    if seed is not None:
+        seed = check_u64(seed, "seed")
+    if generator is not None:
+        if not isinstance(generator, Generator):
+            raise TypeError(f"generator must be a fastdropout.Generator, got {type(generator).__name__}")
+        if seed is not None:
+            raise ValueError("give either seed (and offset) or generator, not both")
+    return seed, offset

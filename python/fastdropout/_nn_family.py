@@ -6,7 +6,7 @@ from typing import Any, Callable, Optional, Tuple
 import numpy as np
 
 from ._api import dropout, dropout_backward
-from ._checks import check_activation, check_p
+from ._checks import check_p
 from ._family import (
     alpha_dropout,
     alpha_dropout_backward,
@@ -27,7 +27,7 @@ from .nn import (  # noqa: E402
     _as_float,
     _as_float32,
     _check_features,
-    _linear_init,
+    _DenseLayer,
     _resolve_generator,
     _take_saved,
 )
@@ -172,52 +172,22 @@ class GaussianDropout(_MaskedLayer):
             raise ValueError("GaussianDropout needs p < 1")
 
 
-class DropConnectDense(Module):
+class DropConnectDense(_DenseLayer):
     """``act(x @ dropout(weight).T + bias)``: DropConnect (Wan et al., ICML 2013), one weight mask per
     forward, applied inside the GEMM and regenerated in the backward.  Parameters, attributes and
     errors as :class:`DropoutDense` (``p`` drops weights instead of inputs); each training-mode
     forward draws ``weight.size`` elements."""
 
-    _param_names = ("weight", "bias")
+    _forward = staticmethod(dropconnect_dense)
+    _backward = staticmethod(dropconnect_dense_backward)
 
     def __init__(self, in_features: int, out_features: int, p: float = 0.5, *, bias: bool = True,
                  activation: Optional[str] = None, seed: Optional[int] = None,
                  generator: Optional[Generator] = None) -> None:
-        super().__init__()
-        self.in_features = _check_features(in_features, "in_features")
-        self.out_features = _check_features(out_features, "out_features")
-        self.p = check_p(p)
-        check_activation(activation)
-        self.activation = activation
-        self.generator = _resolve_generator(seed, generator)
-        self.weight, self.bias = _linear_init(self.generator, self.in_features, self.out_features, bool(bias))
-        self.grad_weight = np.zeros_like(self.weight)
-        self.grad_bias = None if self.bias is None else np.zeros_like(self.bias)
-        self._saved: Any = _NOTHING_SAVED
+        super().__init__(in_features, out_features, p, bias, activation, seed, generator)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _as_float32(x, "x")
-        if x.ndim < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{self!r} expects x of shape (..., {self.in_features}), got {x.shape}")
-        self.p = check_p(self.p)
-        masked = self.training and self.p > 0.0
-        seed, offset = self.generator.draw(self.weight.size) if masked else (0, 0)
-        out = dropconnect_dense(x, self.weight, self.bias, self.p if masked else 0.0, seed=seed, offset=offset,
-                                activation=self.activation, return_preactivation=self.activation is not None)
-        y, z = out if self.activation is not None else (out, None)
-        self._saved = (x, z, seed, offset, masked)
-        return y
-
-    def backward(self, grad: np.ndarray) -> np.ndarray:
-        x, z, seed, offset, masked = _take_saved(self)
-        grad = _as_float32(grad, "grad")
-        gx, gw, gb = dropconnect_dense_backward(grad, x, self.weight, self.p if masked else 0.0, seed=seed,
-                                                offset=offset, activation=self.activation, preactivation=z,
-                                                bias=self.bias is not None)
-        self.grad_weight += gw
-        if gb is not None:
-            self.grad_bias += gb
-        return gx
+    def _draw_size(self, x: np.ndarray) -> int:
+        return self.weight.size
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, p={self.p}, "

@@ -324,9 +324,16 @@ def _take_saved(layer: Module) -> Any:
 
 
 class _DenseLayer(Module):
-    """The shared implementation of :class:`DropoutDense` and :class:`Dense`."""
+    """The shared implementation of :class:`DropoutDense`, :class:`Dense` and
+    :class:`DropConnectDense`: the fused forward and backward functions, and how many stream
+    elements a forward draws, are the subclass's."""
 
     _param_names = ("weight", "bias")
+    _forward: Callable[..., Any] = staticmethod(dropout_dense)
+    _backward: Callable[..., Any] = staticmethod(dropout_dense_backward)
+
+    def _draw_size(self, x: np.ndarray) -> int:
+        return x.size
 
     def __init__(self, in_features, out_features, p, bias, activation, seed, generator) -> None:
         super().__init__()
@@ -347,8 +354,8 @@ class _DenseLayer(Module):
             raise ValueError(f"{self!r} expects x of shape (..., {self.in_features}), got {x.shape}")
         self.p = check_p(self.p)  # p may have been assigned since construction
         masked = self.training and self.p > 0.0
-        seed, offset = self.generator.draw(x.size) if masked else (0, 0)
-        out = dropout_dense(
+        seed, offset = self.generator.draw(self._draw_size(x)) if masked else (0, 0)
+        out = type(self)._forward(
             x, self.weight, self.bias, self.p, seed=seed, offset=offset, activation=self.activation,
             training=masked, return_preactivation=self.activation is not None,
         )
@@ -359,7 +366,7 @@ class _DenseLayer(Module):
     def backward(self, grad: np.ndarray) -> np.ndarray:
         x, z, seed, offset, masked = _take_saved(self)
         grad = _as_float32(grad, "grad")
-        grad_x, grad_w, grad_b = dropout_dense_backward(
+        grad_x, grad_w, grad_b = type(self)._backward(
             grad, x, self.weight, self.p, seed=seed, offset=offset, activation=self.activation,
             preactivation=z, bias=self.bias is not None, training=masked,
         )
