@@ -159,10 +159,11 @@ void add_norm_backward(const AddNormProblem& a, int64_t r0, int64_t r1, double* 
       g[c] = w ? d * static_cast<double>(w[c]) : d;
       work[c] = g[c] * xhat[c];
     }
+    const int64_t block = r / kNormRows * a.D;
     if (wsum)
-      for (int64_t c = 0; c < a.D; ++c) wsum[c] += static_cast<double>(dy[c]) * xhat[c];
+      for (int64_t c = 0; c < a.D; ++c) wsum[block + c] += static_cast<double>(dy[c]) * xhat[c];
     if (bsum)
-      for (int64_t c = 0; c < a.D; ++c) bsum[c] += static_cast<double>(dy[c]);
+      for (int64_t c = 0; c < a.D; ++c) bsum[block + c] += static_cast<double>(dy[c]);
     const double mg = a.rms ? 0.0 : lane_sum(g, a.D) / static_cast<double>(a.D);
     const double mgx = lane_sum(work, a.D) / static_cast<double>(a.D);
     T* gr = static_cast<T*>(a.grad_residual) + r * a.D;

@@ -205,6 +205,9 @@ struct ElemOp {
 /// Residual + dropout + normalization over rows of D elements (float or double per the
 /// entry called): s = residual + dropout(x) in the dtype, then LayerNorm (or RMSNorm)
 /// over each row.  Row r's mask words are mask.offset + r * D + c.
+/// Rows per block of the add + norm backward's partial sums of grad_weight and grad_bias.
+constexpr int64_t kNormRows = 32;
+
 struct AddNormProblem {
   int64_t rows = 0, D = 0;
   const void *x = nullptr, *residual = nullptr, *weight = nullptr, *bias = nullptr;
@@ -267,8 +270,9 @@ struct Kernels {
   /// AddNormProblem forward of rows [r0, r1) (float32 or float64 data).
   void (*add_norm_f32)(const AddNormProblem& a, int64_t r0, int64_t r1);
   void (*add_norm_f64)(const AddNormProblem& a, int64_t r0, int64_t r1);
-  /// Its backward for rows [r0, r1): grad_x, grad_residual, and the rows' sums of
-  /// grad_out * x_hat and of grad_out added into wsum and bsum (D doubles each).
+  /// Its backward for rows [r0, r1): grad_x, grad_residual, and the sums of grad_out * x_hat
+  /// and of grad_out per block of kNormRows rows: row r adds into wsum[r / kNormRows * D + c]
+  /// and bsum[...] (each optional), so that the blocks can be added up in a fixed order.
   void (*add_norm_backward_f32)(const AddNormProblem& a, int64_t r0, int64_t r1, double* wsum, double* bsum);
   void (*add_norm_backward_f64)(const AddNormProblem& a, int64_t r0, int64_t r1, double* wsum, double* bsum);
 };

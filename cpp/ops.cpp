@@ -416,27 +416,25 @@ void add_norm_forward(const AddNormProblem& a, bool f64) {
 void add_norm_backward(const AddNormProblem& a, bool f64, double* grad_weight, double* grad_bias) {
   const Kernels& k = active_kernels();
   auto fn = f64 ? k.add_norm_backward_f64 : k.add_norm_backward_f32;
-  // grad_weight and grad_bias: each chunk of kChunk rows sums into its own row of partial
-  // sums, and the chunks are added in order, so the thread count never changes a bit.
-  constexpr int64_t kChunk = 32;
-  const int64_t chunks = (a.rows + kChunk - 1) / kChunk;
-  const bool sums = grad_weight || grad_bias;
-  std::vector<double> part(sums ? static_cast<size_t>(2 * chunks * a.D) : 0, 0.0);
-  parallel_ranges(chunks, 1, max64(1, kElementGrain / max64(a.D * kChunk, 1)), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      double* w = sums ? part.data() + 2 * c * a.D : nullptr;
-      fn(a, c * kChunk, min64(a.rows, (c + 1) * kChunk), grad_weight ? w : nullptr, grad_bias ? w + a.D : nullptr);
-    }
+  // grad_weight and grad_bias: each block of kNormRows rows sums into its own row of partial
+  // sums, and the blocks are added in order, so the thread count never changes a bit.  The
+  // threads take whole blocks; one kernel call (one scratch allocation) per thread.
+  const int64_t blocks = (a.rows + kNormRows - 1) / kNormRows;
+  std::vector<double> wpart(grad_weight ? static_cast<size_t>(blocks * a.D) : 0, 0.0);
+  std::vector<double> bpart(grad_bias ? static_cast<size_t>(blocks * a.D) : 0, 0.0);
+  parallel_ranges(blocks, 1, max64(1, kElementGrain / max64(a.D * kNormRows, 1)), [&](int64_t b0, int64_t b1) {
+    fn(a, b0 * kNormRows, min64(a.rows, b1 * kNormRows), grad_weight ? wpart.data() : nullptr,
+       grad_bias ? bpart.data() : nullptr);
   });
-  for (int64_t j = 0; sums && j < a.D; ++j) {
-    double sw = 0.0, sb = 0.0;
-    for (int64_t c = 0; c < chunks; ++c) {
-      sw += part[static_cast<size_t>(2 * c * a.D + j)];
-      sb += part[static_cast<size_t>((2 * c + 1) * a.D + j)];
+  auto reduce = [&](const std::vector<double>& part, double* out) {
+    for (int64_t j = 0; out && j < a.D; ++j) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < blocks; ++b) sum += part[static_cast<size_t>(b * a.D + j)];
+      out[j] = sum;
     }
-    if (grad_weight) grad_weight[j] = sw;
-    if (grad_bias) grad_bias[j] = sb;
-  }
+  };
+  reduce(wpart, grad_weight);
+  reduce(bpart, grad_bias);
 }
 
 }  // namespace ops

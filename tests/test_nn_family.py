@@ -30,6 +30,9 @@ def test_broadcast_layers(backend, layer, shape, noise):
     assert np.array_equal(m.backward(g), fd.dropout_backward(g, 0.4, seed=seed, offset=offset, noise_shape=noise))
     m.eval()
     assert m(x) is x and m.backward(g) is g
+    if layer is not nn.LockedDropout:
+        with pytest.raises(ValueError):  # a wrong rank raises in eval mode too, as torch's modules do
+            m(values((3,)))
 
 
 @pytest.mark.parametrize("layer,fn,bwd", [

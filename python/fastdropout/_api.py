@@ -372,20 +372,21 @@ def _dense_inputs(x, weight, bias):
     return x, np.ascontiguousarray(weight), bias
 
 
-def dense_forward_checked(x, weight, bias, p, seed, offset, act, masked, want_z):
+def dense_forward_checked(x, weight, bias, p, seed, offset, act, masked, want_z, on_weight=False):
     """(y, z) as 2-D float32 arrays (z None unless want_z), from arguments already checked:
-    float32 or bfloat16 arrays of fitting shapes, weight and bias C-contiguous."""
+    float32 or bfloat16 arrays of fitting shapes, weight and bias C-contiguous.  The mask
+    is on x, or on the weight with `on_weight` (DropConnect)."""
     k = x.shape[-1]
     rows = math.prod(x.shape[:-1])  # (reshape(-1, k) cannot infer the rows when k == 0)
     x2 = np.ascontiguousarray(x).reshape(rows, k)
     y = np.empty((rows, weight.shape[0]), dtype=np.float32)
     z = np.empty_like(y) if want_z else None
     _core.dense_forward(as_operand(x2), as_operand(weight), bias, y, z, act, masked, seed, offset, threshold(p),
-                        scale(p, np.float32))
+                        scale(p, np.float32), on_weight)
     return y, z
 
 
-def dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, masked, want):
+def dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, masked, want, on_weight=False):
     """(grad_x, grad_weight, grad_bias) from checked arguments (see dense_forward_checked);
     `want` says which to compute (the others are None)."""
     k, n_out = x.shape[-1], weight.shape[0]
@@ -397,7 +398,7 @@ def dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, masked,
     grad_w = np.empty(weight.shape, dtype=np.float32) if want[1] else None
     grad_b = np.empty(n_out, dtype=np.float32) if want[2] else None
     _core.dense_backward(as_operand(dy2), as_operand(x2), as_operand(weight), z2, grad_x, grad_w, grad_b, act, masked,
-                         seed, offset, threshold(p), scale(p, np.float32))
+                         seed, offset, threshold(p), scale(p, np.float32), on_weight)
     return None if grad_x is None else grad_x.reshape(x.shape), grad_w, grad_b
 
 
@@ -487,11 +488,17 @@ def dropout_dense(
     array([[8., 8., 8.],
            [6., 6., 6.]], dtype=float32)
     """
+    return dense_layer(x, weight, bias, p, seed, offset, activation, training, return_preactivation, False)
+
+
+def dense_layer(x, weight, bias, p, seed, offset, activation, training, return_preactivation, on_weight):
+    """:func:`dropout_dense` (or DropConnect with `on_weight`): checks, then one GEMM."""
     x, weight, bias = _dense_inputs(x, weight, bias)
     p, seed, offset, act = _layer_args(p, seed, offset, activation)
     lead = x.shape[:-1]
     n_out = weight.shape[0]
-    y, z = dense_forward_checked(x, weight, bias, p, seed, offset, act, bool(training) and p > 0.0, return_preactivation)
+    y, z = dense_forward_checked(x, weight, bias, p, seed, offset, act, bool(training) and p > 0.0,
+                                 return_preactivation, on_weight)
     y = y.reshape(lead + (n_out,))
     if x.dtype != np.float32:
         y = y.astype(x.dtype)  # one rounding of the float32 result
@@ -550,6 +557,13 @@ def dropout_dense_backward(
         ``(..., out_features)``), a missing ``preactivation`` with an activation, ``p``
         outside [0, 1], ``seed``/``offset`` outside [0, 2**64).
     """
+    return dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
+                                output_mask, False)
+
+
+def dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
+                         output_mask, on_weight):
+    """:func:`dropout_dense_backward` (or DropConnect's with `on_weight`): checks, then the GEMMs."""
     if (not isinstance(output_mask, (tuple, list)) or len(output_mask) != 3
             or not all(isinstance(v, (bool, np.bool_)) for v in output_mask)):
         raise TypeError(f"output_mask must be a tuple of three bools (grad_x, grad_weight, grad_bias), got {output_mask!r}")
@@ -568,7 +582,8 @@ def dropout_dense_backward(
         if z.shape != grad_out.shape:
             raise ValueError(f"preactivation must have shape {grad_out.shape}, got {z.shape}")
     want = (bool(output_mask[0]), bool(output_mask[1]), bool(bias) and bool(output_mask[2]))
-    grads = dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, bool(training) and p > 0.0, want)
+    grads = dense_backward_checked(grad_out, x, weight, z, p, seed, offset, act, bool(training) and p > 0.0, want,
+                                   on_weight)
     if x.dtype == np.float32:
         return grads
     return tuple(None if g is None else g.astype(x.dtype) for g in grads)  # type: ignore[return-value]

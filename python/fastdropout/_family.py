@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._api import _dense_inputs, _elementwise, _layer_args, as_operand, dense_dtypes, noise_groups
+from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups
 from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
 from ._generator import Generator, check_stream, default_generator
 
@@ -232,7 +232,8 @@ def dropconnect_dense(
 
     The mask is on the weight (its flat index; one mask per call, shared by every row of
     ``x``) and is applied while the weight's panels are packed inside the GEMM; no masked
-    copy of the weight exists.  float32; bit-identical for any thread count.
+    copy of the weight exists.  float32 or bfloat16 as :func:`dropout_dense` (a dropped-out
+    bfloat16 weight is rounded once to bfloat16); bit-identical for any thread count.
 
     Parameters
     ----------
@@ -258,18 +259,7 @@ def dropconnect_dense(
     L. Wan, M. Zeiler, S. Zhang, Y. LeCun, R. Fergus, "Regularization of Neural Networks using
     DropConnect", ICML 2013.
     """
-    x, weight, bias = _dense_inputs(x, weight, bias)
-    p, seed, offset, act = _layer_args(p, seed, offset, activation)
-    k, n_out = x.shape[-1], weight.shape[0]
-    rows = math.prod(x.shape[:-1])
-    x2 = np.ascontiguousarray(x).reshape(rows, k)
-    y = np.empty((rows, n_out), np.float32)
-    z = np.empty_like(y) if return_preactivation else None
-    _core.dense_forward(as_operand(x2), as_operand(weight), bias, y, z, act, bool(training) and p > 0.0, seed, offset,
-                        threshold(p), scale(p, np.float32), True)
-    lead = x.shape[:-1] + (n_out,)
-    y = y.reshape(lead) if x.dtype == np.float32 else y.reshape(lead).astype(x.dtype)
-    return (y, z.reshape(lead)) if return_preactivation else y
+    return dense_layer(x, weight, bias, p, seed, offset, activation, training, return_preactivation, True)
 
 
 def dropconnect_dense_backward(
@@ -293,32 +283,8 @@ def dropconnect_dense_backward(
     Returns ``(grad_x, grad_weight, grad_bias)`` in x's, weight's and ``(out_features,)``
     shapes; errors as :func:`dropout_dense_backward`.
     """
-    x, weight, _ = _dense_inputs(x, weight, None)
-    grad_out = check_float_array(grad_out, "grad_out", dense_dtypes())
-    p, seed, offset, act = _layer_args(p, seed, offset, activation)
-    k, n_out = x.shape[-1], weight.shape[0]
-    lead = x.shape[:-1]
-    if grad_out.shape != lead + (n_out,):
-        raise ValueError(f"grad_out must have shape {lead + (n_out,)}, got {grad_out.shape}")
-    z2 = None
-    if act:
-        if preactivation is None:
-            raise ValueError(f"preactivation is required with activation={activation!r}")
-        z = check_float_array(preactivation, "preactivation", (np.float32,))
-        if z.shape != grad_out.shape:
-            raise ValueError(f"preactivation must have shape {grad_out.shape}, got {z.shape}")
-        z2 = np.ascontiguousarray(z).reshape(-1, n_out)
-    rows = math.prod(lead)
-    x2 = np.ascontiguousarray(x).reshape(rows, k)
-    dy2 = np.ascontiguousarray(grad_out).reshape(rows, n_out)
-    gx = np.empty((rows, k), np.float32)
-    gw = np.empty(weight.shape, np.float32)
-    gb = np.empty(n_out, np.float32) if bias else None
-    _core.dense_backward(as_operand(dy2), as_operand(x2), as_operand(weight), z2, gx, gw, gb, act,
-                         bool(training) and p > 0.0, seed, offset, threshold(p), scale(p, np.float32), True)
-    if x.dtype != np.float32:
-        return gx.reshape(x.shape).astype(x.dtype), gw.astype(x.dtype), None if gb is None else gb.astype(x.dtype)
-    return gx.reshape(x.shape), gw, gb
+    return dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
+                                (True, True, True), True)
 
 
 # --------------------------------------------------------------------------- dropout + residual + norm
@@ -333,7 +299,9 @@ def _check_eps(eps: Any) -> float:
     return eps
 
 
-def _add_norm_inputs(x, residual, weight, bias, norm, eps):
+def _add_norm_inputs(x, residual, weight, bias, p, norm, eps, seed, offset):
+    """The checked arguments of the add + norm functions: ``(x, x2, r2, weight, bias, p, eps,
+    seed, offset)`` with x and the residual as C-contiguous (rows, D) arrays."""
     x = check_float_array(x, "x")
     residual = check_float_array(residual, "residual")
     if residual.dtype != x.dtype:
@@ -357,7 +325,12 @@ def _add_norm_inputs(x, residual, weight, bias, norm, eps):
         params.append(a)
     if norm == "rms" and bias is not None:
         raise ValueError("norm='rms' has no bias: pass bias=None")
-    return x, residual, params[0], params[1], _check_eps(eps)
+    eps, p = _check_eps(eps), check_p(p)
+    seed, offset = check_u64(seed, "seed"), check_u64(offset, "offset")
+    rows = math.prod(x.shape[:-1])
+    x2 = np.ascontiguousarray(x).reshape(rows, D)
+    r2 = np.ascontiguousarray(residual).reshape(rows, D)
+    return x, x2, r2, params[0], params[1], p, eps, seed, offset
 
 
 def dropout_add_layer_norm(
@@ -407,14 +380,9 @@ def dropout_add_layer_norm(
     J. Ba, J. Kiros, G. Hinton, "Layer Normalization", 2016; B. Zhang, R. Sennrich, "Root Mean
     Square Layer Normalization", NeurIPS 2019.
     """
-    x, residual, weight, bias, eps = _add_norm_inputs(x, residual, weight, bias, norm, eps)
-    p = check_p(p)
-    seed, offset = check_u64(seed, "seed"), check_u64(offset, "offset")
-    D = x.shape[-1]
-    rows = math.prod(x.shape[:-1])
-    x2 = np.ascontiguousarray(x).reshape(rows, D)
-    r2 = np.ascontiguousarray(residual).reshape(rows, D)
-    y = np.empty((rows, D), x.dtype)
+    x, x2, r2, weight, bias, p, eps, seed, offset = _add_norm_inputs(x, residual, weight, bias, p, norm, eps, seed,
+                                                                     offset)
+    y = np.empty_like(x2)
     s = np.empty_like(y) if return_sum else None
     masked = bool(training) and p > 0.0
     _core.add_norm_forward(x2, r2, weight, bias, y, s, masked, seed, offset, threshold(p), scale(p, x.dtype) if masked else 1.0,
@@ -448,19 +416,16 @@ def dropout_add_layer_norm_backward(
     TypeError, ValueError
         As :func:`dropout_add_layer_norm`; ``grad_out`` of another shape or dtype.
     """
-    x, residual, weight, bias, eps = _add_norm_inputs(x, residual, weight, bias, norm, eps)
+    x, x2, r2, weight, bias, p, eps, seed, offset = _add_norm_inputs(x, residual, weight, bias, p, norm, eps, seed,
+                                                                     offset)
     grad_out = check_float_array(grad_out, "grad_out")
-    if grad_out.dtype != x.dtype or grad_out.shape != x.shape:
-        raise ValueError(f"grad_out must have x's shape {x.shape} and dtype {x.dtype}, got {grad_out.shape} {grad_out.dtype}")
-    p = check_p(p)
-    seed, offset = check_u64(seed, "seed"), check_u64(offset, "offset")
+    if grad_out.dtype != x.dtype:
+        raise TypeError(f"grad_out must have x's dtype {x.dtype}, got {grad_out.dtype}")
+    if grad_out.shape != x.shape:
+        raise ValueError(f"grad_out must have x's shape {x.shape}, got {grad_out.shape}")
     D = x.shape[-1]
-    rows = math.prod(x.shape[:-1])
-    x2 = np.ascontiguousarray(x).reshape(rows, D)
-    r2 = np.ascontiguousarray(residual).reshape(rows, D)
-    dy = np.ascontiguousarray(grad_out).reshape(rows, D)
-    gx = np.empty((rows, D), x.dtype)
-    gr = np.empty((rows, D), x.dtype)
+    dy = np.ascontiguousarray(grad_out).reshape(x2.shape)
+    gx, gr = np.empty_like(x2), np.empty_like(x2)
     gw = np.empty(D, np.float64) if weight is not None else None
     gb = np.empty(D, np.float64) if bias is not None else None
     masked = p > 0.0

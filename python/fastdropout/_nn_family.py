@@ -1,11 +1,10 @@
 """fastdropout.nn's layers for the rest of the dropout family (re-exported by fastdropout.nn)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from ._api import dropout, dropout_backward
 from ._checks import check_p
 from ._family import (
     alpha_dropout,
@@ -21,58 +20,15 @@ from ._generator import Generator
 
 # the helpers of fastdropout.nn (imported late there, so no cycle at import time)
 from .nn import (  # noqa: E402
-    _IDENTITY,
     _NOTHING_SAVED,
     Module,
-    _as_float,
     _as_float32,
     _check_features,
     _DenseLayer,
+    _MaskedLayer,
     _resolve_generator,
     _take_saved,
 )
-
-
-class _MaskedLayer(Module):
-    """A dropout-family layer: ``forward`` draws from the generator and applies ``fn``, ``backward``
-    applies ``grad_fn`` with the same stream; subclasses say which noise shape an input gets."""
-
-    _forward: Callable[..., np.ndarray] = staticmethod(dropout)
-    _backward: Callable[..., np.ndarray] = staticmethod(dropout_backward)
-
-    def __init__(self, p: float = 0.5, *, seed: Optional[int] = None, generator: Optional[Generator] = None) -> None:
-        super().__init__()
-        self.p = check_p(p)
-        self.generator = _resolve_generator(seed, generator)
-        self._saved: Any = _NOTHING_SAVED
-
-    def noise_shape(self, shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
-        return None
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _as_float(x, "x")
-        self.p = check_p(self.p)
-        if not (self.training and self.p > 0.0):
-            self._saved = _IDENTITY
-            return x
-        noise = self.noise_shape(x.shape)
-        seed, offset = self.generator.draw(int(np.prod(noise)) if noise is not None else x.size)
-        y = type(self)._forward(x, self.p, seed=seed, offset=offset, noise_shape=noise)
-        self._saved = (seed, offset, x.shape, noise)
-        return y
-
-    def backward(self, grad: np.ndarray) -> np.ndarray:
-        saved = _take_saved(self)
-        grad = _as_float(grad, "grad")
-        if saved is _IDENTITY:
-            return grad
-        seed, offset, shape, noise = saved
-        if grad.shape != shape:
-            raise ValueError(f"grad must have the forward output's shape {shape}, got {grad.shape}")
-        return type(self)._backward(grad, self.p, seed=seed, offset=offset, noise_shape=noise)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class _ChannelDropout(_MaskedLayer):

@@ -173,17 +173,19 @@ def _operand(t: torch.Tensor) -> np.ndarray:
     return _numpy(_as_f32(t))
 
 
-def _dropout_linear_impl(
+def _linear_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, state: Optional[torch.Tensor],
-    activation: int, train: bool,
+    activation: int, train: bool, on_weight: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, z, state): y = act(dropout(x) @ weight.T + bias) in float32 arithmetic, z the
-    pre-activation (empty without an activation), and the stream state used."""
+    """(y, z, state): y = act(dropout(x) @ weight.T + bias), or with `on_weight`
+    act(x @ dropout(weight).T + bias), in float32 arithmetic on the operands as they are
+    (bfloat16 widened in the GEMM's packing); z the pre-activation (empty without an
+    activation), and the stream state used."""
     state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
     seed, offset = read_state(state)
     w, b = _operand(weight), None if bias is None else _numpy(_as_f32(bias))
     y2, z2 = dense_forward_checked(_operand(x), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
-                                   p, seed, offset, activation, train, activation != 0)
+                                   p, seed, offset, activation, train, activation != 0, on_weight)
     y, z = torch.from_numpy(y2), torch.from_numpy(z2) if z2 is not None else torch.empty(0)
     if x.dim() != 2:
         out_shape = x.shape[:-1] + (weight.shape[0],)
@@ -191,6 +193,14 @@ def _dropout_linear_impl(
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
     return y, z, state
+
+
+def _dropout_linear_impl(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, state: Optional[torch.Tensor],
+    activation: int, train: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, z, state) of act(dropout(x) @ weight.T + bias) (see _linear_impl)."""
+    return _linear_impl(x, weight, bias, p, state, activation, train, False)
 
 
 dropout_linear_op = torch.library.custom_op("fastdropout::dropout_linear", mutates_args=(), device_types="cpu",
@@ -649,18 +659,8 @@ def _dropconnect_linear_impl(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, state: Optional[torch.Tensor],
     activation: int, train: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, z, state): y = act(x @ dropout(weight).T + bias) in float32 arithmetic."""
-    from ._family import dropconnect_dense
-
-    state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
-    seed, offset = read_state(state)
-    out = dropconnect_dense(_numpy(_as_f32(x)), _numpy(_as_f32(weight)), None if bias is None else _numpy(_as_f32(bias)),
-                            p if train else 0.0, seed=seed, offset=offset,
-                            activation={0: None, 1: "relu", 2: "gelu"}[activation], return_preactivation=True)
-    y, z = (torch.from_numpy(a) for a in out)
-    if not activation:
-        z = torch.empty(0)
-    return (y if x.dtype == torch.float32 else y.to(x.dtype)), z, state
+    """(y, z, state) of act(x @ dropout(weight).T + bias) (see _linear_impl)."""
+    return _linear_impl(x, weight, bias, p, state, activation, train, True)
 
 
 dropconnect_linear_op = torch.library.custom_op("fastdropout::dropconnect_linear", mutates_args=(),

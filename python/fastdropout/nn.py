@@ -258,7 +258,50 @@ class Module:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
-class Dropout(Module):
+class _MaskedLayer(Module):
+    """The shared body of the dropout layers: ``forward`` draws from the generator and applies
+    ``_forward``, ``backward`` applies ``_backward`` with the same stream; subclasses choose the
+    two functions and which noise shape an input gets (None: a mask over the whole input)."""
+
+    _forward: Callable[..., np.ndarray] = staticmethod(dropout)
+    _backward: Callable[..., np.ndarray] = staticmethod(dropout_backward)
+
+    def __init__(self, p: float = 0.5, *, seed: Optional[int] = None, generator: Optional[Generator] = None) -> None:
+        super().__init__()
+        self.p = check_p(p)
+        self.generator = _resolve_generator(seed, generator)
+        self._saved: Any = _NOTHING_SAVED
+
+    def noise_shape(self, shape: Tuple[int, ...]) -> Optional[Tuple[int, ...]]:
+        return None
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = _as_float(x, "x")
+        self.p = check_p(self.p)  # p may have been assigned since construction
+        noise = self.noise_shape(x.shape)  # (an input of the wrong rank raises in eval mode too)
+        if not (self.training and self.p > 0.0):
+            self._saved = _IDENTITY
+            return x
+        seed, offset = self.generator.draw(int(np.prod(noise)) if noise is not None else x.size)
+        y = type(self)._forward(x, self.p, seed=seed, offset=offset, noise_shape=noise)
+        self._saved = (seed, offset, x.shape, noise)
+        return y
+
+    def backward(self, grad: np.ndarray) -> np.ndarray:
+        saved = _take_saved(self)
+        grad = _as_float(grad, "grad")
+        if saved is _IDENTITY:
+            return grad
+        seed, offset, shape, noise = saved
+        if grad.shape != shape:
+            raise ValueError(f"grad must have the forward output's shape {shape}, got {grad.shape}")
+        return type(self)._backward(grad, self.p, seed=seed, offset=offset, noise_shape=noise)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Dropout(_MaskedLayer):
     """Inverted dropout: ``x / (1 - p)`` where kept, 0 where dropped; identity in eval mode.
 
     float32 and float64 inputs keep their dtype; other real dtypes become float32.
@@ -281,36 +324,6 @@ class Dropout(Module):
     N. Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from
     Overfitting", JMLR 15 (2014).
     """
-
-    def __init__(self, p: float = 0.5, *, seed: Optional[int] = None, generator: Optional[Generator] = None) -> None:
-        super().__init__()
-        self.p = check_p(p)
-        self.generator = _resolve_generator(seed, generator)
-        self._saved: Any = _NOTHING_SAVED
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = _as_float(x, "x")
-        self.p = check_p(self.p)  # p may have been assigned since construction
-        if not (self.training and self.p > 0.0):
-            self._saved = _IDENTITY
-            return x
-        seed, offset = self.generator.draw(x.size)
-        y = dropout(x, self.p, seed=seed, offset=offset)
-        self._saved = (seed, offset, x.shape)
-        return y
-
-    def backward(self, grad: np.ndarray) -> np.ndarray:
-        saved = _take_saved(self)
-        grad = _as_float(grad, "grad")
-        if saved is _IDENTITY:
-            return grad
-        seed, offset, shape = saved
-        if grad.shape != shape:
-            raise ValueError(f"grad must have the forward output's shape {shape}, got {grad.shape}")
-        return dropout_backward(grad, self.p, seed=seed, offset=offset)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 def _take_saved(layer: Module) -> Any:

@@ -428,6 +428,20 @@ def dropout_dense(
     return (y, z) if return_preactivation else y
 
 
+def _grad_preactivation(grad_out, activation, preactivation, expected):
+    """dL/dz = grad_out * act'(preactivation) in float64 (preactivation required, of the
+    output's shape, with an activation)."""
+    dz = grad_out.astype(np.float64)
+    if activation is not None:
+        if preactivation is None:
+            raise ValueError(f"preactivation is required with activation={activation!r}")
+        z = _check_float_array(preactivation, "preactivation")
+        if z.shape != expected:
+            raise ValueError(f"preactivation must have shape {expected}, got {z.shape}")
+        dz = dz * _activation_grad(z.astype(np.float64), activation)
+    return dz
+
+
 def dropout_dense_backward(
     grad_out,
     x,
@@ -469,14 +483,7 @@ def dropout_dense_backward(
     if grad_out.shape != expected:
         raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
 
-    dz = grad_out.astype(np.float64)
-    if activation is not None:
-        if preactivation is None:
-            raise ValueError(f"preactivation is required with activation={activation!r}")
-        z = _check_float_array(preactivation, "preactivation")
-        if z.shape != expected:
-            raise ValueError(f"preactivation must have shape {expected}, got {z.shape}")
-        dz = dz * _activation_grad(z.astype(np.float64), activation)
+    dz = _grad_preactivation(grad_out, activation, preactivation, expected)
 
     keep = dropout_mask(x.shape, p, seed=seed, offset=offset)
     dropped = dropout(x, p, seed=seed, offset=offset).astype(np.float64)
@@ -702,11 +709,10 @@ def dropconnect_dense_backward(grad_out, x, weight, p, *, seed: int, offset: int
     activation = _check_activation(activation)
     _check_dense_shapes(x, weight, None)
     out_features, in_features = weight.shape
-    dz = grad_out.astype(np.float64)
-    if activation is not None:
-        if preactivation is None:
-            raise ValueError(f"preactivation is required with activation={activation!r}")
-        dz = dz * _activation_grad(_check_float_array(preactivation, "preactivation").astype(np.float64), activation)
+    expected = x.shape[:-1] + (out_features,)
+    if grad_out.shape != expected:
+        raise ValueError(f"grad_out must have shape {expected}, got {grad_out.shape}")
+    dz = _grad_preactivation(grad_out, activation, preactivation, expected)
     rows = math.prod(x.shape[:-1])
     dz2d = dz.reshape(rows, out_features)
     dropped = dropout(weight, p, seed=seed, offset=offset).astype(np.float64)

@@ -167,28 +167,35 @@ def dropout_linear(
     ValueError
         Shapes that do not fit, ``p`` outside [0, 1], unknown ``activation``.
     """
-    if not _usual_linear_call(x, weight, bias, p, activation):  # the common case is checked in one go
-        _check_tensor(x, "x", _LINEAR_DTYPES)
-        _check_tensor(weight, "weight", _LINEAR_DTYPES)
-        if bias is not None:
-            _check_tensor(bias, "bias", _LINEAR_DTYPES)
-        if not torch.is_autocast_enabled("cpu"):
-            dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
-            if len(dtypes) > 1:
-                raise TypeError(
-                    f"x, weight and bias must have one dtype (as torch.nn.Linear needs), got {sorted(map(str, dtypes))}")
-        p = check_p(p)
-        check_activation(activation)
-        if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
-            raise ValueError(
-                f"expected x of shape (..., in_features) and weight of shape (out_features, in_features), "
-                f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
-            )
-        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    p = _check_linear(x, weight, bias, p, activation)
     state = None if seed is None and offset == 0 else _fixed_state(seed, offset)
     masked = bool(training) and p > 0.0
     return _ops.call_dropout_linear(x, weight, bias, p, state, ACTIVATIONS[activation], masked)[0]
+
+
+def _check_linear(x, weight, bias, p, activation) -> float:
+    """The arguments of a fused linear layer, checked (the common case in one go); returns p."""
+    if _usual_linear_call(x, weight, bias, p, activation):
+        return p
+    _check_tensor(x, "x", _LINEAR_DTYPES)
+    _check_tensor(weight, "weight", _LINEAR_DTYPES)
+    if bias is not None:
+        _check_tensor(bias, "bias", _LINEAR_DTYPES)
+    if not torch.is_autocast_enabled("cpu"):
+        dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+        if len(dtypes) > 1:
+            raise TypeError(
+                f"x, weight and bias must have one dtype (as torch.nn.Linear needs), got {sorted(map(str, dtypes))}")
+    p = check_p(p)
+    check_activation(activation)
+    if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"expected x of shape (..., in_features) and weight of shape (out_features, in_features), "
+            f"got x {tuple(x.shape)} and weight {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"expected bias of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    return p
 
 
 def _usual_linear_call(x, weight, bias, p, activation) -> bool:
@@ -636,11 +643,7 @@ class DropConnectLinear(DropoutLinear):
     with differentiable ops)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for name, t in (("x", x), ("weight", self.weight)):
-            _check_tensor(t, name, _LINEAR_DTYPES)
-        p = check_p(self.p)
-        if x.dim() < 1 or x.shape[-1] != self.in_features:
-            raise ValueError(f"expected x of shape (..., {self.in_features}), got {tuple(x.shape)}")
+        p = _check_linear(x, self.weight, self.bias, self.p, self.activation)
         masked = self.training and p > 0.0
         return _ops.call_dropconnect_linear(x, self.weight, self.bias, p, None, ACTIVATIONS[self.activation], masked)[0]
 
