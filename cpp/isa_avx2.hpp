@@ -66,13 +66,46 @@ inline void philox_soa(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, P
   st(c3, v3);
 }
 
-/// The 32 words of blocks block .. block + 7 in element order, as 4 vectors.
-inline void words32(uint64_t block, PhiloxKey key, __m256i w[4]) {
-  __m256i c0, c1, c2 = _mm256_setzero_si256(), c3 = _mm256_setzero_si256();
-  block_counters(block, c0, c1);
-  philox_rounds(c0, c1, c2, c3, key, 10);
-  const __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
-  const __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+/// Philox's 10 rounds on blocks block .. block + 15, as two independent sets of 8
+/// (a: block + l, b: block + 8 + l in lane l; word j of each block in a[j], b[j]):
+/// two dependency chains for the out-of-order core, whose single chain of multiplies,
+/// shifts and blends was latency-bound.
+inline void philox16(uint64_t block, PhiloxKey key, __m256i a[4], __m256i b[4]) {
+  __m256i a0, a1, b0, b1;
+  block_counters(block, a0, a1);
+  block_counters(block + 8, b0, b1);
+  __m256i a2 = _mm256_setzero_si256(), a3 = a2, b2 = a2, b3 = a2;
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  uint32_t k0 = key.k0, k1 = key.k1;
+  for (int r = 0; r < 10; ++r) {
+    if (r > 0) {
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    const __m256i kv0 = _mm256_set1_epi32(static_cast<int>(k0)), kv1 = _mm256_set1_epi32(static_cast<int>(k1));
+    __m256i ah0, al0, ah1, al1, bh0, bl0, bh1, bl1;
+    mulhilo(a0, m0, ah0, al0);
+    mulhilo(b0, m0, bh0, bl0);
+    mulhilo(a2, m1, ah1, al1);
+    mulhilo(b2, m1, bh1, bl1);
+    a0 = _mm256_xor_si256(_mm256_xor_si256(ah1, a1), kv0);
+    b0 = _mm256_xor_si256(_mm256_xor_si256(bh1, b1), kv0);
+    a1 = al1;
+    b1 = bl1;
+    a2 = _mm256_xor_si256(_mm256_xor_si256(ah0, a3), kv1);
+    b2 = _mm256_xor_si256(_mm256_xor_si256(bh0, b3), kv1);
+    a3 = al0;
+    b3 = bl0;
+  }
+  a[0] = a0, a[1] = a1, a[2] = a2, a[3] = a3;
+  b[0] = b0, b[1] = b1, b[2] = b2, b[3] = b3;
+}
+
+/// The 32 words of one set of 8 blocks (philox16) in element order, as 4 vectors.
+inline void to_elements(const __m256i c[4], __m256i w[4]) {
+  const __m256i t0 = _mm256_unpacklo_epi32(c[0], c[1]), t1 = _mm256_unpackhi_epi32(c[0], c[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(c[2], c[3]), t3 = _mm256_unpackhi_epi32(c[2], c[3]);
   const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
   const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
   // u_r holds block 4q + r in its 128-bit lane q
@@ -83,27 +116,32 @@ inline void words32(uint64_t block, PhiloxKey key, __m256i w[4]) {
 }
 
 inline void words64(uint64_t block, PhiloxKey key, uint32_t* out) {
-  for (int h = 0; h < 2; ++h) {
-    __m256i w[4];
-    words32(block + 8 * static_cast<uint64_t>(h), key, w);
-    for (int q = 0; q < 4; ++q)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h + 8 * q), w[q]);
-  }
+  __m256i a[4], b[4], w[4];
+  philox16(block, key, a, b);
+  to_elements(a, w);
+  for (int q = 0; q < 4; ++q) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 8 * q), w[q]);
+  to_elements(b, w);
+  for (int q = 0; q < 4; ++q) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 + 8 * q), w[q]);
+}
+
+/// Keep bits (word >= t) of one set of 8 blocks, bit 4 l + j for word j of lane l:
+/// compared where the words are, then packed to bytes and put in element order with
+/// one in-lane byte shuffle (a 4 x 4 transpose of each lane's 16 bytes).
+inline uint32_t keep_bits32(const __m256i c[4], __m256i tv) {
+  auto ge = [tv](__m256i w) { return _mm256_cmpeq_epi32(_mm256_max_epu32(w, tv), w); };
+  const __m256i p01 = _mm256_packs_epi32(ge(c[0]), ge(c[1]));  // lane q: word 0 of 4 blocks, word 1
+  const __m256i p23 = _mm256_packs_epi32(ge(c[2]), ge(c[3]));
+  const __m256i bytes = _mm256_packs_epi16(p01, p23);  // lane q: byte 4 j + l = word j of block 4 q + l
+  const __m256i order = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0, 4, 8, 12,
+                                         1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return static_cast<uint32_t>(_mm256_movemask_epi8(_mm256_shuffle_epi8(bytes, order)));
 }
 
 inline uint64_t keep_bits64(uint64_t block, PhiloxKey key, uint32_t t) {
   const __m256i tv = _mm256_set1_epi32(static_cast<int>(t));
-  uint64_t bits = 0;
-  for (int h = 0; h < 2; ++h) {
-    __m256i w[4];
-    words32(block + 8 * static_cast<uint64_t>(h), key, w);
-    for (int q = 0; q < 4; ++q) {
-      const __m256i ge = _mm256_cmpeq_epi32(_mm256_max_epu32(w[q], tv), w[q]);
-      const auto m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_castsi256_ps(ge)));
-      bits |= uint64_t{m} << (32 * h + 8 * q);
-    }
-  }
-  return bits;
+  __m256i a[4], b[4];
+  philox16(block, key, a, b);
+  return uint64_t{keep_bits32(a, tv)} | uint64_t{keep_bits32(b, tv)} << 32;
 }
 
 inline __m256i lane_mask8(uint32_t byte) {
