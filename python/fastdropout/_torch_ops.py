@@ -53,8 +53,13 @@ def read_state(state: torch.Tensor) -> Tuple[int, int]:
     return seed, offset
 
 
+def _draw_seed() -> int:
+    """A seed from torch's default generator (one draw per call, on every route)."""
+    return int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64))
+
+
 def _draw_state() -> torch.Tensor:
-    return make_state(int(torch.randint(0, _SEED_BOUND, (), dtype=torch.int64)), 0)
+    return make_state(_draw_seed(), 0)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -183,16 +188,25 @@ def _linear_impl(
     activation), and the stream state used."""
     state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
     seed, offset = read_state(state)
+    y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, on_weight)
+    return y, torch.empty(0) if z is None else z, state
+
+
+def _linear_tensors(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, seed: int, offset: int,
+    activation: int, train: bool, on_weight: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(y, z) of _linear_impl under the stream (seed, offset); z None without an activation."""
     w, b = _operand(weight), None if bias is None else _numpy(_as_f32(bias))
     y2, z2 = dense_forward_checked(_operand(x), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
                                    p, seed, offset, activation, train, activation != 0, on_weight)
-    y, z = torch.from_numpy(y2), torch.from_numpy(z2) if z2 is not None else torch.empty(0)
+    y, z = torch.from_numpy(y2), None if z2 is None else torch.from_numpy(z2)
     if x.dim() != 2:
         out_shape = x.shape[:-1] + (weight.shape[0],)
-        y, z = y.view(out_shape), z.view(out_shape) if z2 is not None else z
+        y, z = y.view(out_shape), None if z is None else z.view(out_shape)
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
-    return y, z, state
+    return y, z
 
 
 def _dropout_linear_impl(
@@ -221,10 +235,19 @@ def _dropout_linear_backward_impl(
     """(grad_x, grad_weight, grad_bias) in x's, weight's and weight's dtype; an entry
     that output_mask leaves out is an empty tensor."""
     seed, offset = read_state(state)
+    return _linear_backward_tensors(grad_y, x, weight, z if activation else None, p, seed, offset, activation, train,
+                                    has_bias, output_mask)
+
+
+def _linear_backward_tensors(
+    grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, z: Optional[torch.Tensor], p: float, seed: int,
+    offset: int, activation: int, train: bool, has_bias: bool, output_mask: Sequence[bool],
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_dropout_linear_backward_impl under the stream (seed, offset)."""
     want = (bool(output_mask[0]), bool(output_mask[1]), bool(output_mask[2]) and has_bias)
     grads = dense_backward_checked(
         _operand(grad_y), _operand(x), np.ascontiguousarray(_operand(weight)),
-        _numpy(z) if activation else None, p, seed, offset, activation, train, want,
+        None if z is None else _numpy(z), p, seed, offset, activation, train, want,
     )
     dtypes = (x.dtype, weight.dtype, weight.dtype)
     return tuple(  # type: ignore[return-value]
@@ -375,6 +398,50 @@ def call_dropout_backward(grad, p, state):
 def call_dropout_linear(x, weight, bias, p, state, activation, train):
     """(y, z, state) of fastdropout::dropout_linear, by the route that fits the call."""
     return _call("dropout_linear", (x, weight, bias, state), (x, weight, bias, p, state, activation, train))
+
+
+class _EagerDropoutLinear(torch.autograd.Function):
+    """dropout_linear for a plain eager call under autograd: the op's formula with the
+    stream as two integers, one output and nothing else in the graph.  What a layer
+    costs beyond its kernels is Python; this route runs the least of it (the state
+    tensor, its second and third outputs and the routing of the general Function cost
+    about half of a small layer's time around the kernels)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p, seed, offset, activation, train):  # type: ignore[override]
+        y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False)
+        ctx.save_for_backward(x, weight, bias, z)
+        ctx.options = (p, seed, offset, activation, train)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, bias, z = ctx.saved_tensors
+        p, seed, offset, activation, train = ctx.options
+        if torch.is_grad_enabled():  # create_graph: differentiable pieces, as the op's backward
+            return _linear_bwd_composite(grad_y, x, weight, bias, p, make_state(seed, offset), activation,
+                                         train)[:3] + (None,) * 5
+        need = ctx.needs_input_grad
+        gx, gw, gb = _linear_backward_tensors(grad_y, x, weight, z, p, seed, offset, activation, train,
+                                              bias is not None, need[:3])
+        return (gx if need[0] else None, gw if need[1] else None, gb if need[2] and bias is not None else None,
+                None, None, None, None, None)
+
+
+def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activation, train) -> torch.Tensor:
+    """y of fastdropout::dropout_linear: with seed None the stream is drawn from torch's
+    generator (one draw when `train`, whatever the route), else (seed, offset)."""
+    if _route(x, weight, bias) == "fast":
+        if not train:
+            seed, offset = 0, 0
+        elif seed is None:
+            seed, offset = _draw_seed(), 0
+        if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _EagerDropoutLinear.apply(x, weight, bias, p, seed, offset, activation, train)
+        return _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False)[0]
+    state = None if seed is None else make_state(seed, offset)
+    return call_dropout_linear(x, weight, bias, p, state, activation, train)[0]
 
 
 # --------------------------------------------------------------------------- vmap
