@@ -71,6 +71,15 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 def _apply_dropout(x: torch.Tensor, p: float, state: torch.Tensor, out: torch.Tensor) -> None:
     """out = dropout(x) under `state` (any strides; out may be x)."""
     seed, offset = read_state(state)
+    _dropout_stream(x, p, seed, offset, out)
+
+
+def _dropout_stream(x: torch.Tensor, p: float, seed: int, offset: int, out: torch.Tensor) -> None:
+    """out = dropout(x) under the stream (seed, offset) (any strides; out may be x)."""
+    if (x.dtype is torch.float32 or x.dtype is torch.float64) and x.is_contiguous() and out.is_contiguous():
+        src, dst = _numpy(x).reshape(-1), _numpy(out).reshape(-1)  # (the common case: straight to the kernel)
+        _core.dropout(src, dst, seed, offset, _threshold(p), _scale(p, src.dtype))
+        return
     if x.dtype in _HALF:
         src = x.contiguous()
         dst = out if out.is_contiguous() else torch.empty_like(src)
@@ -161,6 +170,42 @@ def _dropout_backward_bwd(ctx, gg):
 
 dropout_op.register_autograd(_dropout_bwd, setup_context=_dropout_setup)
 dropout_backward_op.register_autograd(_dropout_backward_bwd, setup_context=_dropout_backward_setup)
+
+
+class _EagerDropout(torch.autograd.Function):
+    """dropout for a plain eager call under autograd, the stream as two integers (see
+    _EagerDropoutLinear).  The map x -> mask * x * s is its own adjoint, so the backward
+    is this Function again (differentiable when create_graph asks for it)."""
+
+    @staticmethod
+    def forward(ctx, x, p, seed, offset):  # type: ignore[override]
+        y = torch.empty_like(x)  # keeps x's memory format
+        _dropout_stream(x, p, seed, offset, y)
+        ctx.stream = (p, seed, offset)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):  # type: ignore[override]
+        p, seed, offset = ctx.stream
+        if torch.is_grad_enabled():
+            return _EagerDropout.apply(grad_y, p, seed, offset), None, None, None
+        grad_x = torch.empty_like(grad_y)
+        _dropout_stream(grad_y, p, seed, offset, grad_x)
+        return grad_x, None, None, None
+
+
+def dropout(x: torch.Tensor, p: float, seed: Optional[int], offset: int) -> torch.Tensor:
+    """y of fastdropout::dropout: with seed None the stream is drawn from torch's
+    generator (one draw, whatever the route), else (seed, offset)."""
+    if _route(x) == "fast":
+        if seed is None:
+            seed, offset = _draw_seed(), 0
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _EagerDropout.apply(x, p, seed, offset)
+        y = torch.empty_like(x)
+        _dropout_stream(x, p, seed, offset, y)
+        return y
+    return call_dropout(x, p, None if seed is None else make_state(seed, offset))[0]
 
 
 # --------------------------------------------------------------------------- dropout -> linear

@@ -128,7 +128,7 @@ def dropout(
             return x.copy_(_ops.call_dropout(x, p, state)[0])
         _ops.dropout_inplace_op(x, p, state)
         return x
-    return _ops.call_dropout(x, p, state)[0]
+    return _ops.dropout(x, p, None if state is None else seed, offset)
 
 
 def dropout_linear(
