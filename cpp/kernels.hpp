@@ -20,6 +20,10 @@ struct MaskSpec {
   uint64_t offset = 0;
   uint64_t threshold = 0;  ///< keep iff word >= threshold; 2**32 drops all
   float scale = 1.0f;
+  /// The keep bits already drawn (optional): bit j of bits[j / 64] for element j of the
+  /// matrix (word index offset + j), one spare zero word at the end.  The GEMM draws
+  /// them once for a whole team when several threads pack the same masked operand.
+  const uint64_t* bits = nullptr;
 };
 
 /// A C-contiguous float32 (or bfloat16) matrix as a GEMM operand source.  Values are read as

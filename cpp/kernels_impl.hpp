@@ -291,6 +291,22 @@ inline void round_to_bf16(float* v, int64_t n) {
   }
 }
 
+/// y = keep ? x * s : +0 over n elements whose keep bits start at bit `at` of `bits`
+/// (MaskSpec::bits): dropout's select-and-scale on bits drawn earlier.
+void dropout_bits(const float* x, float* y, int64_t n, const uint64_t* bits, uint64_t at, float s) {
+  auto word = [bits](uint64_t pos) {  // 64 bits from bit pos (the spare word ends the array)
+    const uint64_t q = pos >> 6;
+    const unsigned r = static_cast<unsigned>(pos & 63);
+    return r == 0 ? bits[q] : (bits[q] >> r) | (bits[q + 1] << (64 - r));
+  };
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) select_scale64<false>(x + i, y + i, word(at + static_cast<uint64_t>(i)), s);
+  if (i < n) {
+    const uint64_t w = word(at + static_cast<uint64_t>(i));
+    for (int64_t k = 0; i + k < n; ++k) y[i + k] = ((w >> k) & 1) ? x[i + k] * s : 0.0f;
+  }
+}
+
 /// Elements (r, c0 .. c0 + len) of m, transformed; either a pointer into m or `buf`.
 const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, float* buf) {
   const int64_t at = r * m.cols + c0;
@@ -304,8 +320,11 @@ const float* load_segment(const Mat& m, int64_t r, int64_t c0, int64_t len, floa
     src = buf;
   }
   if (m.mask.enabled) {
-    dropout<float>(src, buf, len, m.mask.offset + static_cast<uint64_t>(at), m.mask.key,
-                   m.mask.threshold, m.mask.scale);
+    if (m.mask.bits)
+      dropout_bits(src, buf, len, m.mask.bits, static_cast<uint64_t>(at), m.mask.scale);
+    else
+      dropout<float>(src, buf, len, m.mask.offset + static_cast<uint64_t>(at), m.mask.key,
+                     m.mask.threshold, m.mask.scale);
     if (m.h) round_to_bf16(buf, len);  // a dropped-out bfloat16 value is bfloat16
     src = buf;
   }

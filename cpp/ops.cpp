@@ -138,6 +138,34 @@ float* scratch(size_t floats) {
   return buffer.get();
 }
 
+/// The calling thread's buffer of drawn keep bits (MaskSpec::bits) for GEMM operand
+/// `which` (0: A, 1: B), kept between calls as scratch is.
+uint64_t* bits_scratch(int which, size_t words) {
+  thread_local std::unique_ptr<uint64_t[]> buffer[2];
+  thread_local size_t have[2] = {0, 0};
+  if (words > have[which]) {
+    buffer[which].reset();
+    buffer[which].reset(new uint64_t[words]);
+    have[which] = words;
+  }
+  return buffer[which].get();
+}
+
+/// Part t of `parts` of drawing the keep bits of masked matrix m into bits (64-element
+/// ranges, so that each thread writes whole words), and the spare word.
+void draw_bits(const Kernels& k, const Mat& m, uint64_t* bits, int t, int parts) {
+  const int64_t n = m.rows * m.cols, words = (n + 63) / 64;
+  const int64_t per = (words + parts - 1) / parts;
+  const int64_t w0 = min64(words, t * per), w1 = min64(words, w0 + per);
+  if (w0 < w1) {
+    const int64_t e0 = w0 * 64, e1 = min64(n, w1 * 64);
+    uint8_t* out = reinterpret_cast<uint8_t*>(bits + w0);
+    k.mask_packed(out, e1 - e0, m.mask.offset + static_cast<uint64_t>(e0), m.mask.key, m.mask.threshold);
+    for (int64_t b = (e1 - e0 + 7) / 8; b < (w1 - w0) * 8; ++b) out[b] = 0;  // past n
+  }
+  if (t == parts - 1) bits[words] = 0;
+}
+
 void gemm(const GemmProblem& problem) {
   GemmProblem g = problem;
   g.allow_sparse = sparse_path_enabled();
@@ -174,10 +202,30 @@ void gemm(const GemmProblem& problem) {
     run(0);
     return;
   }
+  // A masked operand that every thread packs whole (A when the columns are split, B
+  // when the rows are) would have its Philox words drawn by every thread: the team
+  // draws its keep bits once, in parts, and packs from them (the same bits).
+  const bool share_a = g.a.mask.enabled && split_n, share_b = g.b.mask.enabled && !split_n;
+  if (share_a) g.a.mask.bits = bits_scratch(0, static_cast<size_t>((g.a.rows * g.a.cols + 63) / 64 + 1));
+  if (share_b) g.b.mask.bits = bits_scratch(1, static_cast<size_t>((g.b.rows * g.b.cols + 63) / 64 + 1));
+  uint64_t* a_bits = const_cast<uint64_t*>(g.a.mask.bits);
+  uint64_t* b_bits = const_cast<uint64_t*>(g.b.mask.bits);
 #if defined(FD_HAVE_OPENMP)
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-#endif
+#pragma omp parallel num_threads(threads)
+  {
+    const int id = omp_get_thread_num(), team = omp_get_num_threads();
+    if (share_a) draw_bits(k, g.a, a_bits, id, team);
+    if (share_b) draw_bits(k, g.b, b_bits, id, team);
+    if (share_a || share_b) {
+#pragma omp barrier
+    }
+    for (int t = id; t < threads; t += team) run(t);
+  }
+#else
+  if (share_a) draw_bits(k, g.a, a_bits, 0, 1);
+  if (share_b) draw_bits(k, g.b, b_bits, 0, 1);
   for (int t = 0; t < threads; ++t) run(t);
+#endif
 }
 
 void dense_forward(const DenseForward& a) {
