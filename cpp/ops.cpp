@@ -206,10 +206,11 @@ void gemm(const GemmProblem& problem) {
   // when the rows are) would have its Philox words drawn by every thread: the team
   // draws its keep bits once, in parts, and packs from them (the same bits).
   const bool share_a = g.a.mask.enabled && split_n, share_b = g.b.mask.enabled && !split_n;
-  if (share_a) g.a.mask.bits = bits_scratch(0, static_cast<size_t>((g.a.rows * g.a.cols + 63) / 64 + 1));
-  if (share_b) g.b.mask.bits = bits_scratch(1, static_cast<size_t>((g.b.rows * g.b.cols + 63) / 64 + 1));
-  uint64_t* a_bits = const_cast<uint64_t*>(g.a.mask.bits);
-  uint64_t* b_bits = const_cast<uint64_t*>(g.b.mask.bits);
+  auto words = [](const Mat& m) { return static_cast<size_t>((m.rows * m.cols + 63) / 64 + 1); };
+  uint64_t* a_bits = share_a ? bits_scratch(0, words(g.a)) : nullptr;
+  uint64_t* b_bits = share_b ? bits_scratch(1, words(g.b)) : nullptr;
+  if (share_a) g.a.mask.bits = a_bits;
+  if (share_b) g.b.mask.bits = b_bits;
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
