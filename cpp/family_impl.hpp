@@ -257,7 +257,7 @@ inline void box_muller_f32(uint32_t w1, uint32_t w2, float& z_cos, float& z_sin)
 
 constexpr int64_t kGaussChunk = 256;  // words (elements) per step
 
-void gaussian_f32(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key, float sigma) {
+void gaussian_f32_any(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key, float sigma) {
   alignas(64) uint32_t w[kGaussChunk + 2];
   alignas(64) float z[kGaussChunk + 2];
   uint64_t start = j0 & ~uint64_t{1};  // the pair of the first element
@@ -278,6 +278,40 @@ void gaussian_f32(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey ke
     start += static_cast<uint64_t>(words);
     skip = 0;
   }
+}
+
+void gaussian_f32(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key, float sigma) {
+#if defined(FD_ISA_GAUSS)
+  // whole 64-element groups (16 Philox blocks) through the backend's own transform,
+  // the unaligned head and the tail through the portable loop (the same results)
+  const int64_t head = min64(n, static_cast<int64_t>((64 - (j0 & 63)) & 63));
+  gaussian_f32_any(x, y, head, j0, key, sigma);
+  const int64_t groups = (n - head) / 64, i = head + 64 * groups;
+  gaussian_groups((j0 + static_cast<uint64_t>(head)) >> 2, groups, KeySchedule(key), x + head, y + head, sigma);
+  gaussian_f32_any(x + i, y + i, n - i, j0 + static_cast<uint64_t>(i), key, sigma);
+#else
+  gaussian_f32_any(x, y, n, j0, key, sigma);
+#endif
+}
+
+void normal_pairs_f32(const uint32_t* w, float* z, int64_t pairs) {
+  int64_t m = 0;
+#if defined(FD_ISA_GAUSS)
+  for (; m + kLanes <= pairs; m += kLanes) {
+    uint32_t w1[kLanes], w2[kLanes];
+    float zc[kLanes], zs[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      w1[l] = w[2 * (m + l)];
+      w2[l] = w[2 * (m + l) + 1];
+    }
+    box_muller_lanes(w1, w2, zc, zs);
+    for (int l = 0; l < kLanes; ++l) {
+      z[2 * (m + l)] = zc[l];
+      z[2 * (m + l) + 1] = zs[l];
+    }
+  }
+#endif
+  for (; m < pairs; ++m) box_muller_f32(w[2 * m], w[2 * m + 1], z[2 * m], z[2 * m + 1]);
 }
 
 void gaussian_f64(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey key, double sigma) {

@@ -271,6 +271,10 @@ struct Kernels {
   /// (the contract's Gaussian section); y may alias x.
   void (*gaussian_f32)(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKey key, float sigma);
   void (*gaussian_f64)(const double* x, double* y, int64_t n, uint64_t j0, PhiloxKey key, double sigma);
+  /// The float32 normal deviates of `pairs` given word pairs: z[2 m], z[2 m + 1] = the Box-Muller
+  /// (r cos theta, r sin theta) of (w[2 m], w[2 m + 1]), the transform gaussian_f32 applies
+  /// (exposed so that tests can reach chosen words).
+  void (*normal_pairs_f32)(const uint32_t* w, float* z, int64_t pairs);
   /// AddNormProblem forward of rows [r0, r1) (float32 or float64 data).
   void (*add_norm_f32)(const AddNormProblem& a, int64_t r0, int64_t r1);
   void (*add_norm_f64)(const AddNormProblem& a, int64_t r0, int64_t r1);

@@ -50,10 +50,16 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
 // The mask stream
 // ---------------------------------------------------------------------------
 
+#if !defined(FD_ISA_KEY_SCHEDULE)
+/// What a backend's Philox takes for a key: its round keys prepared once per stream where it
+/// has such a form (FD_ISA_KEY_SCHEDULE), the key itself otherwise.
+using KeySchedule = PhiloxKey;
+#endif
+
 /// Keep bits of consecutive elements starting at any index j0, 64 at a time.
 /// Bit k of the n-th word is element j0 + 64 n + k.
 struct BitStream {
-  PhiloxKey key;
+  KeySchedule key;
   uint64_t threshold;
   uint64_t block;  // next block to generate
   unsigned shift;  // j0 & 3: elements of the first block that come before j0
@@ -103,11 +109,12 @@ void philox_many(const uint32_t* ctr, uint32_t* out, int64_t n, PhiloxKey key, i
 }
 
 void random_words(uint32_t* out, int64_t n, uint64_t j0, PhiloxKey key) {
+  const KeySchedule ks(key);
   alignas(64) uint32_t buf[64];
   uint64_t block = j0 >> 2;
   int64_t skip = static_cast<int64_t>(j0 & 3);
   for (int64_t i = 0; i < n; block += 16) {
-    words64(block & kBlockMask, key, buf);
+    words64(block & kBlockMask, ks, buf);
     const int64_t take = min64(64 - skip, n - i);
     std::memcpy(out + i, buf + skip, static_cast<size_t>(take) * sizeof(uint32_t));
     i += take;
@@ -684,7 +691,7 @@ const Kernels& kernels() {
       dropout_f64,  dropout_h16, kBlocking,
       gemm_tile,    col_sums,    attention_forward,
       attention_backward_kv,     attention_backward_q,
-      family_f32,   family_f64,  gaussian_f32, gaussian_f64, add_norm_f32,
+      family_f32,   family_f64,  gaussian_f32, gaussian_f64, normal_pairs_f32, add_norm_f32,
       add_norm_f64, add_norm_backward_f32, add_norm_backward_f64,
   };
   return table;

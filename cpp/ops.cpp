@@ -456,6 +456,8 @@ void gaussian(const double* x, double* y, int64_t n, uint64_t seed, uint64_t off
   });
 }
 
+void normal_pairs(const uint32_t* w, float* z, int64_t pairs) { active_kernels().normal_pairs_f32(w, z, pairs); }
+
 void add_norm_forward(const AddNormProblem& a, bool f64) {
   const Kernels& k = active_kernels();
   auto fn = f64 ? k.add_norm_f64 : k.add_norm_f32;

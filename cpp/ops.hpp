@@ -79,6 +79,8 @@ void family_noise(const double* x, double* y, const std::vector<int64_t>& sizes,
 /// Gaussian dropout y = x * (1 + sigma * z) (the contract's Gaussian section); y may be x.
 void gaussian(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, float sigma);
 void gaussian(const double* x, double* y, int64_t n, uint64_t seed, uint64_t offset, double sigma);
+/// The float32 Box-Muller deviates of given word pairs (Kernels::normal_pairs_f32), one thread.
+void normal_pairs(const uint32_t* w, float* z, int64_t pairs);
 
 /// Dropout + residual + LayerNorm/RMSNorm (AddNormProblem) forward, and backward: grad_x,
 /// grad_residual (each optional) and, when given, grad_weight and grad_bias (D doubles,

@@ -233,6 +233,61 @@ def test_gaussian_dropout_within_the_contract_bound(backend, threads, dtype, p):
         assert np.array_equal(g.view(np.uint8), y.view(np.uint8))
 
 
+def edge_word_pairs():
+    """Word pairs at the transform's seams, each first word against each second word, then random
+    ones: u1 at 0, near 1/2 and near 1 (where ln u1 switches to its log1p form) and at the
+    logarithm's mantissa split (1.41421356f, bits 0x3fb504f3/0x3fb504f4) in several binades; u2 at
+    the boundaries between quarter turns (where the sine and cosine swap and change sign)."""
+    w1 = [0, 1, 2, 3, 0x40000000, 0x7FFFFFFE, 0x7FFFFFFF, 0x80000000, 0x80000001, 0xBFFFFFFF, 0xC0000000,
+          0xFFFFFFFE, 0xFFFFFFFF]
+    for shift in range(8):
+        for mantissa in (0xB504F2, 0xB504F3, 0xB504F4, 0xB504F5):
+            w1 += [mantissa << shift, 0xFFFFFFFF - (mantissa << shift)]
+    w2 = sorted({(q * 0x20000000 + d) % 2**32 for q in range(8) for d in (-2, -1, 0, 1, 2)})
+    first = np.repeat(np.array(w1, np.uint64), len(w2))
+    second = np.tile(np.array(w2, np.uint64), len(w1))
+    rng = np.random.default_rng(5)
+    first = np.concatenate([first, rng.integers(0, 2**32, 50_000, dtype=np.uint64)])
+    second = np.concatenate([second, rng.integers(0, 2**32, 50_000, dtype=np.uint64)])
+    words = np.empty(2 * first.size, np.uint32)
+    words[0::2], words[1::2] = first, second
+    return words
+
+
+def test_gaussian_transform_at_its_seams(backend):
+    """The float32 Box-Muller transform of chosen words: every backend bit for bit equal to the
+    portable code, and within ``4 eps (|z64| + 0.01)`` of the float64 transform.  That is what the
+    contract's bound on y needs: ``8 eps |x| (1 + sigma |z|)`` leaves about 5 eps of it to
+    ``sigma |z - z64|`` after the rounding of ``sigma z``, ``1 + sigma z`` and the product with x,
+    and ``4 eps sigma (|z| + 0.01) <= 4 eps (1 + sigma |z|)`` for sigma up to 100."""
+    words = edge_word_pairs()
+    z = fd._core.normal_pairs(words)
+    fd._core.set_backend("scalar")
+    portable = fd._core.normal_pairs(words)
+    bits_equal(z, portable)
+    u1 = (words[0::2].astype(np.float64) + 0.5) * 2.0**-32
+    u2 = (words[1::2].astype(np.float64) + 0.5) * 2.0**-32
+    r = np.sqrt(-2.0 * np.log(u1))
+    z64 = np.empty(words.size)
+    z64[0::2], z64[1::2] = r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)
+    eps = np.finfo(np.float32).eps
+    assert np.all(np.abs(z - z64) <= 4 * eps * (np.abs(z64) + 0.01))
+
+
+def test_gaussian_dropout_draws_the_transform_of_its_words(backend, threads):
+    """Gaussian dropout of ones at p = 0.5 (sigma = 1) is 1 + z of the stream's word pairs: the
+    64-element groups a SIMD backend transforms where the words are generated, the unaligned head
+    and tail, and a start in the middle of a pair."""
+    n, seed = 4099, 21
+    for offset in (0, 1, 63, 64, 2**64 - 67):
+        first = offset & ~1  # the first element's pair
+        k = offset - first
+        words = ref.random_words(k + n + (k + n) % 2, seed, first)
+        z = fd._core.normal_pairs(words)[k:k + n]
+        y = fd.gaussian_dropout(np.ones(n, np.float32), 0.5, seed=seed, offset=offset)
+        bits_equal(y, (np.float32(1.0) + z).astype(np.float32))
+
+
 def test_gaussian_noise_is_standard_normal():
     z = ref.gaussian_noise(1 << 16, 0.5, seed=3)
     assert abs(z.mean()) < 0.02 and abs(z.std() - 1) < 0.02

@@ -89,6 +89,19 @@ void gaussian(const py::array& x, py::array y, uint64_t seed, uint64_t offset, d
                   static_cast<float>(sigma));
 }
 
+py::array_t<float> normal_pairs(const py::array& words) {
+  require<uint32_t>(words, "words");
+  if (words.ndim() != 1 || words.size() % 2 != 0)
+    throw py::value_error("words: expected a 1-D array of an even number of words");
+  py::array_t<float> z(words.size());
+  const int64_t pairs = words.size() / 2;
+  const auto* w = static_cast<const uint32_t*>(words.data());
+  float* out = z.mutable_data();
+  py::gil_scoped_release nogil;
+  ops::normal_pairs(w, out, pairs);
+  return z;
+}
+
 /// A (rows, D) array of the problem's dtype (optional where `o` may be None).
 const void* rows_in(const py::object& o, const char* name, bool f64, py::ssize_t rows, py::ssize_t D,
                     bool writable = false) {
@@ -171,6 +184,8 @@ void register_family(py::module_& m) {
         py::arg("affine"), "The same with the mask drawn over a broadcast noise array (collapsed groups).");
   m.def("gaussian", &gaussian, py::arg("x"), py::arg("out"), py::arg("seed"), py::arg("offset"), py::arg("sigma"),
         "out = x * (1 + sigma * z), z the Box-Muller deviate of element i's word pair (offset + i).");
+  m.def("normal_pairs", &normal_pairs, py::arg("words"),
+        "The float32 Box-Muller deviates (r cos theta, r sin theta) of word pairs, as Gaussian dropout draws them.");
   m.def("add_norm_forward", &add_norm_forward, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"),
         py::arg("out"), py::arg("sum"), py::arg("masked"), py::arg("seed"), py::arg("offset"), py::arg("threshold"),
         py::arg("keep_scale"), py::arg("rms"), py::arg("eps"), "norm(residual + dropout(x)) over rows.");
