@@ -196,7 +196,7 @@ void add_norm_backward_f64(const AddNormProblem& a, int64_t r0, int64_t r1, doub
 // compiler vectorizes the float32 loop (-fno-trapping-math).
 // ---------------------------------------------------------------------------
 
-/// ln(x) for a positive normal float (Cephes' logf polynomial, about 1 ulp).
+/// ln(x) for a positive normal float (Cephes' logf reduction and polynomial, about 1 ulp).
 inline float log_poly(float x) {
   const uint32_t u = f32_bits(x);
   int32_t e = static_cast<int32_t>((u >> 23) & 0xffu) - 127;
@@ -205,16 +205,13 @@ inline float log_poly(float x) {
   m = big ? m * 0.5f : m;
   e = big ? e + 1 : e;
   const float t = m - 1.0f;
-  const float t2 = t * t;
-  float p = 7.0376836292e-2f;
-  p = p * t - 1.1514610310e-1f;
-  p = p * t + 1.1676998740e-1f;
-  p = p * t - 1.2420140846e-1f;
-  p = p * t + 1.4249322787e-1f;
-  p = p * t - 1.6668057665e-1f;
-  p = p * t + 2.0000714765e-1f;
-  p = p * t - 2.4999993993e-1f;
-  p = p * t + 3.3333331174e-1f;
+  const float t2 = t * t, t4 = t2 * t2;
+  // p(t) = a0 + a1 t + ... + a8 t**8 by Estrin's scheme (a chain of 4 multiply-adds where
+  // Horner's has 8: the SIMD backends overlap fewer such chains than they have lanes for)
+  const float q0 = 3.3333331174e-1f + -2.4999993993e-1f * t, q1 = 2.0000714765e-1f + -1.6668057665e-1f * t;
+  const float q2 = 1.4249322787e-1f + -1.2420140846e-1f * t, q3 = 1.1676998740e-1f + -1.1514610310e-1f * t;
+  const float r0 = q0 + q1 * t2, r1 = (q2 + q3 * t2) + 7.0376836292e-2f * t4;
+  const float p = r0 + r1 * t4;
   const float fe = static_cast<float>(e);
   float r = t * t2 * p;
   r += fe * -2.12194440e-4f;
