@@ -21,8 +21,15 @@ int threads_for(int64_t work, int64_t grain) {
   return static_cast<int>(min64(get_num_threads(), want));
 }
 
+/// Ranges per thread that parallel_ranges aims for when the work allows.
+constexpr int64_t kRangesPerThread = 8;
+
 /// Calls f(begin, end) on disjoint ranges covering [0, n); range starts are
-/// multiples of `align`.
+/// multiples of `align`, and each range has at least `grain` elements unless it is the
+/// last.  Up to kRangesPerThread ranges per thread, handed out as threads ask for them:
+/// a thread that loses part of its core (to another process, or to another library's
+/// spinning worker, such as OpenBLAS's after a NumPy matmul) takes fewer of them instead
+/// of holding the others up at the end.  Which thread runs a range never changes a result.
 template <class F>
 void parallel_ranges(int64_t n, int64_t align, int64_t grain, F&& f) {
   const int threads = threads_for(n, grain);
@@ -30,14 +37,13 @@ void parallel_ranges(int64_t n, int64_t align, int64_t grain, F&& f) {
     if (n > 0) f(int64_t{0}, n);
     return;
   }
-  const int64_t per = round_up((n + threads - 1) / threads, align);
+  const int64_t ranges = int64_t{threads} * kRangesPerThread;
+  const int64_t per = round_up(max64((n + ranges - 1) / ranges, grain), align);
+  const int64_t count = (n + per - 1) / per;
 #if defined(FD_HAVE_OPENMP)
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
 #endif
-  for (int t = 0; t < threads; ++t) {
-    const int64_t b = t * per, e = min64(n, b + per);
-    if (b < e) f(b, e);
-  }
+  for (int64_t r = 0; r < count; ++r) f(r * per, min64(n, r * per + per));
 }
 
 constexpr int64_t kElementGrain = 1 << 16;

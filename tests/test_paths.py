@@ -46,9 +46,10 @@ def test_streaming_store_path_values(backend, threads, dtype):
     assert_bits_equal(x, want)
 
 
-# Ranges are cut every ceil(n / threads) elements, rounded up to 64, with 2**16 elements
-# per thread at least: these sizes leave an element past floor(n / threads) * threads.
-REMAINDER_SIZES = [2 * 2**16 + 1, 3 * 2**16 + 1, 3 * 2**16 + 130, 5 * 2**16 + 63]
+# Ranges (ops.cpp's parallel_ranges, handed to threads as they ask) are cut every
+# max(ceil(n / (8 threads)), 2**16) elements, rounded up to 64: these sizes leave a short
+# last range, both where the 2**16 floor sets the cut and (the last one) where n does.
+REMAINDER_SIZES = [2 * 2**16 + 1, 3 * 2**16 + 1, 3 * 2**16 + 130, 5 * 2**16 + 63, 2**21 + 4097]
 
 
 @pytest.mark.parametrize("n", REMAINDER_SIZES)
