@@ -196,6 +196,17 @@ void add_norm_backward_f64(const AddNormProblem& a, int64_t r0, int64_t r1, doub
 // compiler vectorizes the float32 loop (-fno-trapping-math).
 // ---------------------------------------------------------------------------
 
+/// a * b + c rounded once, float32, the same bits on every backend: the FMA instruction where
+/// this backend's file is compiled for one, else fma.hpp's exact emulation.
+inline float fma_f32(float a, float b, float c) {
+#if defined(__FMA__) || defined(__FP_FAST_FMAF) || defined(__aarch64__) || defined(__ARM_FEATURE_FMA) || \
+    defined(__AVX2__)
+  return std::fma(a, b, c);
+#else
+  return fma_f32_emulated(a, b, c);
+#endif
+}
+
 /// ln(x) for a positive normal float (Cephes' logf reduction and polynomial, about 1 ulp).
 inline float log_poly(float x) {
   const uint32_t u = f32_bits(x);
@@ -208,26 +219,26 @@ inline float log_poly(float x) {
   const float t2 = t * t, t4 = t2 * t2;
   // p(t) = a0 + a1 t + ... + a8 t**8 by Estrin's scheme (a chain of 4 multiply-adds where
   // Horner's has 8: the SIMD backends overlap fewer such chains than they have lanes for)
-  const float q0 = 3.3333331174e-1f + -2.4999993993e-1f * t, q1 = 2.0000714765e-1f + -1.6668057665e-1f * t;
-  const float q2 = 1.4249322787e-1f + -1.2420140846e-1f * t, q3 = 1.1676998740e-1f + -1.1514610310e-1f * t;
-  const float r0 = q0 + q1 * t2, r1 = (q2 + q3 * t2) + 7.0376836292e-2f * t4;
-  const float p = r0 + r1 * t4;
+  const float q0 = fma_f32(-2.4999993993e-1f, t, 3.3333331174e-1f), q1 = fma_f32(-1.6668057665e-1f, t, 2.0000714765e-1f);
+  const float q2 = fma_f32(-1.2420140846e-1f, t, 1.4249322787e-1f), q3 = fma_f32(-1.1514610310e-1f, t, 1.1676998740e-1f);
+  const float r0 = fma_f32(q1, t2, q0), r1 = fma_f32(7.0376836292e-2f, t4, fma_f32(q3, t2, q2));
+  const float p = fma_f32(r1, t4, r0);
   const float fe = static_cast<float>(e);
-  float r = t * t2 * p;
-  r += fe * -2.12194440e-4f;
-  r -= 0.5f * t2;
-  return (t + r) + fe * 0.693359375f;
+  float r = fma_f32(t * t2, p, fe * -2.12194440e-4f);
+  r = fma_f32(-0.5f, t2, r);
+  return fma_f32(fe, 0.693359375f, t + r);
 }
 
 /// The two normal deviates (r cos theta, r sin theta) of words w1, w2 in float32.
 inline void box_muller_f32(uint32_t w1, uint32_t w2, float& z_cos, float& z_sin) {
   // ln u1, u1 = (w1 + 0.5) 2**-32.  Below one half: ln u1 directly.  Above: ln(1 - t) with
   // t = (2**32 - 1 - w1 + 0.5) 2**-32 (to a relative 2**-23), as log1p: ln(v) - ((v - 1) + t) / v.
-  // (Signed conversions of 31-bit integers: AVX2 has no unsigned one.)
+  // (Signed conversions of 31-bit integers: AVX2 has no unsigned one.  n 2**-32 + 2**-33 rounded
+  // once is (n + 0.5) 2**-32 rounded once: scaling by a power of two commutes with rounding.)
   const bool upper = w1 >= 0x80000000u;
-  constexpr float k2m32 = 2.3283064365386962890625e-10f;  // 2**-32
-  const float lo_arg = (static_cast<float>(static_cast<int32_t>(w1 & 0x7fffffffu)) + 0.5f) * k2m32;
-  const float t = (static_cast<float>(static_cast<int32_t>((0xffffffffu - w1) & 0x7fffffffu)) + 0.5f) * k2m32;
+  constexpr float k2m32 = 2.3283064365386962890625e-10f, k2m33 = 1.16415321826934814453125e-10f;
+  const float lo_arg = fma_f32(static_cast<float>(static_cast<int32_t>(w1 & 0x7fffffffu)), k2m32, k2m33);
+  const float t = fma_f32(static_cast<float>(static_cast<int32_t>((0xffffffffu - w1) & 0x7fffffffu)), k2m32, k2m33);
   const float v = upper ? 1.0f - t : lo_arg;
   const float corr = upper ? ((v - 1.0f) + t) / v : 0.0f;
   const float ln_u1 = log_poly(v) - corr;
@@ -238,14 +249,11 @@ inline void box_muller_f32(uint32_t w1, uint32_t w2, float& z_cos, float& z_sin)
   const int32_t d = static_cast<int32_t>(w2 - (q << 30));
   const float f = static_cast<float>(2 * d + 1) * 7.3145903963357984e-10f;  // pi / 2**32
   const float f2 = f * f;
-  float s = -1.9515295891e-4f;  // Cephes sinf / cosf on [-pi/4, pi/4]
-  s = s * f2 + 8.3321608736e-3f;
-  s = s * f2 - 1.6666654611e-1f;
-  const float sin_f = f + f * f2 * s;
-  float c = 2.443315711809948e-5f;
-  c = c * f2 - 1.388731625493765e-3f;
-  c = c * f2 + 4.166664568298827e-2f;
-  const float cos_f = (1.0f - 0.5f * f2) + f2 * f2 * c;
+  // Cephes sinf / cosf on [-pi/4, pi/4]
+  const float s = fma_f32(fma_f32(-1.9515295891e-4f, f2, 8.3321608736e-3f), f2, -1.6666654611e-1f);
+  const float sin_f = fma_f32(f * f2, s, f);
+  const float c = fma_f32(fma_f32(2.443315711809948e-5f, f2, -1.388731625493765e-3f), f2, 4.166664568298827e-2f);
+  const float cos_f = fma_f32(f2 * f2, c, fma_f32(-0.5f, f2, 1.0f));
   const float cos_t = q == 0 ? cos_f : (q == 1 ? -sin_f : (q == 2 ? -cos_f : sin_f));
   const float sin_t = q == 0 ? sin_f : (q == 1 ? cos_f : (q == 2 ? -sin_f : -cos_f));
   z_cos = r * cos_t;
@@ -268,7 +276,7 @@ void gaussian_f32_any(const float* x, float* y, int64_t n, uint64_t j0, PhiloxKe
 #endif
     for (int64_t m = 0; m < words / 2; ++m) box_muller_f32(w[2 * m], w[2 * m + 1], z[2 * m], z[2 * m + 1]);
     for (int64_t k = 0; k < take; ++k) {
-      const float g = 1.0f + sigma * z[skip + k];
+      const float g = fma_f32(sigma, z[skip + k], 1.0f);
       y[i + k] = x[i + k] * g;
     }
     i += take;

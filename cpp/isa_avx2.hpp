@@ -227,8 +227,8 @@ inline void stream_fence() { _mm_sfence(); }
 
 /// The Box-Muller pairs of N sets of 8 word pairs (w1, w2): lane by lane the values of
 /// family_impl.hpp's box_muller_f32, bit for bit (the same float operations in the same
-/// order, no FMA contraction; a few integer steps reach the same bits by shorter routes, as
-/// noted).  The N sets go step by step side by side: one set is a chain of about 90 cycles of
+/// order, its fma_f32 as FMA instructions and nothing else contracted; a few integer steps
+/// reach the same bits by shorter routes, as noted).  The N sets go step by step side by side: one set is a chain of about 90 cycles of
 /// latency, which one set at a time leaves the core idle (as did Horner's rule for the
 /// logarithm's polynomial, 8 multiply-adds in series, now Estrin's scheme in both).
 template <int N>
@@ -243,7 +243,7 @@ inline void box_muller8(const __m256i* w1, const __m256i* w2, __m256* z_cos, __m
     // ~w1 (= 2**32 - 1 - w1): one xor with the sign mask picks the integer for each lane
     const __m256i up = _mm256_srai_epi32(w1[k], 31);
     const __m256i low = _mm256_and_si256(_mm256_xor_si256(w1[k], up), i(0x7fffffffu));
-    const __m256 t = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(low), half), f(2.3283064365386962890625e-10f));
+    const __m256 t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(low), f(2.3283064365386962890625e-10f), f(1.16415321826934814453125e-10f));
     upper[k] = _mm256_castsi256_ps(up);
     v[k] = _mm256_blendv_ps(t, _mm256_sub_ps(one, t), upper[k]);
     corr[k] = _mm256_add_ps(_mm256_sub_ps(v[k], one), t);  // used above one half only
@@ -263,19 +263,18 @@ inline void box_muller8(const __m256i* w1, const __m256i* w2, __m256* z_cos, __m
   // p(t) = a0 + a1 t + ... + a8 t**8 by Estrin's scheme, as log_poly
   FD_EACH {
     const __m256 t = tt[k], s2 = t2[k], s4 = _mm256_mul_ps(s2, s2);
-    auto lin = [&](float a, float b) { return _mm256_add_ps(f(a), _mm256_mul_ps(f(b), t)); };
+    auto lin = [&](float a, float b) { return _mm256_fmadd_ps(f(b), t, f(a)); };  // a + b t
     const __m256 q0 = lin(3.3333331174e-1f, -2.4999993993e-1f), q1 = lin(2.0000714765e-1f, -1.6668057665e-1f);
     const __m256 q2 = lin(1.4249322787e-1f, -1.2420140846e-1f), q3 = lin(1.1676998740e-1f, -1.1514610310e-1f);
-    const __m256 r0 = _mm256_add_ps(q0, _mm256_mul_ps(q1, s2)), r1 = _mm256_add_ps(q2, _mm256_mul_ps(q3, s2));
-    const __m256 r1b = _mm256_add_ps(r1, _mm256_mul_ps(f(7.0376836292e-2f), s4));
-    p[k] = _mm256_add_ps(r0, _mm256_mul_ps(r1b, s4));
+    const __m256 r0 = _mm256_fmadd_ps(q1, s2, q0), r1 = _mm256_fmadd_ps(q3, s2, q2);
+    const __m256 r1b = _mm256_fmadd_ps(f(7.0376836292e-2f), s4, r1);
+    p[k] = _mm256_fmadd_ps(r1b, s4, r0);
   }
   __m256 rad[N];
   FD_EACH {
-    __m256 r = _mm256_mul_ps(_mm256_mul_ps(tt[k], t2[k]), p[k]);
-    r = _mm256_add_ps(r, _mm256_mul_ps(fe[k], f(-2.12194440e-4f)));
-    r = _mm256_sub_ps(r, _mm256_mul_ps(half, t2[k]));
-    const __m256 ln = _mm256_add_ps(_mm256_add_ps(tt[k], r), _mm256_mul_ps(fe[k], f(0.693359375f)));
+    __m256 r = _mm256_fmadd_ps(_mm256_mul_ps(tt[k], t2[k]), p[k], _mm256_mul_ps(fe[k], f(-2.12194440e-4f)));
+    r = _mm256_fnmadd_ps(half, t2[k], r);  // fma(-0.5, t2, r)
+    const __m256 ln = _mm256_fmadd_ps(fe[k], f(0.693359375f), _mm256_add_ps(tt[k], r));
     // ln u1 = log_poly(v) - ((v - 1) + t) / v above one half (log1p's correction), 0 below
     const __m256 cr = _mm256_and_ps(_mm256_div_ps(corr[k], v[k]), upper[k]);
     rad[k] = _mm256_sqrt_ps(_mm256_mul_ps(f(-2.0f), _mm256_sub_ps(ln, cr)));
@@ -289,15 +288,12 @@ inline void box_muller8(const __m256i* w1, const __m256i* w2, __m256* z_cos, __m
     const __m256 a = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_add_epi32(d, d), i(1u))),
                                    f(7.3145903963357984e-10f));
     const __m256 a2 = _mm256_mul_ps(a, a);
-    __m256 s = f(-1.9515295891e-4f);
-    s = _mm256_add_ps(_mm256_mul_ps(s, a2), f(8.3321608736e-3f));
-    s = _mm256_sub_ps(_mm256_mul_ps(s, a2), f(1.6666654611e-1f));
-    const __m256 sin_f = _mm256_add_ps(a, _mm256_mul_ps(_mm256_mul_ps(a, a2), s));
-    __m256 c = f(2.443315711809948e-5f);
-    c = _mm256_sub_ps(_mm256_mul_ps(c, a2), f(1.388731625493765e-3f));
-    c = _mm256_add_ps(_mm256_mul_ps(c, a2), f(4.166664568298827e-2f));
-    const __m256 cos_f =
-        _mm256_add_ps(_mm256_sub_ps(one, _mm256_mul_ps(half, a2)), _mm256_mul_ps(_mm256_mul_ps(a2, a2), c));
+    const __m256 s = _mm256_fmadd_ps(_mm256_fmadd_ps(f(-1.9515295891e-4f), a2, f(8.3321608736e-3f)), a2,
+                                     f(-1.6666654611e-1f));
+    const __m256 sin_f = _mm256_fmadd_ps(_mm256_mul_ps(a, a2), s, a);
+    const __m256 c = _mm256_fmadd_ps(_mm256_fmadd_ps(f(2.443315711809948e-5f), a2, f(-1.388731625493765e-3f)), a2,
+                                     f(4.166664568298827e-2f));
+    const __m256 cos_f = _mm256_fmadd_ps(_mm256_mul_ps(a2, a2), c, _mm256_fnmadd_ps(half, a2, one));
     // q = 0: (cos, sin); 1: (-sin, cos); 2: (-cos, -sin); 3: (sin, -cos).  Bit 31 of
     // W << 1 is q & 1 (swap), of W is q & 2 (negate the sine), of W + 2**30 is (q + 1) & 2
     // (negate the cosine).
@@ -344,7 +340,7 @@ inline void gaussian_groups(uint64_t block, int64_t groups, const KeySchedule& k
       __m256i w[4];
       to_elements(zi, w);
       for (int q = 0; q < 4; ++q) {
-        const __m256 g8 = _mm256_add_ps(one, _mm256_mul_ps(sv, _mm256_castsi256_ps(w[q])));
+        const __m256 g8 = _mm256_fmadd_ps(sv, _mm256_castsi256_ps(w[q]), one);
         _mm256_storeu_ps(y + 32 * h + 8 * q, _mm256_mul_ps(_mm256_loadu_ps(x + 32 * h + 8 * q), g8));
       }
     }

@@ -23,6 +23,7 @@
 #include <xmmintrin.h>  // _mm_prefetch
 #endif
 
+#include "fma.hpp"
 #include "kernels.hpp"
 
 namespace fastdropout {
