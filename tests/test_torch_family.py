@@ -171,9 +171,40 @@ def test_family_compiles_without_graph_breaks():
         close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make", [
+    lambda: fdt.Dropout1d(0.4), lambda: fdt.Dropout2d(0.4), lambda: fdt.LockedDropout(0.4, dim=1),
+    lambda: fdt.AlphaDropout(0.4), lambda: fdt.FeatureAlphaDropout(0.4), lambda: fdt.GaussianDropout(0.4),
+], ids=["Dropout1d", "Dropout2d", "LockedDropout", "AlphaDropout", "FeatureAlphaDropout", "GaussianDropout"])
+def test_half_precision_is_the_float32_result_rounded_once(backend, make, dtype):
+    """float16/bfloat16 inputs: the float32 module's output on the widened input, rounded once
+    to the dtype (same draw, same mask and noise), forward and backward, eager and through the
+    custom operator (autocast sends the call through the dispatcher)."""
+    shape = (3, 4, 5) if isinstance(make(), fdt.Dropout1d) else (2, 3, 4, 5)
+    x = torch.randn(shape).to(dtype)
+    dy = torch.randn(shape).to(dtype)
+    m = make()
+
+    def run(inp, grad):
+        inp = inp.detach().requires_grad_()
+        torch.manual_seed(5)
+        y = m(inp)
+        (g,) = torch.autograd.grad(y, inp, grad)
+        return y, g
+
+    y32, g32 = run(x.float(), dy.float())
+    y, g = run(x, dy)
+    assert y.dtype == dtype and g.dtype == dtype
+    assert torch.equal(y, y32.to(dtype)) and torch.equal(g, g32.to(dtype))
+    assert not torch.equal(y, x)  # something was dropped or scaled
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ya, ga = run(x, dy)
+    assert torch.equal(ya, y) and torch.equal(ga, g)
+
+
 def test_errors():
     with pytest.raises(TypeError):
-        fdt.AlphaDropout(0.5)(torch.ones(3, 3, dtype=torch.bfloat16))
+        fdt.AlphaDropout(0.5)(torch.ones(3, 3, dtype=torch.int32))
     with pytest.raises(ValueError):
         fdt.AlphaDropout(1.5)
     with pytest.raises(ValueError):

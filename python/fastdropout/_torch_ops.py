@@ -686,13 +686,22 @@ def _family_numpy(x: np.ndarray, p: float, kind: int, noise: Optional[Sequence[i
     return _np_dropout(x, p, seed=seed, offset=offset, noise_shape=noise)
 
 
+def _family_tensor(x: torch.Tensor, p: float, kind: int, noise_shape: Optional[List[int]], seed: int, offset: int,
+                   backward: bool) -> torch.Tensor:
+    """The family op (or its backward) of a tensor.  float16 and bfloat16: the float32 op on the
+    widened values, its result rounded once to the dtype (the float32 mask and noise)."""
+    half = x.dtype in _HALF
+    y = torch.from_numpy(_family_numpy(_numpy(x.float() if half else x), p, kind, noise_shape, seed, offset,
+                                       backward)).view(x.shape)
+    return y.to(x.dtype) if half else y
+
+
 def _family_impl(x: torch.Tensor, p: float, kind: int, noise_shape: Optional[List[int]],
                  state: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, state): a dropout-family op (kind: dropout or alpha) with an optional broadcast mask."""
+    """(y, state): a dropout-family op (kind: dropout, alpha or Gaussian) with an optional broadcast mask."""
     state = _draw_state() if state is None else state
     seed, offset = read_state(state)
-    y = torch.from_numpy(_family_numpy(_numpy(x), p, kind, noise_shape, seed, offset, False))
-    return y.view(x.shape), state
+    return _family_tensor(x, p, kind, noise_shape, seed, offset, False), state
 
 
 family_op = torch.library.custom_op("fastdropout::dropout_family", mutates_args=(), device_types="cpu",
@@ -707,7 +716,7 @@ def _(x, p, kind, noise_shape, state):
 def _family_backward_impl(grad: torch.Tensor, p: float, kind: int, noise_shape: Optional[List[int]],
                           state: torch.Tensor) -> torch.Tensor:
     seed, offset = read_state(state)
-    return torch.from_numpy(_family_numpy(_numpy(grad), p, kind, noise_shape, seed, offset, True)).view(grad.shape)
+    return _family_tensor(grad, p, kind, noise_shape, seed, offset, True)
 
 
 family_backward_op = torch.library.custom_op("fastdropout::dropout_family_backward", mutates_args=(),

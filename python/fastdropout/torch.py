@@ -506,7 +506,9 @@ def register_transformers(name: str = "fastdropout") -> str:
 
 # --------------------------------------------------------------------------- the dropout family
 
-_FAMILY_DTYPES = (torch.float32, torch.float64)
+_FAMILY_DTYPES = (torch.float32, torch.float64)  # DropoutAddLayerNorm
+# The mask, alpha and Gaussian modules: float16 and bfloat16 computed in float32, rounded once.
+_FAMILY_MASK_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _FamilyDropout(torch.nn.Module):
@@ -523,7 +525,7 @@ class _FamilyDropout(torch.nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tensor(x, "input", _FAMILY_DTYPES)
+        _check_tensor(x, "input", _FAMILY_MASK_DTYPES)
         p = check_p(self.p)
         noise = self.noise_shape(x)
         if not self.training or p == 0.0:
@@ -543,9 +545,10 @@ def _channel_noise(x: torch.Tensor, spatial: int, name: str) -> List[int]:
 
 
 class Dropout1d(_FamilyDropout):
-    """``torch.nn.Dropout1d``: zeroes whole channels of ``(N, C, L)`` or ``(C, L)`` inputs (float32,
-    float64), with fastdropout's broadcast mask (one Philox word per channel); ``ValueError``
-    for other ranks (torch raises RuntimeError).
+    """``torch.nn.Dropout1d``: zeroes whole channels of ``(N, C, L)`` or ``(C, L)`` inputs, with
+    fastdropout's broadcast mask (one Philox word per channel); ``ValueError`` for other ranks (torch
+    raises RuntimeError).  float32 and float64; float16 and bfloat16 computed in float32 and rounded
+    once to the dtype (as every module of the family but ``DropoutAddLayerNorm``).
 
     References
     ----------
@@ -580,7 +583,7 @@ class Dropout3d(_FamilyDropout):
 class LockedDropout(_FamilyDropout):
     """One mask shared along ``dim`` (e.g. time): variational dropout of recurrent networks (Gal and
     Ghahramani, NeurIPS 2016; AWD-LSTM's locked dropout), ``noise_shape`` = the input's shape with 1
-    at ``dim``.  float32 and float64."""
+    at ``dim``.  float32, float64, float16 and bfloat16."""
 
     def __init__(self, p: float = 0.5, dim: int = 0, inplace: bool = False) -> None:
         super().__init__(p, inplace)
@@ -600,7 +603,8 @@ class LockedDropout(_FamilyDropout):
 
 
 class AlphaDropout(_FamilyDropout):
-    """``torch.nn.AlphaDropout`` (SELU networks) with fastdropout's mask; float32 and float64.
+    """``torch.nn.AlphaDropout`` (SELU networks) with fastdropout's mask; float32 and float64
+    (float16 and bfloat16: the float32 result rounded once).
 
     References
     ----------
@@ -622,7 +626,7 @@ class FeatureAlphaDropout(AlphaDropout):
 class GaussianDropout(_FamilyDropout):
     """Multiplicative Gaussian noise ``x * (1 + sigma * z)``, ``sigma = sqrt(p / (1 - p))`` (Keras's
     ``GaussianDropout``; :func:`fastdropout.gaussian_dropout`); identity in eval mode; float32 and
-    float64; ``p`` in [0, 1)."""
+    float64 (float16 and bfloat16: the float32 result rounded once); ``p`` in [0, 1)."""
 
     kind = _ops.FAMILY_GAUSSIAN
 
