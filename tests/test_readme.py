@@ -19,11 +19,11 @@ def _examples():
 
 
 @pytest.mark.skipif(not README.exists(), reason="the README is not beside the tests (installed package)")
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_readme_example_runs_and_prints(index):
     examples = _examples()
-    assert len(examples) == 5, ("the README has one example for NumPy, fastdropout.nn, fastdropout.torch and "
-                                "attention with NumPy and with torch")
+    assert len(examples) == 6, ("the README has one example for NumPy, fastdropout.nn, fastdropout.torch, "
+                                "attention with NumPy and with torch, and the dropout family")
     code = examples[index]
     needs = [m for m in ("torch", "sklearn") if re.search(rf"^import .*\b{m}\b|^from {m}\b", code, flags=re.M)]
     for module in needs:

@@ -127,7 +127,10 @@ def alpha_dropout_backward(
 
 
 def _check_gaussian_p(p: Any) -> float:
-    p = check_p(p)
+    try:
+        p = check_p(p)
+    except ValueError:
+        raise ValueError(f"gaussian_dropout needs p in [0, 1), got {p!r:.60}") from None
     if p == 1.0:
         raise ValueError("gaussian_dropout needs p < 1 (sigma = sqrt(p / (1 - p)) is infinite at p = 1)")
     return p
