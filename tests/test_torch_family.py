@@ -202,6 +202,43 @@ def test_half_precision_is_the_float32_result_rounded_once(backend, make, dtype)
     assert torch.equal(ya, y) and torch.equal(ga, g)
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                    (torch.float16, torch.float16, torch.float16),
+                                    (torch.bfloat16, torch.float32, torch.float32),  # autocast: h bf16, residual f32
+                                    (torch.float32, torch.float32, torch.bfloat16)],
+                         ids=["bf16", "f16", "bf16+f32", "bf16 params"])
+def test_add_norm_in_half_precision_is_the_float32_result_rounded_once(backend, norm, dtypes):
+    """DropoutAddLayerNorm with 16-bit inputs or parameters: the float32 computation (the NumPy
+    API) on the widened values with the same draw, the output rounded once to
+    promote_types(x, residual), each gradient rounded once to its tensor's dtype."""
+    x_dtype, r_dtype, p_dtype = dtypes
+    x, r = torch.randn(6, 16).to(x_dtype), torch.randn(6, 16).to(r_dtype)
+    dy = torch.randn(6, 16)
+    m = fdt.DropoutAddLayerNorm(16, p=0.3, norm=norm)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(16))
+        if m.bias is not None:
+            m.bias.copy_(torch.randn(16))
+    m = m.to(p_dtype)
+    params = [t for t in (m.weight, m.bias) if t is not None]
+    a, b = x.detach().requires_grad_(), r.detach().requires_grad_()
+    torch.manual_seed(11)
+    y = m(a, b)
+    out = torch.promote_types(x_dtype, r_dtype)
+    g = torch.autograd.grad(y, [a, b] + params, dy.to(out))
+    # the float32 reference: the NumPy API on the widened values, with the seed the module drew
+    f32 = [None if t is None else t.detach().float().numpy() for t in (x, r, m.weight, m.bias)]
+    kw = dict(norm=norm, seed=drawn_seed(11))
+    y32 = torch.from_numpy(fd.dropout_add_layer_norm(*f32, 0.3, **kw))
+    g32 = fd.dropout_add_layer_norm_backward(dy.to(out).float().numpy(), *f32, 0.3, **kw)
+    assert y.dtype == out and torch.equal(y, y32.to(out))
+    for got, ref, t in zip(g, g32, [x, r] + params):
+        assert got.dtype == t.dtype and torch.equal(got, torch.from_numpy(ref).to(t.dtype))
+    plain = fd.dropout_add_layer_norm(*f32, 0.3, norm=norm, seed=0, training=False)
+    assert not torch.equal(y32, torch.from_numpy(plain))  # the mask did something
+
+
 def test_errors():
     with pytest.raises(TypeError):
         fdt.AlphaDropout(0.5)(torch.ones(3, 3, dtype=torch.int32))
@@ -216,7 +253,9 @@ def test_errors():
     with pytest.raises(ValueError):
         fdt.DropoutAddLayerNorm(8, norm="batch")
     with pytest.raises(TypeError):
-        fdt.DropoutAddLayerNorm(8, dtype=torch.bfloat16)
+        fdt.DropoutAddLayerNorm(8, dtype=torch.int32)
+    with pytest.raises(TypeError):
+        fdt.DropoutAddLayerNorm(8)(torch.ones(2, 8, dtype=torch.int32), torch.ones(2, 8))
     m = fdt.DropoutAddLayerNorm(8)
     x = torch.randn(2, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="second derivative"):

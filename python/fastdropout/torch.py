@@ -506,8 +506,7 @@ def register_transformers(name: str = "fastdropout") -> str:
 
 # --------------------------------------------------------------------------- the dropout family
 
-_FAMILY_DTYPES = (torch.float32, torch.float64)  # DropoutAddLayerNorm
-# The mask, alpha and Gaussian modules: float16 and bfloat16 computed in float32, rounded once.
+# The family's modules: float16 and bfloat16 computed in float32, rounded once.
 _FAMILY_MASK_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -548,7 +547,7 @@ class Dropout1d(_FamilyDropout):
     """``torch.nn.Dropout1d``: zeroes whole channels of ``(N, C, L)`` or ``(C, L)`` inputs, with
     fastdropout's broadcast mask (one Philox word per channel); ``ValueError`` for other ranks (torch
     raises RuntimeError).  float32 and float64; float16 and bfloat16 computed in float32 and rounded
-    once to the dtype (as every module of the family but ``DropoutAddLayerNorm``).
+    once to the dtype (as every module of the family).
 
     References
     ----------
@@ -658,7 +657,10 @@ class DropoutAddLayerNorm(torch.nn.Module):
     """``LayerNorm(residual + dropout(x))`` (``norm="rms"``: RMSNorm) in one pass per row, the ending of a
     transformer block: ``forward(x, residual)``.  ``weight`` and ``bias`` are ``torch.nn.LayerNorm``'s
     (ones, zeros; no bias for RMS), ``normalized_shape`` an int (the last dimension).  float32 and
-    float64; the mask is regenerated in the backward.  No second derivative (raises).
+    float64; float16 and bfloat16 inputs or parameters are widened to float32 and the result
+    rounded once to ``torch.promote_types(x.dtype, residual.dtype)`` (as torch's
+    ``LayerNorm(residual + h)`` under autocast, where ``h`` is bfloat16 and the residual may be
+    float32).  The mask is regenerated in the backward.  No second derivative (raises).
 
     References
     ----------
@@ -669,7 +671,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def __init__(self, normalized_shape: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
                  norm: str = "layer", device=None, dtype=None) -> None:
         super().__init__()
-        _check_factory(device, dtype, _FAMILY_DTYPES, "DropoutAddLayerNorm")
+        _check_factory(device, dtype, _FAMILY_MASK_DTYPES, "DropoutAddLayerNorm")
         if isinstance(normalized_shape, (tuple, list)):
             if len(normalized_shape) != 1:
                 raise ValueError("DropoutAddLayerNorm normalizes the last dimension only: give an int")
@@ -692,14 +694,18 @@ class DropoutAddLayerNorm(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        _check_tensor(x, "x", _FAMILY_DTYPES)
-        _check_tensor(residual, "residual", _FAMILY_DTYPES)
-        if residual.shape != x.shape or residual.dtype != x.dtype or x.shape[-1:] != self.normalized_shape:
-            raise ValueError(f"x and residual must have one shape (..., {self.normalized_shape[0]}) and dtype, "
-                             f"got {tuple(x.shape)} {x.dtype} and {tuple(residual.shape)} {residual.dtype}")
+        _check_tensor(x, "x", _FAMILY_MASK_DTYPES)
+        _check_tensor(residual, "residual", _FAMILY_MASK_DTYPES)
+        if residual.shape != x.shape or x.shape[-1:] != self.normalized_shape:
+            raise ValueError(f"x and residual must have one shape (..., {self.normalized_shape[0]}), "
+                             f"got {tuple(x.shape)} and {tuple(residual.shape)}")
         p = check_p(self.p)
-        return _ops.call_add_norm(x.contiguous(), residual.contiguous(), self.weight, self.bias, p, self.eps,
-                                  self.norm == "rms", None, self.training and p > 0.0)[0]
+        out = torch.promote_types(x.dtype, residual.dtype)
+        work = torch.float64 if out == torch.float64 else torch.float32  # (.to is a no-op where it matches)
+        weight, bias = (None if t is None else t.to(work) for t in (self.weight, self.bias))
+        y = _ops.call_add_norm(x.to(work).contiguous(), residual.to(work).contiguous(), weight, bias, p, self.eps,
+                               self.norm == "rms", None, self.training and p > 0.0)[0]
+        return y.to(out)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, p={self.p}, eps={self.eps}, norm={self.norm!r}"
