@@ -196,16 +196,9 @@ void add_norm_backward_f64(const AddNormProblem& a, int64_t r0, int64_t r1, doub
 // compiler vectorizes the float32 loop (-fno-trapping-math).
 // ---------------------------------------------------------------------------
 
-/// a * b + c rounded once, float32, the same bits on every backend: the FMA instruction where
-/// this backend's file is compiled for one, else fma.hpp's exact emulation.
-inline float fma_f32(float a, float b, float c) {
-#if defined(__FMA__) || defined(__FP_FAST_FMAF) || defined(__aarch64__) || defined(__ARM_FEATURE_FMA) || \
-    defined(__AVX2__)
-  return std::fma(a, b, c);
-#else
-  return fma_f32_emulated(a, b, c);
-#endif
-}
+/// a * b + c rounded once, float32: the same bits on every backend (the FMA instruction where
+/// this backend's file is compiled for one, else the C library's correctly rounded fmaf).
+inline float fma_f32(float a, float b, float c) { return std::fma(a, b, c); }
 
 /// ln(x) for a positive normal float (Cephes' logf reduction and polynomial, about 1 ulp).
 inline float log_poly(float x) {

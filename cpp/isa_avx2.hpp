@@ -228,9 +228,10 @@ inline void stream_fence() { _mm_sfence(); }
 /// The Box-Muller pairs of N sets of 8 word pairs (w1, w2): lane by lane the values of
 /// family_impl.hpp's box_muller_f32, bit for bit (the same float operations in the same
 /// order, its fma_f32 as FMA instructions and nothing else contracted; a few integer steps
-/// reach the same bits by shorter routes, as noted).  The N sets go step by step side by side: one set is a chain of about 90 cycles of
-/// latency, which one set at a time leaves the core idle (as did Horner's rule for the
-/// logarithm's polynomial, 8 multiply-adds in series, now Estrin's scheme in both).
+/// reach the same bits by shorter routes, as noted).  The N sets go step by step side by
+/// side: one set is a chain of about 90 cycles of latency, which one set at a time leaves the
+/// core idle (as did Horner's rule for the logarithm's polynomial, 8 multiply-adds in series,
+/// now Estrin's scheme in both).
 template <int N>
 inline void box_muller8(const __m256i* w1, const __m256i* w2, __m256* z_cos, __m256* z_sin) {
   auto f = [](float v) { return _mm256_set1_ps(v); };

@@ -23,7 +23,6 @@
 #include <xmmintrin.h>  // _mm_prefetch
 #endif
 
-#include "fma.hpp"
 #include "kernels.hpp"
 
 namespace fastdropout {

@@ -16,7 +16,6 @@
 #include <vector>
 
 #include "dispatch.hpp"
-#include "fma.hpp"
 #include "ops.hpp"
 #include "philox.hpp"
 
@@ -206,55 +205,9 @@ void test_attention(const std::string& b) {
 
 }  // namespace
 
-/// fma.hpp's emulated fused multiply-add against std::fma (the C library's, correctly rounded)
-/// on random triples, sums that cancel, and sums that fall half-way between two floats.
-void test_fma_emulation() {
-  std::mt19937 gen(17);
-  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-  std::uniform_int_distribution<int> expo(-40, 40);
-  int64_t bad = 0, n = 0;
-  auto check_one = [&](float a, float b, float c) {
-    ++n;
-    const float want = std::fma(a, b, c), got = fma_f32_emulated(a, b, c);
-    uint32_t wb, gb;
-    std::memcpy(&wb, &want, 4);
-    std::memcpy(&gb, &got, 4);
-    bad += wb != gb;
-  };
-  for (int i = 0; i < 1000000; ++i) {
-    const float a = std::ldexp(unit(gen), expo(gen)), b = std::ldexp(unit(gen), expo(gen));
-    check_one(a, b, std::ldexp(unit(gen), expo(gen)));
-    const float prod = a * b;  // cancellation: c near -a * b
-    check_one(a, b, -prod);
-    check_one(a, b, -prod * (1.0f + unit(gen) * 1e-6f));
-    // a half-way sum: a * b exact in double, c chosen so that a * b + c lies half-way between
-    // two floats (when that c is itself a float)
-    const double exact = static_cast<double>(a) * static_cast<double>(b);
-    const float near = static_cast<float>(exact);
-    const double ulp = std::ldexp(1.0, std::ilogb(near) - 23);
-    const double tie_c = static_cast<double>(near) + 0.5 * ulp - exact;
-    if (static_cast<double>(static_cast<float>(tie_c)) == tie_c) check_one(a, b, static_cast<float>(tie_c));
-  }
-  // Where rounding the sum to double first would go wrong: a * b exactly half-way between two
-  // floats ((1 + m1 2**-12)(1 + m2 2**-12) with m1 m2 odd ends in 2**-24), plus a tiny c that
-  // decides the direction; rounded to double the sum would be the tie itself.
-  std::uniform_int_distribution<int> twelve(0, 4095);
-  for (int i = 0; i < 200000; ++i) {
-    const int m1 = twelve(gen) | 1, m2 = twelve(gen) | 1, e = expo(gen) / 2;
-    const float a = std::ldexp(1.0f + std::ldexp(static_cast<float>(m1), -12), e);
-    const float b = std::ldexp(1.0f + std::ldexp(static_cast<float>(m2), -12), -e);
-    const float tiny = std::ldexp(unit(gen), -40 - twelve(gen) % 40);
-    check_one(a, b, tiny);
-    check_one(-a, b, tiny);
-  }
-  check(bad == 0, "fma", "fma_f32_emulated equals std::fma on " + std::to_string(n) + " triples (" +
-                             std::to_string(bad) + " differ)");
-}
-
 int main(int argc, char** argv) {
   const std::string kat = argc > 1 ? argv[1] : "tests/data/philox4x32_kat.txt";
   std::vector<float> alpha_scalar;
-  test_fma_emulation();
   for (const std::string& b : available_backends()) {
     set_backend(b);
     for (int threads : {1, 3}) {

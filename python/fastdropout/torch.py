@@ -507,7 +507,7 @@ def register_transformers(name: str = "fastdropout") -> str:
 # --------------------------------------------------------------------------- the dropout family
 
 # The family's modules: float16 and bfloat16 computed in float32, rounded once.
-_FAMILY_MASK_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_FAMILY_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 class _FamilyDropout(torch.nn.Module):
@@ -524,7 +524,7 @@ class _FamilyDropout(torch.nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tensor(x, "input", _FAMILY_MASK_DTYPES)
+        _check_tensor(x, "input", _FAMILY_DTYPES)
         p = check_p(self.p)
         noise = self.noise_shape(x)
         if not self.training or p == 0.0:
@@ -671,7 +671,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def __init__(self, normalized_shape: int, p: float = 0.1, eps: float = 1e-5, elementwise_affine: bool = True,
                  norm: str = "layer", device=None, dtype=None) -> None:
         super().__init__()
-        _check_factory(device, dtype, _FAMILY_MASK_DTYPES, "DropoutAddLayerNorm")
+        _check_factory(device, dtype, _FAMILY_DTYPES, "DropoutAddLayerNorm")
         if isinstance(normalized_shape, (tuple, list)):
             if len(normalized_shape) != 1:
                 raise ValueError("DropoutAddLayerNorm normalizes the last dimension only: give an int")
@@ -694,8 +694,8 @@ class DropoutAddLayerNorm(torch.nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        _check_tensor(x, "x", _FAMILY_MASK_DTYPES)
-        _check_tensor(residual, "residual", _FAMILY_MASK_DTYPES)
+        _check_tensor(x, "x", _FAMILY_DTYPES)
+        _check_tensor(residual, "residual", _FAMILY_DTYPES)
         if residual.shape != x.shape or x.shape[-1:] != self.normalized_shape:
             raise ValueError(f"x and residual must have one shape (..., {self.normalized_shape[0]}), "
                              f"got {tuple(x.shape)} and {tuple(residual.shape)}")
