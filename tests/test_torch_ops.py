@@ -399,6 +399,10 @@ def _ddp_worker(rank, world, port, result_dir):
                        os.path.join(result_dir, f"rank{rank}_step{step}.pt"))
             opt.step()
         torch.save([p.detach().clone() for p in model.parameters()], os.path.join(result_dir, f"rank{rank}_final.pt"))
+        # both ranks done before either closes its connections: a rank whose peer has already
+        # torn down the group can abort in gloo's threads ("terminate called without an active
+        # exception", seen once in CI)
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
