@@ -3,6 +3,7 @@ torch.func (grad, functional_call, vmap), second derivatives, bfloat16/float16 a
 autocast, inplace and memory formats, eval-mode backward, model conversion and DDP."""
 from __future__ import annotations
 
+import copy
 import os
 import socket
 
@@ -362,6 +363,47 @@ def test_convert_replaces_dropout_and_fuses_dropout_linear():
     before = model.body[1].weight.detach().clone()
     opt.step()  # the optimizer built before the conversion still updates the layer
     assert not torch.equal(model.body[1].weight, before)
+
+
+def test_convert_swaps_the_dropout_family_torch_has(backend):
+    torch.manual_seed(0)
+
+    class KeptAsIs(torch.nn.Dropout2d):  # a subclass may do more in forward: left alone
+        pass
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.Dropout2d(0.3, inplace=True), torch.nn.Flatten(2),
+        torch.nn.Dropout1d(0.2), torch.nn.Unflatten(2, (6, 6)), torch.nn.Dropout3d(0.4), torch.nn.SELU(),
+        torch.nn.AlphaDropout(0.1), torch.nn.FeatureAlphaDropout(0.25), KeptAsIs(0.5))
+    model[7].eval()  # each module's own training mode is kept
+    original = copy.deepcopy(model)
+    replaced = fdt.convert(model)
+    assert [(name, type(old), type(new)) for name, old, new in replaced] == [
+        ("1", torch.nn.Dropout2d, fdt.Dropout2d), ("3", torch.nn.Dropout1d, fdt.Dropout1d),
+        ("5", torch.nn.Dropout3d, fdt.Dropout3d), ("7", torch.nn.AlphaDropout, fdt.AlphaDropout),
+        ("8", torch.nn.FeatureAlphaDropout, fdt.FeatureAlphaDropout)]
+    assert type(model[9]) is KeptAsIs
+    for i, p, inplace in ((1, 0.3, True), (3, 0.2, False), (5, 0.4, False), (7, 0.1, False), (8, 0.25, False)):
+        assert (model[i].p, model[i].inplace, model[i].training) == (p, inplace, original[i].training)
+    assert list(model.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    close(model.eval()(x), original.eval()(x))
+    model.train()
+    model[7].eval()
+    # in training mode each converted module drops what torch's does: whole channels for the
+    # channel and feature kinds, elements for alpha dropout
+    h = torch.randn(4, 8, 6, 6)
+    y2 = model[1](h.clone())
+    per_channel = (y2 == 0).flatten(2).all(-1) | (y2 != 0).flatten(2).all(-1)
+    assert per_channel.all() and (y2 == 0).flatten(2).all(-1).any()
+    close(y2[y2 != 0], (h / 0.7)[y2 != 0])
+    close(model[7](h), h)  # kept in eval mode
+    ya = fdt.AlphaDropout(0.5)(h)
+    assert (ya != h).any()
+    yf = model[8](h)
+    changed = (yf != h).flatten(2)
+    assert (changed.all(-1) | ~changed.any(-1)).all()  # whole channels or none
+    model(x).sum().backward()  # gradients flow through every converted module
 
 
 def test_convert_rejects_non_modules():

@@ -322,7 +322,11 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
     ``nn.Identity``); the new module holds the *same* ``weight`` and ``bias``
     Parameter objects, so an optimizer built before keeps working and the state dict
     is unchanged (it loads into the original model and back).  Every other
-    ``nn.Dropout`` becomes :class:`Dropout` with its ``p`` and ``inplace``.
+    ``nn.Dropout`` becomes :class:`Dropout`, and each of torch's ``nn.Dropout1d``,
+    ``nn.Dropout2d``, ``nn.Dropout3d``, ``nn.AlphaDropout`` and ``nn.FeatureAlphaDropout``
+    becomes fastdropout's module of the same name, each with its ``p``, ``inplace`` and
+    training mode (these hold no parameters or buffers).  Subclasses of these torch
+    modules are left alone: their ``forward`` may do more.
 
     Returns
     -------
@@ -356,8 +360,9 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
             child = module._modules[name]
             if child is None:
                 continue
-            if type(child) is torch.nn.Dropout:
-                new = Dropout(child.p, inplace=child.inplace)
+            swap = _CONVERTED.get(type(child))
+            if swap is not None:
+                new = swap(child.p, inplace=child.inplace)
                 new.train(child.training)
                 module._modules[name] = new
                 replaced.append((qualified(prefix, name), child, new))
@@ -709,3 +714,10 @@ class DropoutAddLayerNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, p={self.p}, eps={self.eps}, norm={self.norm!r}"
+
+
+# What convert() swaps: each torch dropout module (exactly that type) for fastdropout's of the
+# same name and constructor (p, inplace).
+_CONVERTED = {torch.nn.Dropout: Dropout, torch.nn.Dropout1d: Dropout1d, torch.nn.Dropout2d: Dropout2d,
+              torch.nn.Dropout3d: Dropout3d, torch.nn.AlphaDropout: AlphaDropout,
+              torch.nn.FeatureAlphaDropout: FeatureAlphaDropout}
