@@ -322,6 +322,44 @@ def test_unsupported_factory_arguments_fail_at_construction(kwargs, match):
         fdt.DropoutLinear(8, 3, **kwargs)
 
 
+# --------------------------------------------------------------------------- outputs are not views
+
+
+def _inplace_cases():
+    lin, dc, norm = fdt.DropoutLinear(4, 5, p=0.5, activation="relu"), fdt.DropConnectLinear(4, 5, p=0.5), \
+        fdt.DropoutAddLayerNorm(4, p=0.5)
+    return {
+        "Dropout": (fdt.Dropout(0.5), [(2, 3, 4)]), "Dropout1d": (fdt.Dropout1d(0.5), [(2, 3, 5)]),
+        "Dropout2d": (fdt.Dropout2d(0.5), [(2, 3, 4, 4)]), "Dropout3d": (fdt.Dropout3d(0.5), [(2, 3, 2, 2, 2)]),
+        "LockedDropout": (fdt.LockedDropout(0.5), [(4, 2, 3)]), "AlphaDropout": (fdt.AlphaDropout(0.5), [(2, 3, 4)]),
+        "FeatureAlphaDropout": (fdt.FeatureAlphaDropout(0.5), [(2, 3, 4)]),
+        "GaussianDropout": (fdt.GaussianDropout(0.5), [(2, 3, 4)]), "DropoutLinear": (lin, [(2, 3, 4)]),
+        "DropConnectLinear": (dc, [(2, 3, 4)]), "DropoutAddLayerNorm": (norm, [(2, 3, 4), (2, 3, 4)]),
+        "dropout_linear": (lambda x: fdt.dropout_linear(x, lin.weight, lin.bias, 0.5), [(2, 3, 4)]),
+    }
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["eager", "dispatcher"])
+@pytest.mark.parametrize("name", sorted(_inplace_cases()))
+def test_outputs_take_inplace_ops_as_torch_nn_outputs_do(backend, name, autocast):
+    """An output changed in place (``Sequential(Dropout2d, ReLU(inplace=True))``) keeps its
+    gradient right: outputs must not be autograd views of tensors made inside the op.
+    Under autocast (float32 inputs) the calls go through the dispatcher's custom ops."""
+    module, shapes = _inplace_cases()[name]
+    inputs = [torch.randn(*s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    grads = []
+    for inplace in (False, True):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        torch.manual_seed(5)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = module(*leaves)
+        y = (y.relu_() if inplace else torch.relu(y)).float()
+        (y * torch.arange(y.numel()).view(y.shape)).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for plain, changed in zip(*grads):
+        assert torch.equal(plain, changed)
+
+
 # --------------------------------------------------------------------------- convert
 
 

@@ -68,6 +68,13 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return (t.resolve_neg() if t.is_neg() else t).numpy()
 
 
+def _from_numpy(a: np.ndarray, shape) -> torch.Tensor:
+    """A tensor owning the kernel's result `a`, in `shape`: reshaped on the NumPy side, so that
+    the tensor is not an autograd view (an op output that is a view of a tensor made inside
+    the op refuses in-place changes: ``Sequential(Dropout2d, ReLU(inplace=True))``)."""
+    return torch.from_numpy(a.reshape(tuple(shape)))
+
+
 def _apply_dropout(x: torch.Tensor, p: float, state: torch.Tensor, out: torch.Tensor) -> None:
     """out = dropout(x) under `state` (any strides; out may be x)."""
     seed, offset = read_state(state)
@@ -245,10 +252,8 @@ def _linear_tensors(
     w, b = _operand(weight), None if bias is None else _numpy(_as_f32(bias))
     y2, z2 = dense_forward_checked(_operand(x), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
                                    p, seed, offset, activation, train, activation != 0, on_weight)
-    y, z = torch.from_numpy(y2), None if z2 is None else torch.from_numpy(z2)
-    if x.dim() != 2:
-        out_shape = x.shape[:-1] + (weight.shape[0],)
-        y, z = y.view(out_shape), None if z is None else z.view(out_shape)
+    out_shape = x.shape[:-1] + (weight.shape[0],)
+    y, z = _from_numpy(y2, out_shape), None if z2 is None else _from_numpy(z2, out_shape)
     if x.dtype != torch.float32:
         y = y.to(x.dtype)
     return y, z
@@ -554,10 +559,10 @@ def _attention_impl(
     q32, k32, v32 = _as_f32(q), _as_f32(k), _as_f32(v)
     pl = _attention_plan(q32, k32, v32, attn_mask, scale, enable_gqa)
     out, lse = forward_checked(pl, _numpy(q32), _numpy(k32), _numpy(v32), is_causal, train, dropout_p, seed, offset)
-    out_t = torch.from_numpy(out).view(pl.batch_shape + (pl.Lq, pl.Ev))
+    out_t = _from_numpy(out, pl.batch_shape + (pl.Lq, pl.Ev))
     if q.dtype != torch.float32:
         out_t = out_t.to(q.dtype)
-    return out_t, torch.from_numpy(lse).view(pl.batch_shape + (pl.Lq,)), state
+    return out_t, _from_numpy(lse, pl.batch_shape + (pl.Lq,)), state
 
 
 attention_op = torch.library.custom_op("fastdropout::attention", mutates_args=(), device_types="cpu",
@@ -691,8 +696,8 @@ def _family_tensor(x: torch.Tensor, p: float, kind: int, noise_shape: Optional[L
     """The family op (or its backward) of a tensor.  float16 and bfloat16: the float32 op on the
     widened values, its result rounded once to the dtype (the float32 mask and noise)."""
     half = x.dtype in _HALF
-    y = torch.from_numpy(_family_numpy(_numpy(x.float() if half else x), p, kind, noise_shape, seed, offset,
-                                       backward)).view(x.shape)
+    y = _from_numpy(_family_numpy(_numpy(x.float() if half else x), p, kind, noise_shape, seed, offset, backward),
+                    x.shape)
     return y.to(x.dtype) if half else y
 
 
