@@ -377,6 +377,7 @@ def test_convert_replaces_dropout_and_fuses_dropout_linear():
             return self.body(self.side(x))
 
     model = Net()
+    model.body[3].eval()  # a module's own mode passes to what replaces it
     original = Net()
     original.load_state_dict(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -388,6 +389,7 @@ def test_convert_replaces_dropout_and_fuses_dropout_linear():
     assert isinstance(model.body[1], fdt.DropoutLinear) and model.body[1].p == 0.2
     assert isinstance(model.body[4], fdt.DropoutLinear) and model.body[4].p == 0.5
     assert isinstance(model.side, fdt.Dropout) and model.side.p == 0.1
+    assert type(model.body[3]) is torch.nn.Identity and not model.body[3].training and model.body[0].training
     assert [id(p) for p in model.parameters()] == params_before  # same Parameter objects
     assert list(model.state_dict()) == keys_before
     original.load_state_dict(model.state_dict())

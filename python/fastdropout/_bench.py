@@ -788,12 +788,13 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
             continue
         out.append("")
         out.append(title)
-        out.append(f"  {'size':>15} {'kernel':<18} {'implementation':<38} {'median':>12} {'fastest-slowest':>22} {'rate':>16}  ratios")
+        kw = max(18, *(len(r.kernel) for r in rows))  # the kernel column, as wide as its longest name
+        out.append(f"  {'size':>15} {'kernel':<{kw}} {'implementation':<38} {'median':>12} {'fastest-slowest':>22} {'rate':>16}  ratios")
         for r in rows:
             ratios = "  ".join(f"{v:.2f}x vs {k}" for k, v in r.ratios.items())
             if not ratios and r.impl.startswith("fastdropout"):
                 ratios = "(no peer for this work installed: torch or jax)"
-            out.append(f"  {r.size:>15} {r.kernel[:18]:<18} {r.impl:<38} {_fmt_time(r.median_s)} {_spread(r):>22} "
+            out.append(f"  {r.size:>15} {r.kernel:<{kw}} {r.impl:<38} {_fmt_time(r.median_s)} {_spread(r):>22} "
                        f"{r.rate:9.2f} {r.unit:<7}  {ratios}")
     rows = [r for r in results if r.group == "memory"]
     if rows:

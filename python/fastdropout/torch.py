@@ -319,7 +319,9 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
     Walks every submodule of ``model``.  Inside an ``nn.Sequential``, an
     ``nn.Dropout`` directly followed by an ``nn.Linear`` becomes one
     :class:`DropoutLinear` at the Linear's place (the Dropout's place takes an
-    ``nn.Identity``); the new module holds the *same* ``weight`` and ``bias``
+    ``nn.Identity``).  Only there: a Dropout whose output a custom ``forward`` hands to a
+    Linear is not fused (that data flow is code, not structure) and becomes
+    :class:`Dropout`.  The fused module holds the *same* ``weight`` and ``bias``
     Parameter objects, so an optimizer built before keeps working and the state dict
     is unchanged (it loads into the original model and back).  Every other
     ``nn.Dropout`` becomes :class:`Dropout`, and each of torch's ``nn.Dropout1d``,
@@ -352,7 +354,7 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
                 first, second = module._modules[names[i]], module._modules[names[i + 1]]
                 if type(first) is torch.nn.Dropout and type(second) is torch.nn.Linear:
                     fused = _fused_from(first, second)
-                    module._modules[names[i]] = torch.nn.Identity()
+                    module._modules[names[i]] = torch.nn.Identity().train(first.training)
                     module._modules[names[i + 1]] = fused
                     replaced.append((qualified(prefix, names[i + 1]), second, fused))
                     replaced.append((qualified(prefix, names[i]), first, module._modules[names[i]]))
