@@ -171,6 +171,45 @@ def test_family_compiles_without_graph_breaks():
         close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+@pytest.mark.parametrize("make", [fdt.Dropout2d, fdt.AlphaDropout, fdt.FeatureAlphaDropout, fdt.GaussianDropout,
+                                  lambda p: fdt.LockedDropout(p, dim=2)], ids=lambda m: getattr(m, "__name__", "Locked"))
+def test_family_keeps_the_memory_format(backend, make, layout, dtype):
+    """A channels-last or transposed input gives an output of the same layout, as torch's
+    modules do, with the values (and gradient) of the same call on the contiguous input."""
+    base = torch.randn(2, 3, 4, 5, dtype=torch.float64).to(dtype)
+    x = base.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else base.transpose(2, 3)
+    logical = x.contiguous()
+    module = make(0.4)
+    results = []
+    for t in (x, logical):
+        leaf = t.clone(memory_format=torch.preserve_format).requires_grad_()
+        torch.manual_seed(3)
+        y = module(leaf)
+        y.backward(torch.arange(y.numel(), dtype=dtype).view(y.shape) / 7)
+        results.append((y, leaf.grad))
+    (y, g), (y_ref, g_ref) = results
+    assert y.stride() == torch.empty_like(x).stride() and g.stride() == x.stride()
+    assert torch.equal(y, y_ref) and torch.equal(g, g_ref)
+
+
+def test_channels_last_model_compiles_with_the_kernels_layout():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), fdt.Dropout2d(0.3), torch.nn.ReLU(inplace=True),
+                                fdt.FeatureAlphaDropout(0.2)).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 10, 10).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(model, fullgraph=True)
+    outs = []
+    for m in (model, compiled):
+        torch.manual_seed(4)
+        y = m(x)
+        outs.append((y, torch.autograd.grad(y.square().sum(), list(model.parameters()))))
+    assert outs[1][0].is_contiguous(memory_format=torch.channels_last)
+    close(outs[1][0], outs[0][0])
+    for a, b in zip(outs[1][1], outs[0][1]):
+        close(a, b, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("make", [
     lambda: fdt.Dropout1d(0.4), lambda: fdt.Dropout2d(0.4), lambda: fdt.LockedDropout(0.4, dim=1),

@@ -676,28 +676,34 @@ FAMILY_DROPOUT, FAMILY_ALPHA, FAMILY_GAUSSIAN = 0, 1, 2
 
 
 def _family_numpy(x: np.ndarray, p: float, kind: int, noise: Optional[Sequence[int]], seed: int, offset: int,
-                  backward: bool) -> np.ndarray:
+                  backward: bool, out: Optional[np.ndarray] = None) -> np.ndarray:
     from ._family import alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_backward
 
     noise = None if noise is None or len(noise) == 0 else tuple(noise)
     if kind == FAMILY_GAUSSIAN:
         if backward:
-            return gaussian_dropout_backward(x, p, seed=seed, offset=offset)
-        return gaussian_dropout(x, p, seed=seed, offset=offset)
+            return gaussian_dropout_backward(x, p, seed=seed, offset=offset, out=out)
+        return gaussian_dropout(x, p, seed=seed, offset=offset, out=out)
     if kind == FAMILY_ALPHA:
         if backward:
-            return alpha_dropout_backward(x, p, seed=seed, offset=offset, noise_shape=noise)
-        return alpha_dropout(x, p, seed=seed, offset=offset, noise_shape=noise)
-    return _np_dropout(x, p, seed=seed, offset=offset, noise_shape=noise)
+            return alpha_dropout_backward(x, p, seed=seed, offset=offset, noise_shape=noise, out=out)
+        return alpha_dropout(x, p, seed=seed, offset=offset, noise_shape=noise, out=out)
+    return _np_dropout(x, p, seed=seed, offset=offset, noise_shape=noise, out=out)
 
 
 def _family_tensor(x: torch.Tensor, p: float, kind: int, noise_shape: Optional[List[int]], seed: int, offset: int,
                    backward: bool) -> torch.Tensor:
-    """The family op (or its backward) of a tensor.  float16 and bfloat16: the float32 op on the
-    widened values, its result rounded once to the dtype (the float32 mask and noise)."""
+    """The family op (or its backward) of a tensor, in x's memory format (channels-last, a
+    transposed view: as torch's ops keep it; the mask follows the logical index either way).
+    float16 and bfloat16: the float32 op on the widened values, its result rounded once to the
+    dtype (the float32 mask and noise)."""
     half = x.dtype in _HALF
-    y = _from_numpy(_family_numpy(_numpy(x.float() if half else x), p, kind, noise_shape, seed, offset, backward),
-                    x.shape)
+    src = x.float() if half else x  # (keeps the memory format)
+    if src.is_contiguous() and src.numel() > 0:
+        y = _from_numpy(_family_numpy(_numpy(src), p, kind, noise_shape, seed, offset, backward), x.shape)
+    else:
+        y = torch.empty_like(src)
+        _family_numpy(_numpy(src), p, kind, noise_shape, seed, offset, backward, out=_numpy(y))
     return y.to(x.dtype) if half else y
 
 
@@ -715,7 +721,7 @@ family_op = torch.library.custom_op("fastdropout::dropout_family", mutates_args=
 
 @family_op.register_fake
 def _(x, p, kind, noise_shape, state):
-    return x.new_empty(x.shape), x.new_empty((2,), dtype=torch.int64)
+    return torch.empty_like(x), x.new_empty((2,), dtype=torch.int64)  # x's memory format, as the kernel's
 
 
 def _family_backward_impl(grad: torch.Tensor, p: float, kind: int, noise_shape: Optional[List[int]],
@@ -730,7 +736,7 @@ family_backward_op = torch.library.custom_op("fastdropout::dropout_family_backwa
 
 @family_backward_op.register_fake
 def _(grad, p, kind, noise_shape, state):
-    return grad.new_empty(grad.shape)
+    return torch.empty_like(grad)
 
 
 def _family_setup(ctx, inputs, output):
