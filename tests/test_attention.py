@@ -149,6 +149,17 @@ def test_no_keys(backend):
     assert np.all(gq == 0) and gk.shape == k.shape and gv.shape == v.shape
 
 
+@pytest.mark.parametrize("mask", ["bool", "float"])
+def test_no_queries_with_a_mask(backend, mask):
+    """Zero queries: an empty result whatever the mask (whose zero rows are never read)."""
+    q, k, v = inputs((2,), 0, 6, 8, 4)
+    attn_mask = np.ones((0, 6), bool) if mask == "bool" else np.zeros((2, 0, 6), np.float32)
+    out, lse = fd.attention(q, k, v, 0.5, seed=1, attn_mask=attn_mask, return_lse=True)
+    assert out.shape == (2, 0, 4) and lse.shape == (2, 0)
+    gq, gk, gv = fd.attention_backward(np.ones_like(out), q, k, v, out, lse, 0.5, seed=1, attn_mask=attn_mask)
+    assert gq.shape == q.shape and np.all(gk == 0) and np.all(gv == 0)
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("offset", [0, 3, 2**64 - 7])
 def test_mask_bit_for_bit(backend, causal, offset):

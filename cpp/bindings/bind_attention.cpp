@@ -64,7 +64,7 @@ AttentionProblem problem(const py::array& q, const py::array& k, const py::array
       throw py::value_error("attn_mask: the row stride must be 0 or Lk");
     const auto* o = static_cast<const int64_t*>(bo.data());
     keep.bias.assign(o, o + batch);
-    const int64_t span = (a.Lq > 0 ? (a.Lq - 1) * bias_row_stride : 0) + a.Lk;
+    const int64_t span = a.Lq > 0 ? (a.Lq - 1) * bias_row_stride + a.Lk : 0;  // no queries: nothing read
     for (int64_t v : keep.bias)
       if (v < 0 || v + span > static_cast<int64_t>(b.size()))
         throw py::value_error("attn_mask: item offset " + std::to_string(v) + " outside the array");
