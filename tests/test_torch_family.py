@@ -49,6 +49,58 @@ def test_channel_dropout(backend, cls, shape, noise):
         cls(0.4)(torch.randn(2))
 
 
+@pytest.mark.parametrize("fn,module,shape,torch_fn", [
+    (fdt.dropout1d, fdt.Dropout1d, (2, 3, 5), F.dropout1d),
+    (fdt.dropout2d, fdt.Dropout2d, (2, 3, 4, 5), F.dropout2d),
+    (fdt.dropout3d, fdt.Dropout3d, (2, 3, 2, 4, 5), F.dropout3d),
+    (fdt.alpha_dropout, fdt.AlphaDropout, (2, 3, 4), F.alpha_dropout),
+    (fdt.feature_alpha_dropout, fdt.FeatureAlphaDropout, (2, 3, 4, 5), F.feature_alpha_dropout),
+    (fdt.gaussian_dropout, fdt.GaussianDropout, (2, 3, 4), None),
+], ids=lambda v: getattr(v, "__name__", "") if callable(v) and not isinstance(v, type) else "")
+def test_functional_forms_are_the_modules(backend, fn, module, shape, torch_fn):
+    """Each functional form with torch.nn.functional's signature and defaults (alpha dropout's
+    ``training=False``) computes what its module does, with the same draw."""
+    import inspect
+
+    if torch_fn is not None:
+        ours, theirs = inspect.signature(fn).parameters, inspect.signature(torch_fn).parameters
+        assert [(k, v.default) for k, v in ours.items()] == [(k, v.default) for k, v in theirs.items()]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(9)
+    expected = module(0.3)(x)
+    torch.manual_seed(9)
+    got = fn(x, 0.3, training=True)
+    assert torch.equal(got, expected) and not torch.equal(got, x)
+    assert fn(x, 0.3, training=False) is x and fn(x, 0.0, training=True) is x
+    if torch_fn is not None and "alpha" in fn.__name__:
+        assert fn(x, 0.3) is x  # torch's default: not training
+    y = x.clone()
+    torch.manual_seed(9)
+    assert fn(y, 0.3, True, True) is y and torch.equal(y, expected)
+    grads = []
+    for call in (lambda t: fn(t, 0.3, training=True), module(0.3)):
+        leaf = x.clone().requires_grad_()
+        torch.manual_seed(9)
+        call(leaf).backward(torch.arange(leaf.numel(), dtype=torch.float32).view(shape))
+        grads.append(leaf.grad)
+    assert torch.equal(grads[0], grads[1]) and (grads[0] == 0).any()
+    with pytest.raises(ValueError, match="p must be in"):
+        fn(x, 1.5, training=True)
+    with pytest.raises(TypeError):
+        fn(x.numpy(), 0.3, training=True)
+
+
+def test_functional_form_errors():
+    with pytest.raises(ValueError, match="dropout1d: expected a 2-D"):
+        fdt.dropout1d(torch.ones(2, 3, 4, 5), 0.5)
+    with pytest.raises(ValueError, match="feature_alpha_dropout: expected at least 2"):
+        fdt.feature_alpha_dropout(torch.ones(3), 0.5, training=True)
+    with pytest.raises(ValueError, match="p < 1"):
+        fdt.gaussian_dropout(torch.ones(3), 1.0)
+    with pytest.warns(UserWarning, match="N, C, L"):
+        fdt.dropout2d(torch.ones(2, 3, 4), 0.5)
+
+
 def test_dropout2d_takes_3d_as_torch_does():
     x = torch.ones(2, 3, 4)
     with pytest.warns(UserWarning, match="N, C, L"):

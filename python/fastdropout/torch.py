@@ -34,7 +34,7 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 try:
     import torch
@@ -47,7 +47,8 @@ from . import _torch_ops as _ops
 from ._checks import ACTIVATIONS, check_activation, check_p, check_u64
 
 __all__ = ["AlphaDropout", "DropConnectLinear", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAddLayerNorm",
-           "DropoutLinear", "FeatureAlphaDropout", "GaussianDropout", "LockedDropout", "convert", "dropout", "dropout_linear",
+           "DropoutLinear", "FeatureAlphaDropout", "GaussianDropout", "LockedDropout", "alpha_dropout", "convert", "dropout",
+           "dropout1d", "dropout2d", "dropout3d", "dropout_linear", "feature_alpha_dropout", "gaussian_dropout",
            "register_transformers", "scaled_dot_product_attention"]
 
 _DROPOUT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -531,16 +532,23 @@ class _FamilyDropout(torch.nn.Module):
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_tensor(x, "input", _FAMILY_DTYPES)
-        p = check_p(self.p)
-        noise = self.noise_shape(x)
-        if not self.training or p == 0.0:
-            return x
-        y = _ops.call_family(x, p, self.kind, noise, None)[0]
-        return x.copy_(y) if self.inplace else y
+        return _family(x, self.p, self.training, self.inplace, self.kind, self.noise_shape)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, inplace={self.inplace}"
+
+
+def _family(x: torch.Tensor, p: float, training: bool, inplace: bool, kind: int,
+            noise_shape: Callable[[torch.Tensor], Optional[List[int]]]) -> torch.Tensor:
+    """The family's modules and functional forms: checks first (the input's rank even in eval
+    mode), then ``x`` itself when not training or p = 0, else the op (into ``x`` with inplace)."""
+    _check_tensor(x, "input", _FAMILY_DTYPES)
+    p = check_p(p)
+    noise = noise_shape(x)
+    if not training or p == 0.0:
+        return x
+    y = _ops.call_family(x, p, kind, noise, None)[0]
+    return x.copy_(y) if inplace else y
 
 
 def _channel_noise(x: torch.Tensor, spatial: int, name: str) -> List[int]:
@@ -548,6 +556,22 @@ def _channel_noise(x: torch.Tensor, spatial: int, name: str) -> List[int]:
     if x.dim() not in ranks:
         raise ValueError(f"{name}: expected a {ranks[0]}-D (unbatched) or {ranks[1]}-D input, got shape {tuple(x.shape)}")
     return list(x.shape[:x.dim() - spatial]) + [1] * spatial
+
+
+def _noise_2d(x: torch.Tensor, name: str) -> List[int]:
+    if x.dim() == 3:
+        import warnings
+
+        warnings.warn(f"{name}: a 3-D input is taken as (N, C, L) (channel-wise 1-D dropout), as torch's "
+                      f"{name} does; use {name.replace('2', '1')} for that", UserWarning, stacklevel=5)
+        return list(x.shape[:2]) + [1]
+    return _channel_noise(x, 2, name)
+
+
+def _feature_noise(x: torch.Tensor, name: str) -> List[int]:
+    if x.dim() < 2:
+        raise ValueError(f"{name}: expected at least 2 dimensions, got shape {tuple(x.shape)}")
+    return list(x.shape[:2]) + [1] * (x.dim() - 2)
 
 
 class Dropout1d(_FamilyDropout):
@@ -570,13 +594,7 @@ class Dropout2d(_FamilyDropout):
     3-D input is taken as ``(N, C, L)`` (channel-wise 1-D dropout) with torch's warning."""
 
     def noise_shape(self, x):
-        if x.dim() == 3:
-            import warnings
-
-            warnings.warn("Dropout2d: a 3-D input is taken as (N, C, L) (channel-wise 1-D dropout), as "
-                          "torch.nn.Dropout2d does; use Dropout1d for that", UserWarning, stacklevel=3)
-            return list(x.shape[:2]) + [1]
-        return _channel_noise(x, 2, "Dropout2d")
+        return _noise_2d(x, "Dropout2d")
 
 
 class Dropout3d(_FamilyDropout):
@@ -624,9 +642,7 @@ class FeatureAlphaDropout(AlphaDropout):
     """``torch.nn.FeatureAlphaDropout``: alpha dropout of whole channels of ``(N, C, ...)`` inputs."""
 
     def noise_shape(self, x):
-        if x.dim() < 2:
-            raise ValueError(f"FeatureAlphaDropout: expected at least 2 dimensions, got shape {tuple(x.shape)}")
-        return list(x.shape[:2]) + [1] * (x.dim() - 2)
+        return _feature_noise(x, "FeatureAlphaDropout")
 
 
 class GaussianDropout(_FamilyDropout):
@@ -716,6 +732,56 @@ class DropoutAddLayerNorm(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, p={self.p}, eps={self.eps}, norm={self.norm!r}"
+
+
+# --------------------------------------------------------------------------- the family's functional forms
+
+
+def _no_noise(x: torch.Tensor) -> None:
+    return None
+
+
+def dropout1d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.dropout1d`` with fastdropout's mask: :class:`Dropout1d` as a function
+    (whole channels of ``(N, C, L)`` or ``(C, L)``; ``ValueError`` for other ranks, ``TypeError`` for
+    other dtypes or devices, ``ValueError`` for ``p`` outside [0, 1])."""
+    return _family(input, p, training, inplace, _ops.FAMILY_DROPOUT, lambda x: _channel_noise(x, 1, "dropout1d"))
+
+
+def dropout2d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.dropout2d``: :class:`Dropout2d` as a function (``(N, C, H, W)`` or
+    ``(C, H, W)``; a 3-D input taken as ``(N, C, L)`` with torch's warning)."""
+    return _family(input, p, training, inplace, _ops.FAMILY_DROPOUT, lambda x: _noise_2d(x, "dropout2d"))
+
+
+def dropout3d(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.dropout3d``: :class:`Dropout3d` as a function (``(N, C, D, H, W)`` or
+    ``(C, D, H, W)``)."""
+    return _family(input, p, training, inplace, _ops.FAMILY_DROPOUT, lambda x: _channel_noise(x, 3, "dropout3d"))
+
+
+def alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False, inplace: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.alpha_dropout`` (SELU networks; Klambauer et al., NeurIPS 2017) with
+    fastdropout's mask: :class:`AlphaDropout` as a function.  As torch's, ``training`` defaults to
+    False (the input is returned)."""
+    return _family(input, p, training, inplace, _ops.FAMILY_ALPHA, _no_noise)
+
+
+def feature_alpha_dropout(input: torch.Tensor, p: float = 0.5, training: bool = False,
+                          inplace: bool = False) -> torch.Tensor:
+    """``torch.nn.functional.feature_alpha_dropout``: :class:`FeatureAlphaDropout` as a function
+    (whole channels of ``(N, C, ...)``; ``training`` defaults to False, as torch's)."""
+    return _family(input, p, training, inplace, _ops.FAMILY_ALPHA, 
+                   lambda x: _feature_noise(x, "feature_alpha_dropout"))
+
+
+def gaussian_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
+    """Multiplicative Gaussian noise ``x * (1 + sigma * z)``, ``sigma = sqrt(p / (1 - p))``:
+    :class:`GaussianDropout` as a function (Srivastava et al., JMLR 2014, section 10); ``p`` in
+    [0, 1) (``ValueError`` for p = 1)."""
+    if check_p(p) == 1.0:
+        raise ValueError("gaussian_dropout needs p < 1")
+    return _family(input, p, training, inplace, _ops.FAMILY_GAUSSIAN, _no_noise)
 
 
 # What convert() swaps: each torch dropout module (exactly that type) for fastdropout's of the
