@@ -90,6 +90,42 @@ def test_functional_forms_are_the_modules(backend, fn, module, shape, torch_fn):
         fn(x.numpy(), 0.3, training=True)
 
 
+def _family_modules():
+    return {"Dropout2d": (fdt.Dropout2d(0.4), (3, 2, 4, 5, 5)), "LockedDropout": (fdt.LockedDropout(0.4, dim=1), (3, 4, 5)),
+            "AlphaDropout": (fdt.AlphaDropout(0.4), (3, 4, 5)), "FeatureAlphaDropout": (fdt.FeatureAlphaDropout(0.4), (3, 4, 5)),
+            "GaussianDropout": (fdt.GaussianDropout(0.4), (3, 4, 5)), "DropConnectLinear": (fdt.DropConnectLinear(5, 6, p=0.4), (3, 4, 5))}
+
+
+@pytest.mark.parametrize("name", sorted(_family_modules()))
+def test_family_under_export_vmap_and_func(backend, name):
+    """The family's custom ops under torch.export (train and eval: the eager result with the same
+    draw), vmap (randomness "same": one draw for every item; "different": one per item) and
+    torch.func.grad (autograd's gradient)."""
+    from torch.func import grad, vmap
+
+    module, shape = _family_modules()[name]
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) + 3.0  # no zeros in x
+    for train in (True, False):
+        module.train(train)
+        program = torch.export.export(torch.nn.Sequential(module), (x[0],))
+        torch.manual_seed(6)
+        exported = program.module()(x[0])
+        torch.manual_seed(6)
+        assert torch.equal(exported, module(x[0]))
+    module.train()
+    item = x[0]  # every item equal: then "same" gives equal outputs and "different" does not
+    xs = item.expand(shape).contiguous()
+    same, different = (vmap(module, randomness=r)(xs) for r in ("same", "different"))
+    assert all(torch.equal(same[i], same[0]) for i in range(shape[0]))
+    assert not all(torch.equal(different[i], different[0]) for i in range(shape[0]))
+    torch.manual_seed(4)
+    g = grad(lambda t: module(t).square().sum())(x[0])
+    leaf = x[0].clone().requires_grad_()
+    torch.manual_seed(4)
+    module(leaf).square().sum().backward()
+    close(g, leaf.grad)
+
+
 def test_functional_form_errors():
     with pytest.raises(ValueError, match="dropout1d: expected a 2-D"):
         fdt.dropout1d(torch.ones(2, 3, 4, 5), 0.5)
