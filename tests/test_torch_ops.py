@@ -360,6 +360,51 @@ def test_outputs_take_inplace_ops_as_torch_nn_outputs_do(backend, name, autocast
         assert torch.equal(plain, changed)
 
 
+# --------------------------------------------------------------------------- torch.jit.trace
+
+
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("name", ["Dropout", "DropoutLinear", "DropConnectLinear", "Dropout2d", "AlphaDropout",
+                                  "DropoutAddLayerNorm", "scaled_dot_product_attention"])
+def test_jit_trace_records_the_ops(backend, name, grad_mode):
+    """A traced module runs the kernels on each call: in training mode a fresh draw per call
+    (a trace that kept the kernels' first result as a constant returned it for any input),
+    in eval mode the eager result on a new input."""
+    import warnings
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = {"Dropout": lambda: fdt.Dropout(0.5), "DropoutLinear": lambda: fdt.DropoutLinear(4, 3, p=0.5),
+                          "DropConnectLinear": lambda: fdt.DropConnectLinear(4, 3, p=0.5),
+                          "Dropout2d": lambda: fdt.Dropout2d(0.5), "AlphaDropout": lambda: fdt.AlphaDropout(0.5),
+                          "DropoutAddLayerNorm": lambda: fdt.DropoutAddLayerNorm(4, p=0.5)}.get(name, torch.nn.Identity)()
+
+        def forward(self, x):
+            if name == "DropoutAddLayerNorm":
+                return self.inner(x, x)
+            if name == "scaled_dot_product_attention":
+                return fdt.scaled_dot_product_attention(x, x, x, dropout_p=0.5 if self.training else 0.0)
+            return self.inner(x)
+
+    shape = {"Dropout2d": (2, 4, 3, 3), "scaled_dot_product_attention": (1, 2, 3, 4)}.get(name, (2, 4))
+    for train in (True, False):
+        net = Net().train(train)
+        with torch.set_grad_enabled(grad_mode), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's own warnings
+            traced = torch.jit.trace(net, (torch.randn(*shape),), check_trace=False)
+        x = torch.randn(*shape) + 2.0
+        if train:
+            torch.manual_seed(1)
+            first = traced(x)
+            torch.manual_seed(1)
+            again = traced(x)
+            assert torch.equal(first, again)  # torch's generator drives the draw
+            assert not torch.equal(traced(x), first)  # and each call draws anew
+        else:
+            close(traced(x), net(x))
+
+
 # --------------------------------------------------------------------------- convert
 
 

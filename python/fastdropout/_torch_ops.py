@@ -410,10 +410,11 @@ _OPS = {"dropout": dropout_op, "dropout_backward": dropout_backward_op, "dropout
 
 
 def _route(*tensors) -> str:
-    """How to call an op here: "op" while torch.compile or torch.export traces, under
-    autocast, with tensor subclasses or a dispatch mode (the dispatcher must see it);
-    "func" under a torch.func transform; else "fast"."""
-    if torch.compiler.is_compiling():
+    """How to call an op here: "op" while torch.compile, torch.export or torch.jit.trace
+    traces, under autocast, with tensor subclasses or a dispatch mode (the dispatcher must
+    see it: a trace that did not would keep the kernel's result as a constant); "func"
+    under a torch.func transform; else "fast"."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return "op"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "func"

@@ -551,11 +551,17 @@ def _family(x: torch.Tensor, p: float, training: bool, inplace: bool, kind: int,
     return x.copy_(y) if inplace else y
 
 
+def _dims(shape) -> List[int]:
+    """Sizes as Python ints (torch.jit.trace hands them out as tensors: the trace then keeps
+    this shape, and a call of another shape raises ValueError)."""
+    return [int(d) for d in shape]
+
+
 def _channel_noise(x: torch.Tensor, spatial: int, name: str) -> List[int]:
     ranks = (spatial + 1, spatial + 2)
     if x.dim() not in ranks:
         raise ValueError(f"{name}: expected a {ranks[0]}-D (unbatched) or {ranks[1]}-D input, got shape {tuple(x.shape)}")
-    return list(x.shape[:x.dim() - spatial]) + [1] * spatial
+    return _dims(x.shape[:x.dim() - spatial]) + [1] * spatial
 
 
 def _noise_2d(x: torch.Tensor, name: str) -> List[int]:
@@ -564,14 +570,14 @@ def _noise_2d(x: torch.Tensor, name: str) -> List[int]:
 
         warnings.warn(f"{name}: a 3-D input is taken as (N, C, L) (channel-wise 1-D dropout), as torch's "
                       f"{name} does; use {name.replace('2', '1')} for that", UserWarning, stacklevel=5)
-        return list(x.shape[:2]) + [1]
+        return _dims(x.shape[:2]) + [1]
     return _channel_noise(x, 2, name)
 
 
 def _feature_noise(x: torch.Tensor, name: str) -> List[int]:
     if x.dim() < 2:
         raise ValueError(f"{name}: expected at least 2 dimensions, got shape {tuple(x.shape)}")
-    return list(x.shape[:2]) + [1] * (x.dim() - 2)
+    return _dims(x.shape[:2]) + [1] * (x.dim() - 2)
 
 
 class Dropout1d(_FamilyDropout):
@@ -618,7 +624,7 @@ class LockedDropout(_FamilyDropout):
     def noise_shape(self, x):
         if not -x.dim() <= self.dim < x.dim():
             raise ValueError(f"LockedDropout: dim {self.dim} out of range for shape {tuple(x.shape)}")
-        shape = list(x.shape)
+        shape = _dims(x.shape)
         shape[self.dim % x.dim()] = 1
         return shape
 
