@@ -246,6 +246,37 @@ def test_dropout_linear_follows_autocast_as_linear_does(backend):
     assert layer.weight.grad.dtype == torch.float32  # the parameters stay float32, as with nn.Linear
 
 
+def test_dropconnect_linear_and_attention_follow_autocast_as_torch_does(backend):
+    """Under torch.autocast("cpu", dtype=torch.bfloat16) DropConnectLinear returns bfloat16 as
+    nn.Linear does and the attention as torch's scaled_dot_product_attention: the op on the
+    inputs cast to bfloat16, with the same draw (the parameters stay float32)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 16, generator=gen)
+    layer = fdt.DropConnectLinear(16, 8, p=0.5)
+    cast = copy.deepcopy(layer).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        theirs = torch.nn.Linear(16, 8)(x)
+        torch.manual_seed(2)
+        ours = layer(x)
+    torch.manual_seed(2)
+    assert ours.dtype == theirs.dtype == torch.bfloat16
+    assert torch.equal(ours, cast(x.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x).float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    q, k, v = (torch.randn(2, 2, 5, 8, generator=gen) for _ in range(3))
+    mask = torch.randn(5, 5, generator=gen)
+    torch.manual_seed(3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fdt.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2)
+        theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert out.dtype == theirs.dtype == torch.bfloat16
+    torch.manual_seed(3)
+    same = fdt.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask.bfloat16(),
+                                            dropout_p=0.2)
+    assert torch.equal(out, same)
+
+
 # --------------------------------------------------------------------------- inplace, memory formats
 
 

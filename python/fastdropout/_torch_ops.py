@@ -653,6 +653,8 @@ def _attention_backward_setup(ctx, inputs, output):
 
 
 attention_op.register_autograd(_attention_bwd, setup_context=_attention_setup)
+# under torch.autocast("cpu", dtype=torch.bfloat16) as torch's scaled_dot_product_attention: inputs cast, output bfloat16
+torch.library.register_autocast("fastdropout::attention", "cpu", torch.bfloat16)
 attention_backward_op.register_autograd(_attention_backward_bwd, setup_context=_attention_backward_setup)
 torch.library.register_vmap(attention_op, _vmap_loop(attention_op, 8, draws_if=lambda args: args[4] > 0.0))
 torch.library.register_vmap(attention_backward_op, _vmap_loop(attention_backward_op, None))
@@ -833,6 +835,7 @@ def _dropconnect_bwd(ctx, grad_y, grad_z, grad_state):
 
 
 dropconnect_linear_op.register_autograd(_dropconnect_bwd, setup_context=_dropconnect_setup)
+torch.library.register_autocast("fastdropout::dropconnect_linear", "cpu", torch.bfloat16)  # as nn.Linear
 torch.library.register_vmap(dropconnect_linear_op, _vmap_loop(dropconnect_linear_op, 4))
 _OPS["dropconnect_linear"] = dropconnect_linear_op
 _IMPLS["dropconnect_linear"] = _dropconnect_linear_impl
