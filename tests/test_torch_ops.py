@@ -522,6 +522,36 @@ def test_convert_swaps_the_dropout_family_torch_has(backend):
     model(x).sum().backward()  # gradients flow through every converted module
 
 
+def test_convert_keeps_hooks_and_float64_models_working(backend):
+    """A hooked Dropout -> Linear pair is not fused (the Linear's hook would never see its
+    input): the Dropout is swapped with its hooks, the Linear kept with its.  A float64 model
+    keeps its Linear (DropoutLinear computes in float32) and works as before in eval mode."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(6, 4), torch.nn.Dropout(0.5), torch.nn.Linear(4, 3))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append("drop0"))
+    handle = model[0].register_forward_pre_hook(lambda m, i: seen.append("pre0"))
+    model[3].register_forward_hook(lambda m, i, o: seen.append("lin3"))
+    replaced = fdt.convert(model)
+    assert [(n, type(new)) for n, _, new in replaced] == [("0", fdt.Dropout), ("2", fdt.Dropout)]
+    assert type(model[1]) is torch.nn.Linear and type(model[3]) is torch.nn.Linear
+    model(torch.randn(2, 6))
+    assert seen == ["pre0", "drop0", "lin3"]
+    handle.remove()  # the handle still reaches the hook on the new module
+    seen.clear()
+    model(torch.randn(2, 6))
+    assert seen == ["drop0", "lin3"]
+
+    double = torch.nn.Sequential(torch.nn.Dropout(0.2), torch.nn.Linear(6, 4)).double()
+    original = copy.deepcopy(double)
+    replaced = fdt.convert(double)
+    assert [type(new) for _, _, new in replaced] == [fdt.Dropout] and type(double[1]) is torch.nn.Linear
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.equal(double.eval()(x), original.eval()(x))
+    y = double.train()(x)
+    assert y.dtype == torch.float64
+
+
 def test_convert_rejects_non_modules():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         fdt.convert([torch.nn.Dropout()])

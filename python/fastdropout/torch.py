@@ -324,11 +324,14 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
     Linear is not fused (that data flow is code, not structure) and becomes
     :class:`Dropout`.  The fused module holds the *same* ``weight`` and ``bias``
     Parameter objects, so an optimizer built before keeps working and the state dict
-    is unchanged (it loads into the original model and back).  Every other
-    ``nn.Dropout`` becomes :class:`Dropout`, and each of torch's ``nn.Dropout1d``,
+    is unchanged (it loads into the original model and back).  A pair is not fused where
+    either module has hooks (a hook on the Linear sees the dropped input, which the fused
+    layer never makes) or the Linear's parameters are of a kind ``DropoutLinear`` does not
+    take (float64, another device): its Dropout is swapped as below and the Linear kept.
+    Every other ``nn.Dropout`` becomes :class:`Dropout`, and each of torch's ``nn.Dropout1d``,
     ``nn.Dropout2d``, ``nn.Dropout3d``, ``nn.AlphaDropout`` and ``nn.FeatureAlphaDropout``
-    becomes fastdropout's module of the same name, each with its ``p``, ``inplace`` and
-    training mode (these hold no parameters or buffers).  Subclasses of these torch
+    becomes fastdropout's module of the same name, each with its ``p``, ``inplace``, training
+    mode and hooks (these hold no parameters or buffers).  Subclasses of these torch
     modules are left alone: their ``forward`` may do more.
 
     Returns
@@ -338,8 +341,7 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
     Raises
     ------
     TypeError
-        ``model`` is not a ``torch.nn.Module``; a Linear to fuse has parameters on
-        another device or of a dtype :class:`DropoutLinear` does not support.
+        ``model`` is not a ``torch.nn.Module``.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -353,7 +355,7 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
         if isinstance(module, torch.nn.Sequential):
             for i in range(len(names) - 1):
                 first, second = module._modules[names[i]], module._modules[names[i + 1]]
-                if type(first) is torch.nn.Dropout and type(second) is torch.nn.Linear:
+                if type(first) is torch.nn.Dropout and type(second) is torch.nn.Linear and _fusable(first, second):
                     fused = _fused_from(first, second)
                     module._modules[names[i]] = torch.nn.Identity().train(first.training)
                     module._modules[names[i + 1]] = fused
@@ -367,6 +369,9 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
             if swap is not None:
                 new = swap(child.p, inplace=child.inplace)
                 new.train(child.training)
+                for name_ in _HOOK_DICTS:  # its hooks, the same dicts: their handles still remove them
+                    if hasattr(child, name_):
+                        setattr(new, name_, getattr(child, name_))
                 module._modules[name] = new
                 replaced.append((qualified(prefix, name), child, new))
             else:
@@ -376,9 +381,21 @@ def convert(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Module, torch.nn
     return replaced
 
 
-def _fused_from(drop: torch.nn.Dropout, linear: torch.nn.Linear) -> "DropoutLinear":
+# A module's hooks (torch 2.x keeps them in these dicts).
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_is_full_backward_hook")
+
+
+def _fusable(drop: torch.nn.Dropout, linear: torch.nn.Linear) -> bool:
+    """Whether Dropout -> Linear can become one DropoutLinear: no hooks on either (a hook on the
+    Linear sees the dropped input, which the fused layer never makes) and parameters that
+    DropoutLinear takes (CPU; float32, bfloat16 or float16; a float64 model keeps its Linear)."""
+    hooked = any(getattr(m, name, None) for m in (drop, linear) for name in _HOOK_DICTS if name != "_is_full_backward_hook")
     w = linear.weight
-    _check_factory(w.device, w.dtype, _LINEAR_DTYPES, f"DropoutLinear (fusing {linear})")
+    return not hooked and w.device.type == "cpu" and w.dtype in _LINEAR_DTYPES
+
+
+def _fused_from(drop: torch.nn.Dropout, linear: torch.nn.Linear) -> "DropoutLinear":
     fused = DropoutLinear.__new__(DropoutLinear)
     torch.nn.Module.__init__(fused)
     fused.in_features, fused.out_features = linear.in_features, linear.out_features
