@@ -302,6 +302,15 @@ def test_inplace_under_autograd_matches_out_of_place(backend):
         fdt.dropout(torch.ones(3, requires_grad=True), 0.5, inplace=True)
 
 
+@pytest.mark.parametrize("make", [lambda: fdt.Dropout(0.5, inplace=True), lambda: fdt.Dropout2d(0.5, inplace=True),
+                                  lambda: fdt.AlphaDropout(0.5, inplace=True)], ids=["Dropout", "Dropout2d", "AlphaDropout"])
+def test_inplace_on_an_expanded_view_raises_before_writing(backend, make):
+    base = torch.ones(1, 4, 1, 1)
+    with pytest.raises(ValueError, match="single memory location"):
+        make()(base.expand(3, 4, 2, 2))
+    assert torch.equal(base, torch.ones(1, 4, 1, 1))
+
+
 def test_memory_format_is_kept(backend):
     x = torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last)
     y = fdt.dropout(x, 0.4, seed=6)

@@ -69,6 +69,13 @@ def _check_tensor(t, name: str, dtypes: Tuple[torch.dtype, ...]) -> None:
         raise TypeError(f"{name} must have dtype {want}; got {t.dtype}")
 
 
+def _check_inplace(x: torch.Tensor) -> None:
+    """An in-place result needs one memory location per element (torch raises the same)."""
+    if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride())):
+        raise ValueError("inplace=True: more than one element of the input refers to a single memory location "
+                         "(an expanded view); clone() it first or use inplace=False")
+
+
 def _fixed_state(seed: Optional[int], offset: int) -> Optional[torch.Tensor]:
     """None (the op draws a seed) or the state of a fixed (seed, offset)."""
     offset = check_u64(offset, "offset")
@@ -125,6 +132,7 @@ def dropout(
     if not training:
         return x
     if inplace:
+        _check_inplace(x)
         if torch.is_grad_enabled() and x.requires_grad:
             return x.copy_(_ops.call_dropout(x, p, state)[0])
         _ops.dropout_inplace_op(x, p, state)
@@ -564,6 +572,8 @@ def _family(x: torch.Tensor, p: float, training: bool, inplace: bool, kind: int,
     noise = noise_shape(x)
     if not training or p == 0.0:
         return x
+    if inplace:
+        _check_inplace(x)
     y = _ops.call_family(x, p, kind, noise, None)[0]
     return x.copy_(y) if inplace else y
 
