@@ -66,6 +66,31 @@ def test_compile_counts_one_graph():
     assert explanation.graph_count == 1 and explanation.graph_break_count == 0
 
 
+def test_compile_with_dynamic_shapes_gives_the_eager_result(backend):
+    """torch.compile(dynamic=True): symbolic sizes and a symbolic p (a module attribute) trace;
+    two batch sizes through one graph, each the eager result with the same draw."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop, self.chan = fdt.Dropout(0.3), fdt.Dropout1d(0.2)
+            self.gauss, self.lin = fdt.GaussianDropout(0.1), fdt.DropoutLinear(6, 6, p=0.4, activation="relu")
+            self.norm = fdt.DropoutAddLayerNorm(6, p=0.1)
+
+        def forward(self, x):
+            h = self.lin(self.gauss(self.chan(self.drop(x))))
+            return self.norm(h, x)
+
+    torch.manual_seed(0)
+    model = Net()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (3, 5):
+        x = torch.randn(batch, 4, 6)
+        torch.manual_seed(batch)
+        expected = model(x)
+        torch.manual_seed(batch)
+        close(compiled(x), expected)
+
+
 # --------------------------------------------------------------------------- torch.export
 
 

@@ -31,8 +31,8 @@ def check_p(p: Any) -> float:
         p = float(p)
     except OverflowError:  # a huge int or Fraction: certainly out of range
         raise ValueError(f"p must be in [0, 1], got {p!r:.60}") from None
-    if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise ValueError(f"p must be in [0, 1], got {p}")
+    if not 0.0 <= p <= 1.0:  # (NaN too; comparisons rather than math.isnan, which torch.compile's
+        raise ValueError(f"p must be in [0, 1], got {p}")  # dynamic mode cannot trace on a symbolic p)
     return p
 
 
