@@ -91,6 +91,60 @@ def test_compile_with_dynamic_shapes_gives_the_eager_result(backend):
         close(compiled(x), expected)
 
 
+def test_meta_device_model_init_then_to_empty(backend):
+    """The usual big-model init: build on the meta device (no memory), run shapes through it,
+    then to_empty(device="cpu") and load a state dict: the layers take meta parameters and
+    inputs (their ops' fake kernels give the shapes) as torch.nn's do."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.drop = fdt.DropoutLinear(8, 6, p=0.3, activation="relu"), fdt.Dropout(0.2)
+            self.chan, self.dc = fdt.Dropout1d(0.2), fdt.DropConnectLinear(6, 6, p=0.2)
+            self.norm = fdt.DropoutAddLayerNorm(6, p=0.1)
+
+        def forward(self, x):
+            h = self.chan(self.drop(self.lin(x)))
+            h = self.norm(self.dc(h), h)
+            return fdt.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None], dropout_p=0.1)[:, 0]
+
+    with torch.device("meta"):
+        model = Net()
+    assert fdt.DropoutLinear(8, 6, device="meta").weight.is_meta
+    for train in (True, False):
+        y = model.train(train)(torch.empty(3, 4, 8, device="meta", requires_grad=True))
+        assert y.is_meta and y.shape == (3, 4, 6)
+    y.sum().backward()
+    reference = Net()
+    model.to_empty(device="cpu")
+    model.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 4, 8)
+    torch.manual_seed(1)
+    expected = reference.train()(x)
+    torch.manual_seed(1)
+    assert torch.equal(model.train()(x), expected)
+
+
+@pytest.mark.parametrize("route", ["eager", "dispatcher"])
+def test_inference_mode_inputs_train_as_through_dropout_then_linear(backend, route):
+    """An input made under torch.inference_mode trains through DropoutLinear and
+    DropoutAddLayerNorm as through torch's Dropout -> Linear and LayerNorm(r + Dropout(h)),
+    whose dropout output (not the input) is what autograd keeps."""
+    with torch.inference_mode():
+        x = torch.randn(3, 4) + 1.0
+    layer, norm = fdt.DropoutLinear(4, 2, p=0.5, activation="relu"), fdt.DropoutAddLayerNorm(4, p=0.3)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=route == "dispatcher"):
+        torch.manual_seed(2)
+        y = layer(x).float().sum() + norm(x, x).float().sum()
+    y.backward()
+    normal = x.clone()
+    grads = [layer.weight.grad.clone(), norm.weight.grad.clone()]
+    layer.zero_grad(), norm.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=route == "dispatcher"):
+        torch.manual_seed(2)
+        (layer(normal).float().sum() + norm(normal, normal).float().sum()).backward()
+    assert torch.equal(grads[0], layer.weight.grad) and torch.equal(grads[1], norm.weight.grad)
+
+
 # --------------------------------------------------------------------------- torch.export
 
 
@@ -380,7 +434,7 @@ def test_p_assigned_later_is_checked_when_used():
 @pytest.mark.parametrize("kwargs, match", [
     ({"dtype": torch.float64}, "supports dtype torch.float32"),
     ({"dtype": torch.int32}, "supports dtype"),
-    ({"device": "meta"}, "CPU only"),
+    ({"device": "cuda"}, "CPU only"),
 ])
 def test_unsupported_factory_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(TypeError, match=match):

@@ -75,6 +75,13 @@ def _from_numpy(a: np.ndarray, shape) -> torch.Tensor:
     return torch.from_numpy(a.reshape(tuple(shape)))
 
 
+def _savable(t: torch.Tensor) -> torch.Tensor:
+    """An input kept for the backward: an inference tensor (made under torch.inference_mode)
+    cannot be, so a copy is (torch's Dropout -> Linear keeps the dropout's new output, never
+    the input, and so takes such inputs; the fused layer must too)."""
+    return t.clone() if t.is_inference() else t
+
+
 def _apply_dropout(x: torch.Tensor, p: float, state: torch.Tensor, out: torch.Tensor) -> None:
     """out = dropout(x) under `state` (any strides; out may be x)."""
     seed, offset = read_state(state)
@@ -321,7 +328,7 @@ def _linear_setup(ctx, inputs, output):
     x, weight, bias, p, _, activation, train = inputs
     ctx.options = (p, activation, train, bias is not None)
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(x, weight, bias, output[1], output[2])
+    ctx.save_for_backward(_savable(x), weight, bias, output[1], output[2])
 
 
 def _activation_grad(z: torch.Tensor, activation: int) -> torch.Tensor:
@@ -420,8 +427,8 @@ def _route(*tensors) -> str:
         return "func"
     if (torch.is_autocast_enabled("cpu") or torch._C._is_torch_function_mode_enabled()
             or _get_current_dispatch_mode() is not None
-            or not all(t is None or type(t) in _PLAIN for t in tensors)):
-        return "op"
+            or not all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)):
+        return "op"  # (meta tensors: the ops' fake kernels give the shapes)
     return "fast"
 
 
@@ -461,7 +468,7 @@ class _EagerDropoutLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p, seed, offset, activation, train):  # type: ignore[override]
         y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False)
-        ctx.save_for_backward(x, weight, bias, z)
+        ctx.save_for_backward(_savable(x), weight, bias, z)
         ctx.options = (p, seed, offset, activation, train)
         return y
 
@@ -906,7 +913,7 @@ def _add_norm_setup(ctx, inputs, output):
     x, residual, weight, bias, p, eps, rms, _, train = inputs
     ctx.options = (p, eps, rms, train)
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(x, residual, weight, bias, output[1])
+    ctx.save_for_backward(_savable(x), _savable(residual), weight, bias, output[1])
 
 
 ADD_NORM_DOUBLE_BACKWARD_ERROR = ("fastdropout's dropout_add_layer_norm has no second derivative; use "

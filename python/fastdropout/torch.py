@@ -59,7 +59,7 @@ _ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def _check_tensor(t, name: str, dtypes: Tuple[torch.dtype, ...]) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu" or t.layout != torch.strided:
+    if t.device.type not in ("cpu", "meta") or t.layout != torch.strided:  # meta: shapes only (the ops' fake kernels)
         raise TypeError(
             f"{name} must be a dense CPU tensor, got one on {t.device} with layout {t.layout}; "
             "fastdropout.torch runs on the CPU only (move it with .cpu(), or use torch.nn.Dropout/Linear)"
@@ -86,8 +86,8 @@ def _fixed_state(seed: Optional[int], offset: int) -> Optional[torch.Tensor]:
 
 def _check_factory(device, dtype, dtypes, what: str) -> None:
     """Module construction: refuse a device or dtype the kernels cannot run, with what to pass."""
-    if device is not None and torch.device(device).type != "cpu":
-        raise TypeError(f"{what} runs on the CPU only; got device={device!r} (pass device='cpu' or None)")
+    if device is not None and torch.device(device).type not in ("cpu", "meta"):
+        raise TypeError(f"{what} runs on the CPU only; got device={device!r} (pass device='cpu', 'meta' or None)")
     if dtype is not None and dtype not in dtypes:
         want = ", ".join(str(d) for d in dtypes)
         raise TypeError(f"{what} supports dtype {want} (or None for the default); got dtype={dtype}")
