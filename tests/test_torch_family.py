@@ -231,6 +231,33 @@ def test_dropout_add_layer_norm(backend, norm, dtype):
     close(m(x, r), ev, **tol)
 
 
+@pytest.mark.parametrize("residual_shape", [(16,), (5, 1), (1, 5, 16)], ids=lambda s: "x".join(map(str, s)))
+def test_dropout_add_layer_norm_broadcasts_the_residual(backend, residual_shape):
+    """residual + dropout(x) with a residual that broadcasts to x's shape, as torch's add: the
+    output and every gradient (the residual's summed over the broadcast dimensions) as torch's."""
+    m = fdt.DropoutAddLayerNorm(16, p=0.2)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    r = torch.randn(*residual_shape, requires_grad=True)
+    torch.manual_seed(4)
+    y = m(x, r)
+    keep = torch.from_numpy(fd.dropout_mask(x.shape, 0.2, seed=drawn_seed(4)))
+    expected = F.layer_norm(r + torch.where(keep, x * (1 / 0.8), 0.0), (16,), m.weight, m.bias, 1e-5)
+    close(y, expected, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, r], g), torch.autograd.grad(expected, [x, r], g)):
+        assert a.shape == b.shape
+        close(a, b, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="broadcasts"):
+        m(x, torch.randn(2, 5, 16))
+
+
+def test_dropout_with_p_zero_is_the_input_itself_and_draws_nothing():
+    x = torch.randn(3, 4)
+    state = torch.get_rng_state()
+    assert fdt.Dropout(0.0)(x) is x and fdt.dropout(x, 0.0) is x
+    assert torch.equal(torch.get_rng_state(), state)  # as torch's dropout: no draw
+
+
 def test_family_compiles_without_graph_breaks():
     class Block(torch.nn.Module):
         def __init__(self):

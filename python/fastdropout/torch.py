@@ -69,6 +69,12 @@ def _check_tensor(t, name: str, dtypes: Tuple[torch.dtype, ...]) -> None:
         raise TypeError(f"{name} must have dtype {want}; got {t.dtype}")
 
 
+def _broadcasts_to(shape, target) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(a == b or a == 1 for a, b in zip(reversed(shape), reversed(target)))
+
+
 def _check_inplace(x: torch.Tensor) -> None:
     """An in-place result needs one memory location per element (torch raises the same)."""
     if any(stride == 0 and size > 1 for size, stride in zip(x.shape, x.stride())):
@@ -129,7 +135,7 @@ def dropout(
     _check_tensor(x, "x", _DROPOUT_DTYPES)
     p = check_p(p)
     state = _fixed_state(seed, offset)
-    if not training:
+    if not training or p == 0.0:  # x itself, no draw (as torch's dropout)
         return x
     if inplace:
         _check_inplace(x)
@@ -716,7 +722,9 @@ class DropoutAddLayerNorm(torch.nn.Module):
     float64; float16 and bfloat16 inputs or parameters are widened to float32 and the result
     rounded once to ``torch.promote_types(x.dtype, residual.dtype)`` (as torch's
     ``LayerNorm(residual + h)`` under autocast, where ``h`` is bfloat16 and the residual may be
-    float32).  The mask is regenerated in the backward.  No second derivative (raises).
+    float32).  ``residual`` has x's shape or one that broadcasts to it (a bias-like residual, as
+    torch's ``residual + h`` broadcasts; its gradient is summed over the broadcast dimensions).
+    The mask is regenerated in the backward.  No second derivative (raises).
 
     References
     ----------
@@ -752,9 +760,11 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         _check_tensor(x, "x", _FAMILY_DTYPES)
         _check_tensor(residual, "residual", _FAMILY_DTYPES)
-        if residual.shape != x.shape or x.shape[-1:] != self.normalized_shape:
-            raise ValueError(f"x and residual must have one shape (..., {self.normalized_shape[0]}), "
-                             f"got {tuple(x.shape)} and {tuple(residual.shape)}")
+        if x.shape[-1:] != self.normalized_shape or not _broadcasts_to(residual.shape, x.shape):
+            raise ValueError(f"x must have shape (..., {self.normalized_shape[0]}) and residual x's shape or one "
+                             f"that broadcasts to it, got {tuple(x.shape)} and {tuple(residual.shape)}")
+        if residual.shape != x.shape:  # residual + dropout(x) broadcasts the residual, as torch's add
+            residual = residual.expand(x.shape)
         p = check_p(self.p)
         out = torch.promote_types(x.dtype, residual.dtype)
         work = torch.float64 if out == torch.float64 else torch.float32  # (.to is a no-op where it matches)
