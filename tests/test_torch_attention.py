@@ -194,14 +194,16 @@ def test_transformers_bert_training_step():
     pytest.importorskip("transformers")
     from transformers import AttentionInterface, AutoModel, BertConfig
 
-    fdt.register_transformers()
+    name = fdt.register_transformers()
 
     def eager_with_fastdropout_mask(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kw):
         """transformers' eager attention, with the keep mask fastdropout's op draws for the same call."""
+        assert attention_mask is not None  # the padding below must reach both implementations
         state = _torch_ops._draw_state() if dropout > 0 else None
         scores = query @ key.transpose(2, 3) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
-        if attention_mask is not None:
-            scores = scores + attention_mask
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros_like(scores).masked_fill(~attention_mask, float("-inf"))
+        scores = scores + attention_mask
         w = torch.softmax(scores, dim=-1)
         if dropout > 0:
             seed, offset = _torch_ops.read_state(state)
@@ -210,6 +212,11 @@ def test_transformers_bert_training_step():
         return (w @ value).transpose(1, 2).contiguous(), None
 
     AttentionInterface.register("eager_fastdropout_mask", eager_with_fastdropout_mask)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        AttentionMaskInterface.register("eager_fastdropout_mask", sdpa_mask)
+    except ImportError:
+        pass
     config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=40, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.25)
@@ -237,3 +244,38 @@ def test_transformers_bert_training_step():
     eager.eval()
     close(fast(input_ids=ids, attention_mask=attention_mask).last_hidden_state,
           eager(input_ids=ids, attention_mask=attention_mask).last_hidden_state, rtol=1e-5, atol=1e-5)
+    sdpa = AutoModel.from_config(config, attn_implementation="sdpa").eval()
+    sdpa.load_state_dict(fast.state_dict())
+    close(fast(input_ids=ids, attention_mask=attention_mask).last_hidden_state,
+          sdpa(input_ids=ids, attention_mask=attention_mask).last_hidden_state, rtol=1e-5, atol=1e-5)
+    assert name == "fastdropout"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_transformers_causal_models_with_padding_match_sdpa(family):
+    """Causal decoders (Llama with grouped-query attention, GPT-2) with left and right padding:
+    the registered implementation gets transformers' padding mask and gives sdpa's outputs."""
+    pytest.importorskip("transformers")
+    import copy
+
+    from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaModel
+
+    name = fdt.register_transformers()
+    if family == "llama":
+        config, cls = LlamaConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, intermediate_size=64), LlamaModel
+    else:
+        config, cls = GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_positions=32), GPT2Model
+    torch.manual_seed(0)
+    sdpa = cls._from_config(copy.deepcopy(config), attn_implementation="sdpa").eval()
+    fast = cls._from_config(copy.deepcopy(config), attn_implementation=name).eval()
+    fast.load_state_dict(sdpa.state_dict())
+    ids = torch.randint(1, 60, (3, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, 8:] = 0  # right padding
+    mask[2, :4] = 0  # left padding
+    with torch.no_grad():
+        a = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        b = sdpa(input_ids=ids, attention_mask=mask).last_hidden_state
+    keep = mask.bool()
+    close(a[keep], b[keep], rtol=1e-5, atol=1e-5)

@@ -529,6 +529,9 @@ def register_transformers(name: str = "fastdropout") -> str:
     attn_implementation="fastdropout")`` (or ``from_pretrained``) runs its attention,
     dropout included, through the fused kernel.  Returns the name.
 
+    With transformers 4.53 and later the name is also registered for mask creation (sdpa's
+    boolean masks), without which transformers hands the function no padding mask at all.
+
     Raises
     ------
     ImportError
@@ -540,6 +543,12 @@ def register_transformers(name: str = "fastdropout") -> str:
         raise ImportError(f"register_transformers needs transformers >= 4.48 with AttentionInterface ({exc}); "
                           "pip install transformers") from exc
     AttentionInterface.register(name, _transformers_attention)
+    try:  # transformers >= 4.53 builds each implementation's mask by name: ours takes sdpa's (a boolean mask)
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # older: the models build an sdpa-style mask themselves
+        pass
+    else:
+        AttentionMaskInterface.register(name, sdpa_mask)
     return name
 
 
