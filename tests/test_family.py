@@ -295,6 +295,25 @@ def test_gaussian_noise_is_standard_normal():
     assert abs(y.mean() - 1) < 0.005 and abs(y.var() - 1) < 0.01  # mean 1, variance p / (1 - p)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "gaussian_backward", "alpha", "alpha_backward", "channel"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_out_partially_overlapping_the_input_reads_the_input_first(backend, kind, dtype):
+    """NumPy's rule for out=: the result is as if the input had been read before anything was
+    written, also when out is the input shifted by one element."""
+    call = {"gaussian": lambda a, **kw: fd.gaussian_dropout(a, 0.3, seed=4, offset=1, **kw),
+            "gaussian_backward": lambda a, **kw: fd.gaussian_dropout_backward(a, 0.3, seed=4, offset=1, **kw),
+            "alpha": lambda a, **kw: fd.alpha_dropout(a, 0.3, seed=4, offset=1, **kw),
+            "alpha_backward": lambda a, **kw: fd.alpha_dropout_backward(a, 0.3, seed=4, offset=1, **kw),
+            "channel": lambda a, **kw: fd.dropout(a.reshape(-1, 7), 0.3, seed=4, noise_shape=(1, 7), **kw)}[kind]
+    buffer = np.random.default_rng(0).standard_normal(7 * 1431 + 1).astype(dtype)
+    x, out = buffer[:-1], buffer[1:]
+    expected = call(x.copy())
+    if kind == "channel":
+        x, out = x.reshape(-1, 7), out.reshape(-1, 7)
+    assert call(x, out=out) is out
+    assert np.array_equal(out.reshape(expected.shape), expected)
+
+
 def test_gaussian_errors():
     with pytest.raises(ValueError, match="p < 1"):
         fd.gaussian_dropout(values(4), 1.0, seed=1)

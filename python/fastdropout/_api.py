@@ -113,6 +113,16 @@ def noise_groups(noise_shape: Any, shape: Tuple[int, ...]) -> Optional[Tuple[Lis
     return sizes, kinds
 
 
+def writes_directly(out: Optional[np.ndarray], src: np.ndarray) -> bool:
+    """Whether an elementwise kernel may write `out` while it reads `src`: C-contiguous and
+    aligned, and either apart from src or exactly src (in place).  A partial overlap goes
+    through a buffer, so that the result is as if src had been read first."""
+    return out is not None and out.flags.c_contiguous and out.flags.aligned and (
+        not np.may_share_memory(out, src)
+        or (out.__array_interface__["data"][0] == src.__array_interface__["data"][0] and out.strides == src.strides)
+    )
+
+
 def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray],
                  op: Optional[Tuple[float, float, float, bool]] = None,
                  groups: Optional[Tuple[List[int], List[bool]]] = None) -> np.ndarray:
@@ -120,11 +130,7 @@ def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[
     ``keep ? x * a (+ b_keep) : (b_drop or +0)`` with op = (a, b_keep, b_drop, affine);
     the mask over `groups` (a broadcast noise array) when given."""
     src = np.asarray(x, order="C")  # (ascontiguousarray would turn 0-d into 1-d)
-    direct = out is not None and out.flags.c_contiguous and out.flags.aligned and (
-        not np.may_share_memory(out, src)
-        or (out.__array_interface__["data"][0] == src.__array_interface__["data"][0] and out.strides == src.strides)
-    )
-    target = out if direct else np.empty(src.shape, dtype=src.dtype)
+    target = out if writes_directly(out, src) else np.empty(src.shape, dtype=src.dtype)
     if groups is not None or op is not None:
         a, b_keep, b_drop, affine = op if op is not None else (scale(p, src.dtype), 0.0, 0.0, False)
         if groups is not None:
@@ -139,7 +145,7 @@ def _elementwise(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[
         _core.dropout(src.reshape(-1), target.reshape(-1), seed, offset, threshold(p), scale(p, src.dtype))
     if out is None:
         return target
-    if not direct:
+    if target is not out:
         np.copyto(out, target)
     return out
 

@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups
+from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups, writes_directly
 from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
 from ._generator import Generator, check_stream, default_generator
 
@@ -137,8 +137,8 @@ def _check_gaussian_p(p: Any) -> float:
 
 
 def _gaussian(x: np.ndarray, p: float, seed: int, offset: int, out: Optional[np.ndarray]) -> np.ndarray:
-    src = np.ascontiguousarray(x)
-    target = np.empty(src.shape, src.dtype) if out is None or not out.flags.c_contiguous else out
+    src = np.asarray(x, order="C")
+    target = out if writes_directly(out, src) else np.empty(src.shape, src.dtype)
     _core.gaussian(src.reshape(-1), target.reshape(-1), seed, offset, math.sqrt(p / (1.0 - p)))
     if out is not None and target is not out:
         np.copyto(out, target)
