@@ -90,3 +90,31 @@ def test_dropout_add_layer_norm_layer():
         nn.DropoutAddLayerNorm(16, norm="group")
     with pytest.raises(ValueError):
         nn.GaussianDropout(1.0)
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Dropout(0.5, seed=1), (40, 30)), (lambda: nn.Dropout2d(0.5, seed=1), (4, 6, 5, 5)),
+    (lambda: nn.AlphaDropout(0.5, seed=1), (40, 30)), (lambda: nn.GaussianDropout(0.5, seed=1), (40, 30)),
+    (lambda: nn.DropoutDense(30, 8, 0.5, activation="relu", seed=1), (40, 30)),
+    (lambda: nn.DropConnectDense(30, 8, 0.5, activation="gelu", seed=1), (40, 30)),
+    (lambda: nn.DropoutAddLayerNorm(30, p=0.5, seed=1), (40, 30)),
+], ids=["Dropout", "Dropout2d", "AlphaDropout", "GaussianDropout", "DropoutDense", "DropConnectDense",
+        "DropoutAddLayerNorm"])
+def test_backward_uses_the_forwards_hyperparameters(backend, make, shape):
+    """p (and the activation, eps, norm) assigned between forward and backward do not change
+    the backward: it regenerates the mask the forward applied, as torch's saved state would."""
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    grads = []
+    for change in (False, True):
+        layer = make()
+        args = (x, x) if isinstance(layer, nn.DropoutAddLayerNorm) else (x,)
+        y = layer.forward(*args)
+        if change:
+            layer.p = 0.1
+            for name, value in (("activation", None), ("eps", 0.5), ("norm", "rms")):
+                if hasattr(layer, name):
+                    setattr(layer, name, value)
+        g = layer.backward(np.ones_like(y))
+        grads.append(g if isinstance(g, tuple) else (g,))
+    for a, b in zip(*grads):
+        assert np.array_equal(a, b)

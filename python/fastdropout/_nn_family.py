@@ -185,14 +185,13 @@ class DropoutAddLayerNorm(Module):
         seed, offset = self.generator.draw(x.size) if masked else (0, 0)
         y = dropout_add_layer_norm(x, residual, self.weight, self.bias, self.p, eps=self.eps, norm=self.norm,
                                    seed=seed, offset=offset, training=masked)
-        self._saved = (x, residual, seed, offset, masked)
+        self._saved = (x, residual, seed, offset, masked, self.p, self.eps, self.norm)  # (as the forward used them)
         return y
 
     def backward(self, grad: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:  # type: ignore[override]
-        x, residual, seed, offset, masked = _take_saved(self)
+        x, residual, seed, offset, masked, p, eps, norm = _take_saved(self)
         grads = dropout_add_layer_norm_backward(_as_float32(grad, "grad"), x, residual, self.weight, self.bias,
-                                                self.p if masked else 0.0, eps=self.eps, norm=self.norm, seed=seed,
-                                                offset=offset)
+                                                p if masked else 0.0, eps=eps, norm=norm, seed=seed, offset=offset)
         if self.grad_weight is not None:
             self.grad_weight += grads[2]
         if self.grad_bias is not None:

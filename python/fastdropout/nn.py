@@ -284,7 +284,7 @@ class _MaskedLayer(Module):
             return x
         seed, offset = self.generator.draw(int(np.prod(noise)) if noise is not None else x.size)
         y = type(self)._forward(x, self.p, seed=seed, offset=offset, noise_shape=noise)
-        self._saved = (seed, offset, x.shape, noise)
+        self._saved = (self.p, seed, offset, x.shape, noise)  # (p as the forward used it, whatever is assigned later)
         return y
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
@@ -292,10 +292,10 @@ class _MaskedLayer(Module):
         grad = _as_float(grad, "grad")
         if saved is _IDENTITY:
             return grad
-        seed, offset, shape, noise = saved
+        p, seed, offset, shape, noise = saved
         if grad.shape != shape:
             raise ValueError(f"grad must have the forward output's shape {shape}, got {grad.shape}")
-        return type(self)._backward(grad, self.p, seed=seed, offset=offset, noise_shape=noise)
+        return type(self)._backward(grad, p, seed=seed, offset=offset, noise_shape=noise)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -373,14 +373,14 @@ class _DenseLayer(Module):
             training=masked, return_preactivation=self.activation is not None,
         )
         y, z = out if self.activation is not None else (out, None)
-        self._saved = (x, z, seed, offset, masked)
+        self._saved = (x, z, seed, offset, masked, self.p, self.activation)  # (as the forward used them)
         return y
 
     def backward(self, grad: np.ndarray) -> np.ndarray:
-        x, z, seed, offset, masked = _take_saved(self)
+        x, z, seed, offset, masked, p, activation = _take_saved(self)
         grad = _as_float32(grad, "grad")
         grad_x, grad_w, grad_b = type(self)._backward(
-            grad, x, self.weight, self.p, seed=seed, offset=offset, activation=self.activation,
+            grad, x, self.weight, p, seed=seed, offset=offset, activation=activation,
             preactivation=z, bias=self.bias is not None, training=masked,
         )
         self.grad_weight += grad_w
