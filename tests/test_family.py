@@ -319,3 +319,13 @@ def test_gaussian_errors():
         fd.gaussian_dropout(values(4), 1.0, seed=1)
     with pytest.raises(TypeError):
         fd.gaussian_dropout(values(4).astype(np.float16), 0.5, seed=1)
+
+
+@pytest.mark.parametrize("fn", [fd.dropout, fd.alpha_dropout], ids=["dropout", "alpha_dropout"])
+def test_noise_shape_as_an_int_draws_from_the_generator(fn):
+    """A bare int noise_shape is a 1-d shape, with a seed or drawn from a generator alike."""
+    x = np.arange(1, 6, dtype=np.float32)
+    g = fd.Generator(seed=3)
+    y, (seed, offset) = fn(x, 0.5, noise_shape=5, generator=g, return_stream=True)
+    assert g.offset >= offset + 5  # (the generator hands out whole Philox blocks)
+    assert np.array_equal(y, fn(x, 0.5, noise_shape=(5,), seed=seed, offset=offset))

@@ -241,7 +241,8 @@ def dropout(
             y = out
         return (y, (None, None)) if return_stream else y
     if seed is None:
-        seed, offset = (generator or default_generator).draw(math.prod(noise_shape) if noise_shape is not None else x.size)
+        words = math.prod(check_shape(noise_shape)) if noise_shape is not None else x.size  # (an int is a 1-d shape)
+        seed, offset = (generator or default_generator).draw(words)
     y = _elementwise(x, p, seed, offset, out, groups=groups)
     return (y, (seed, offset)) if return_stream else y
 

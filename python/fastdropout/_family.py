@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _core
 from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups, writes_directly
-from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
+from ._checks import check_float_array, check_out, check_p, check_shape, check_u64, scale, threshold
 from ._generator import Generator, check_stream, default_generator
 
 SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's alpha * scale
@@ -86,7 +86,8 @@ def alpha_dropout(
         y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
         return (y, (None, None)) if return_stream else y
     if seed is None:
-        seed, offset = (generator or default_generator).draw(math.prod(noise_shape) if noise_shape is not None else x.size)
+        words = math.prod(check_shape(noise_shape)) if noise_shape is not None else x.size  # (an int is a 1-d shape)
+        seed, offset = (generator or default_generator).draw(words)
     if p == 1.0:
         y = np.zeros(x.shape, x.dtype) if out is None else (out.fill(0) or out)
     else:
