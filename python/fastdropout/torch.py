@@ -403,10 +403,10 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
 def _fusable(drop: torch.nn.Dropout, linear: torch.nn.Linear) -> bool:
     """Whether Dropout -> Linear can become one DropoutLinear: no hooks on either (a hook on the
     Linear sees the dropped input, which the fused layer never makes) and parameters that
-    DropoutLinear takes (CPU; float32, bfloat16 or float16; a float64 model keeps its Linear)."""
+    DropoutLinear takes (CPU or meta; float32, bfloat16 or float16; a float64 model keeps its Linear)."""
     hooked = any(getattr(m, name, None) for m in (drop, linear) for name in _HOOK_DICTS if name != "_is_full_backward_hook")
     w = linear.weight
-    return not hooked and w.device.type == "cpu" and w.dtype in _LINEAR_DTYPES
+    return not hooked and w.device.type in ("cpu", "meta") and w.dtype in _LINEAR_DTYPES
 
 
 def _fused_from(drop: torch.nn.Dropout, linear: torch.nn.Linear) -> "DropoutLinear":
