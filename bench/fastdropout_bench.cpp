@@ -151,6 +151,8 @@ int main(int argc, char** argv) {
 
   std::printf("fastdropout_bench: cpu features: %s; OpenMP: %s; repeats: %d\n",
               fd::cpu_features().c_str(), fd::has_openmp() ? "yes" : "no", opt.repeats);
+  std::printf("p = 0.5, float32; times per call; rate: elements or FLOPs per second; GB/s: the bytes the call\n"
+              "reads and writes per second (elementwise kernels; '-' for the GEMMs, which are compute-bound)\n");
   std::printf("%-8s %-24s %-16s %7s %12s %12s %12s %10s %9s\n", "backend", "kernel", "size",
               "threads", "median", "min", "max", "rate", "GB/s");
   std::vector<Row> rows;
@@ -159,9 +161,11 @@ int main(int argc, char** argv) {
     Row r{b, kernel, size, t, 0, 0, 0, work, traffic, unit};
     measure(fn, opt.repeats, r.median_s, r.min_s, r.max_s);
     rows.push_back(r);
-    std::printf("%-8s %-24s %-16s %7d %10.3f ms %10.3f ms %10.3f ms %8.2f %s %7.1f\n", b.c_str(),
+    char gbs[32] = "      -";
+    if (traffic > 0) std::snprintf(gbs, sizeof gbs, "%7.1f", traffic / r.median_s / 1e9);
+    std::printf("%-8s %-24s %-16s %7d %10.3f ms %10.3f ms %10.3f ms %8.2f %s %s\n", b.c_str(),
                 kernel.c_str(), size.c_str(), t, r.median_s * 1e3, r.min_s * 1e3, r.max_s * 1e3,
-                work / r.median_s / 1e9, unit, traffic / r.median_s / 1e9);
+                work / r.median_s / 1e9, unit, gbs);
     std::fflush(stdout);
   };
 

@@ -85,6 +85,29 @@ def test_cli_usage_and_errors(capsys):
     assert fd.backend() in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_main(["bench", "--threads", "0"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        cli_main(["info", "--bogus"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "positive integer"), (["--repeats", "-1"], "positive integer"),
+    (["--json", "/nonexistent-folder/b.json"], "does not exist"), (["--plot", "/nonexistent-folder/b.png"], "does not exist"),
+])
+def test_bench_refuses_bad_options_before_running(argv, message, capsys):
+    """Each bad option exits with usage at once (a missing output folder too, not after the run)."""
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bench_refuses_a_backend_this_cpu_lacks(capsys):
+    missing = [b for b in fd._core.compiled_backends() if b not in fd.available_backends()]
+    if not missing:
+        pytest.skip("this CPU runs every compiled backend")
+    with pytest.raises(SystemExit) as info:
+        cli_main(["bench", "--backend", missing[0]])
+    assert info.value.code == 2 and "this CPU has" in capsys.readouterr().err
 
 
 def test_bench_help_is_plain_text(capsys):

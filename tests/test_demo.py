@@ -67,7 +67,8 @@ def test_demo_restores_thread_count(capsys):
     assert fd.get_num_threads() == before
 
 
-@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--epochs", "x"], ["--seed", "-1"], ["--bogus"]])
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--epochs", "x"], ["--seed", "-1"], ["--bogus"],
+                                  ["--plot", "/nonexistent-folder/demo.png"], ["--threads", "0"]])
 def test_bad_options_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as info:
         _demo.main(argv)

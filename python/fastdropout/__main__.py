@@ -54,6 +54,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         return demo_main(rest)
     if command == "info":
+        import argparse
+
+        argparse.ArgumentParser(prog="python -m fastdropout info", description="Print the CPU, the SIMD backend "
+                                "and why, the GEMM path, the threads and the OpenMP runtime in use.").parse_args(rest)
         return info()
     print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2

@@ -25,6 +25,7 @@ import numpy as np
 
 import fastdropout as fd
 from . import reference
+from ._checks import output_path_arg, positive_int_arg
 from ._platform import caches, cpu_model, cpu_vendor
 from ._runtime import wait_policy
 
@@ -764,7 +765,8 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
     caches = ", ".join(f"{k} {v}" for k, v in (info.get("caches") or {}).items())
     out.append(f"  cpu      : {info['cpu']} ({info.get('cpu_vendor', '?')}; {info['cores']} cores{'; ' + caches if caches else ''})")
     out.append(f"  isa      : {info['isa']}; backend {info['backend']} (available: {', '.join(info['available_backends'])})")
-    out.append(f"  threads  : {threads} thread{'s' if threads != 1 else ''} for fastdropout, NumPy's BLAS ({info.get('numpy_threads')}) and torch")
+    peers = f"NumPy's BLAS ({info.get('numpy_threads')})" + (" and torch" if info.get("torch") else "")
+    out.append(f"  threads  : {threads} thread{'s' if threads != 1 else ''} for fastdropout and {peers}")
     out.append(f"  gemm path: {info.get('gemm_path')}")
     if info.get("openmp_wait"):
         out.append(f"  openmp   : idle threads wait {info['openmp_wait']}")
@@ -875,17 +877,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="16M elements, the two smaller layers, training steps at batch 64 and 256 without torch.compile, "
                          "attention at 128 and 512 tokens, 5 repeats")
-    ap.add_argument("--json", metavar="PATH", help="save every figure as JSON")
-    ap.add_argument("--plot", metavar="PATH", help="draw throughput against size to a PNG (needs matplotlib)")
-    ap.add_argument("--threads", type=int, help="threads for fastdropout and the peers (default: all cores)")
-    ap.add_argument("--backend", choices=fd._core.compiled_backends(), help="force a SIMD backend")
-    ap.add_argument("--repeats", type=int, help="timed samples per figure (default 9, 5 with --quick)")
+    ap.add_argument("--json", metavar="PATH", type=output_path_arg, help="save every figure as JSON")
+    ap.add_argument("--plot", metavar="PATH", type=output_path_arg,
+                    help="draw throughput against size to a PNG (needs matplotlib)")
+    ap.add_argument("--threads", type=positive_int_arg, help="threads for fastdropout and the peers (default: all cores)")
+    ap.add_argument("--backend", choices=fd._core.compiled_backends(),
+                    help=f"force a SIMD backend this CPU has ({', '.join(fd.available_backends())})")
+    ap.add_argument("--repeats", type=positive_int_arg, help="timed samples per figure (default 9, 5 with --quick)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile training-step rows")
     ap.add_argument("--no-scaling", action="store_true", help="skip the thread-scaling table")
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the test suite's smoke run
     args = ap.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        ap.error("--threads must be >= 1")
+    if args.backend is not None and args.backend not in fd.available_backends():
+        ap.error(f"--backend {args.backend}: this CPU has {', '.join(fd.available_backends())}")
     if args.plot and not _have("matplotlib"):
         ap.error("--plot needs matplotlib: pip install 'fastdropout[bench]'")
     kwargs = {}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import numbers
 import operator
 from typing import Any, Tuple
@@ -127,3 +128,32 @@ def check_shape(shape: Any) -> Tuple[int, ...]:
     if n >= 1 << 62:
         raise ValueError(f"shape {tuple(out)} has {n} elements, more than this package can address")
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- command-line arguments
+
+
+def positive_int_arg(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def output_path_arg(text: str) -> str:
+    """argparse type: a file to write at the end of a run, whose folder exists now (so that a
+    long run does not end in FileNotFoundError)."""
+    import argparse
+
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder!r} does not exist (for {text!r})")
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; give a file name")
+    return text

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _api
 from . import nn
+from ._checks import output_path_arg, positive_int_arg
 from ._generator import Generator
 
 # The full demo: a wide hidden layer overfits a third of the digits without dropout.
@@ -37,31 +38,21 @@ LOG_EVERY = 10
 QUICK = {"train_size": 200, "hidden": 128, "epochs": 3, "mc_samples": 5}
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def _parse(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m fastdropout demo",
         description="Train an MLP from fastdropout.nn on scikit-learn's digits without and with "
         "dropout; compare train/test accuracy and show MC dropout's confidence.",
     )
-    parser.add_argument("--epochs", type=_positive_int, default=None, help=f"training epochs (default {EPOCHS})")
+    parser.add_argument("--epochs", type=positive_int_arg, default=None, help=f"training epochs (default {EPOCHS})")
     parser.add_argument("--quick", action="store_true", help="a shortened run (small model, 3 epochs) for tests")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split, initialisation, order and masks")
     parser.add_argument(
-        "--plot", metavar="PATH",
+        "--plot", metavar="PATH", type=output_path_arg,
         help="also draw the MC-dropout ensemble beside a random forest as each grows (1 to 100 members) to a PNG "
              "(needs matplotlib)")
     parser.add_argument(
-        "--threads", type=_positive_int, default=1,
+        "--threads", type=positive_int_arg, default=1,
         help="kernel threads (default 1: the matrices are small; the numbers are the same for any count)",
     )
     args = parser.parse_args(argv)
