@@ -145,6 +145,32 @@ def test_inference_mode_inputs_train_as_through_dropout_then_linear(backend, rou
     assert torch.equal(grads[0], layer.weight.grad) and torch.equal(grads[1], norm.weight.grad)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_recomputes_the_same_masks(backend, use_reentrant):
+    """torch.utils.checkpoint reruns the forward in the backward with torch's RNG state restored:
+    the ops draw the same seeds, so the recomputed masks and the gradients are the plain run's."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(fdt.DropoutLinear(8, 8, p=0.5, activation="relu"), fdt.Dropout(0.3),
+                                fdt.Dropout1d(0.2), fdt.GaussianDropout(0.2))
+    norm = fdt.DropoutAddLayerNorm(8, p=0.3)
+
+    def run(x):
+        return norm(block(x), x)
+
+    grads = []
+    for checkpointed in (False, True):
+        x = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        torch.manual_seed(5)
+        y = checkpoint(run, x, use_reentrant=use_reentrant) if checkpointed else run(x)
+        y.square().sum().backward()
+        grads.append([x.grad] + [p.grad.clone() for p in block.parameters()])
+        block.zero_grad()
+    for a, b in zip(*grads):
+        close(a, b)
+
+
 # --------------------------------------------------------------------------- torch.export
 
 
