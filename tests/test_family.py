@@ -329,3 +329,16 @@ def test_noise_shape_as_an_int_draws_from_the_generator(fn):
     y, (seed, offset) = fn(x, 0.5, noise_shape=5, generator=g, return_stream=True)
     assert g.offset >= offset + 5  # (the generator hands out whole Philox blocks)
     assert np.array_equal(y, fn(x, 0.5, noise_shape=(5,), seed=seed, offset=offset))
+
+
+@pytest.mark.parametrize("fn,bwd", [(fd.alpha_dropout, fd.alpha_dropout_backward),
+                                    (fd.gaussian_dropout, fd.gaussian_dropout_backward)], ids=["alpha", "gaussian"])
+def test_p_zero_in_training_returns_a_stream_its_backward_takes(backend, fn, bwd):
+    """As dropout: at p = 0 the output is x, and return_stream gives a (seed, offset) drawn
+    from the generator that the backward accepts (the identity gradient)."""
+    x = np.linspace(-2, 2, 12, dtype=np.float32)
+    g = fd.Generator(seed=9)
+    y, (seed, offset) = fn(x, 0.0, generator=g, return_stream=True)
+    assert np.array_equal(y, x) and seed == 9 and g.offset > offset
+    assert np.array_equal(bwd(np.ones_like(x), 0.0, seed=seed, offset=offset), np.ones_like(x))
+    assert fn(x, 0.3, training=False, return_stream=True)[1] == (None, None)

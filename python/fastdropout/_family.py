@@ -82,13 +82,15 @@ def alpha_dropout(
         check_out(out, x.shape, x.dtype)
     groups = noise_groups(noise_shape, x.shape)
     seed, offset = check_stream(seed, offset, generator)
-    if not training or p == 0.0:
+    if not training:
         y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
         return (y, (None, None)) if return_stream else y
-    if seed is None:
+    if seed is None:  # (drawn at p = 0 too, as dropout does: the stream then feeds the backward)
         words = math.prod(check_shape(noise_shape)) if noise_shape is not None else x.size  # (an int is a 1-d shape)
         seed, offset = (generator or default_generator).draw(words)
-    if p == 1.0:
+    if p == 0.0:
+        y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
+    elif p == 1.0:
         y = np.zeros(x.shape, x.dtype) if out is None else (out.fill(0) or out)
     else:
         a, b_keep, b_drop = alpha_constants(p, x.dtype)
@@ -193,10 +195,10 @@ def gaussian_dropout(
     if out is not None:
         check_out(out, x.shape, x.dtype)
     seed, offset = check_stream(seed, offset, generator)
-    if not training or p == 0.0:
+    if not training:
         y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
         return (y, (None, None)) if return_stream else y
-    if seed is None:
+    if seed is None:  # (drawn at p = 0 too, as dropout does: the stream then feeds the backward)
         seed, offset = (generator or default_generator).draw(x.size)
     y = _gaussian(x, p, seed, offset, out)
     return (y, (seed, offset)) if return_stream else y
