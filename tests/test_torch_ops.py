@@ -756,3 +756,17 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
         assert _torch_ops._route(x, layer.weight) == "op"
         layer(x)
     assert len(calls) == 1
+
+
+def test_functional_signatures_are_torchs():
+    """fdt.dropout takes F.dropout's parameters (names, order, defaults), then its own keywords;
+    fdt.dropout_linear starts as F.linear does (input, weight, bias)."""
+    import inspect
+
+    ours = list(inspect.signature(fdt.dropout).parameters.values())
+    theirs = list(inspect.signature(F.dropout).parameters.values())
+    assert [(p.name, p.default) for p in ours[:len(theirs)]] == [(p.name, p.default) for p in theirs]
+    assert all(p.kind is p.KEYWORD_ONLY for p in ours[len(theirs):])
+    assert list(inspect.signature(fdt.dropout_linear).parameters)[:3] == ["input", "weight", "bias"]
+    x = torch.ones(2, 3)
+    assert torch.equal(fdt.dropout(input=x, p=0.5, seed=1), fdt.dropout(x, 0.5, seed=1))

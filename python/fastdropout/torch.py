@@ -10,8 +10,8 @@ Randomness: every training-mode call draws one 63-bit Philox seed from torch's
 default CPU generator, inside the op when it runs (offset 0), so
 ``torch.manual_seed(s)`` makes a run reproducible, compiled or not, and
 ``model.eval()`` turns dropout off (and draws nothing).  The backward regenerates
-the mask from that seed; no mask is stored.  Give ``seed=`` (and ``offset=``) to the
-functional forms for a fixed stream: the mask is then exactly
+the mask from that seed; no mask is stored.  Give ``seed=`` (and ``offset=``) to
+:func:`dropout` or :func:`dropout_linear` for a fixed stream: the mask is then exactly
 ``fastdropout.dropout_mask(x.shape, p, seed=seed, offset=offset)``.
 
 Supported inputs: dense CPU tensors.  :class:`Dropout` and :func:`dropout`: float32,
@@ -103,7 +103,7 @@ def _check_factory(device, dtype, dtypes, what: str) -> None:
 
 
 def dropout(
-    x: torch.Tensor,
+    input: torch.Tensor,  # noqa: A002 (torch.nn.functional.dropout's name)
     p: float = 0.5,
     training: bool = True,
     inplace: bool = False,
@@ -115,12 +115,12 @@ def dropout(
 
     Parameters
     ----------
-    x : CPU tensor of float32, float64, float16 or bfloat16, any shape and memory format
+    input : CPU tensor of float32, float64, float16 or bfloat16, any shape and memory format
         (the result keeps it).
     p : drop probability in [0, 1].
-    training : False returns ``x`` itself and draws nothing.
-    inplace : write the result into ``x`` (returned).  Where autograd needs the
-        input's graph (``x`` requires grad and grad mode is on) the result is computed
+    training : False (or p = 0) returns ``input`` itself and draws nothing, as torch does.
+    inplace : write the result into ``input`` (returned).  Where autograd needs the
+        input's graph (``input`` requires grad and grad mode is on) the result is computed
         aside and copied in, so autograd sees an in-place copy, as with torch.
     seed, offset : a fixed Philox stream (64-bit); with ``seed=None`` a seed is drawn
         from torch's default generator when the op runs.
@@ -128,10 +128,12 @@ def dropout(
     Raises
     ------
     TypeError
-        ``x`` is not a dense CPU tensor of a supported dtype, or ``seed``/``offset`` are not ints.
+        ``input`` is not a dense CPU tensor of a supported dtype, or ``seed``/``offset`` are not ints.
     ValueError
-        ``p`` outside [0, 1] or NaN; ``seed``/``offset`` outside [0, 2**64).
+        ``p`` outside [0, 1] or NaN; ``seed``/``offset`` outside [0, 2**64); ``inplace`` on an
+        expanded view (several elements at one memory location).
     """
+    x = input
     _check_tensor(x, "x", _DROPOUT_DTYPES)
     p = check_p(p)
     state = _fixed_state(seed, offset)
@@ -147,7 +149,7 @@ def dropout(
 
 
 def dropout_linear(
-    x: torch.Tensor,
+    input: torch.Tensor,  # noqa: A002 (torch.nn.functional.linear's name)
     weight: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     p: float = 0.5,
@@ -157,11 +159,12 @@ def dropout_linear(
     seed: Optional[int] = None,
     offset: int = 0,
 ) -> torch.Tensor:
-    """Fused ``act(F.linear(F.dropout(x, p), weight, bias))`` on the CPU.
+    """Fused ``act(F.linear(F.dropout(input, p), weight, bias))`` on the CPU (Srivastava et al.,
+    "Dropout: A Simple Way to Prevent Neural Networks from Overfitting", JMLR 15, 2014).
 
     Parameters
     ----------
-    x : tensor of shape ``(..., in_features)``.
+    input : tensor of shape ``(..., in_features)`` (``x`` below).
     weight : ``(out_features, in_features)`` (``torch.nn.Linear``'s layout).
     bias : ``(out_features,)`` or None.
     p : drop probability in [0, 1], on ``x``.
@@ -182,6 +185,7 @@ def dropout_linear(
     ValueError
         Shapes that do not fit, ``p`` outside [0, 1], unknown ``activation``.
     """
+    x = input
     p = _check_linear(x, weight, bias, p, activation)
     if seed is not None or offset != 0:
         offset = check_u64(offset, "offset")
