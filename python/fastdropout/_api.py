@@ -418,14 +418,15 @@ def dense(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None, 
 
     Parameters
     ----------
-    x : float32 array of shape ``(..., in_features)``.
-    weight : float32 array of shape ``(out_features, in_features)``.
-    bias : optional float32 array of shape ``(out_features,)``.
+    x : float32 or bfloat16 (``ml_dtypes``) array of shape ``(..., in_features)``.
+    weight : float32 or bfloat16 array of shape ``(out_features, in_features)``.
+    bias : optional float32 or bfloat16 array of shape ``(out_features,)``.
     activation : None, ``"relu"`` or ``"gelu"`` (the erf form).
 
     Returns
     -------
-    float32 array of shape ``(..., out_features)``.
+    array of shape ``(..., out_features)`` in ``x``'s dtype (bfloat16 computed in float32 and
+    rounded once), as :func:`dropout_dense`.
 
     Raises
     ------
@@ -552,13 +553,14 @@ def dropout_dense_backward(
 
     Returns
     -------
-    ``(grad_x, grad_weight, grad_bias)``: float32 arrays of ``x``'s, ``weight``'s and
-    ``(out_features,)`` shapes, or None where not computed.
+    ``(grad_x, grad_weight, grad_bias)``: arrays of ``x``'s, ``weight``'s and
+    ``(out_features,)`` shapes in ``x``'s, ``weight``'s and ``weight``'s dtypes (float32, or
+    bfloat16 rounded once from float32 sums), or None where not computed.
 
     Raises
     ------
     TypeError
-        Other dtypes than float32, a torch tensor, ``output_mask`` not three bools.
+        Dtypes other than float32 and bfloat16, a torch tensor, ``output_mask`` not three bools.
     ValueError
         Shapes that do not fit (``grad_out`` and ``preactivation`` must be
         ``(..., out_features)``), a missing ``preactivation`` with an activation, ``p``

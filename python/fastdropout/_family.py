@@ -243,9 +243,9 @@ def dropconnect_dense(
 
     Parameters
     ----------
-    x : float32 array ``(..., in_features)``.
-    weight : float32 array ``(out_features, in_features)`` (``torch.nn.Linear``'s layout).
-    bias : optional float32 ``(out_features,)``.
+    x : float32 or bfloat16 array ``(..., in_features)``.
+    weight : float32 or bfloat16 array ``(out_features, in_features)`` (``torch.nn.Linear``'s layout).
+    bias : optional float32 or bfloat16 ``(out_features,)``.
     p, seed, offset : the weight's dropout.
     activation : None, ``"relu"`` or ``"gelu"``.
     training : False gives the plain dense layer.

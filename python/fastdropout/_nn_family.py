@@ -155,7 +155,9 @@ class DropoutAddLayerNorm(Module):
     (:func:`fastdropout.dropout_add_layer_norm`): ``forward(x, residual)`` returns the normalized
     sum, ``backward(grad)`` returns ``(grad_x, grad_residual)`` and adds into ``grad_weight`` and
     ``grad_bias``.  ``weight`` (ones) and ``bias`` (zeros; none for RMS) have shape ``(D,)`` as
-    ``torch.nn.LayerNorm``'s, float32.  Each training-mode forward draws ``x.size`` elements."""
+    ``torch.nn.LayerNorm``'s, float32 (float64 inputs are converted to float32, unlike
+    :func:`fastdropout.dropout_add_layer_norm`, which keeps float64).  Each training-mode forward
+    with p > 0 draws ``x.size`` elements."""
 
     _param_names = ("weight", "bias")
 

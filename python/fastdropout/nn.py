@@ -3,8 +3,10 @@
 Layers follow PyTorch's conventions where they can: ``Dense`` and ``DropoutDense``
 store ``weight`` with shape ``(out_features, in_features)`` and ``bias`` with shape
 ``(out_features,)``, initialised as ``torch.nn.Linear`` does, and the keys of
-:meth:`Module.state_dict` (``"0.weight"``, ``"0.bias"``, ...) match those of an
-equivalent ``torch.nn.Sequential``, so weights move between the two.
+:meth:`Module.state_dict` (``"0.weight"``, ``"0.bias"``, ...) are those of a
+``torch.nn.Sequential`` with the same layers at the same places (a ``DropoutDense`` is one
+layer, where torch's ``Dropout, Linear`` are two: index the torch model's keys accordingly,
+or use ``fastdropout.torch.DropoutLinear``), so weights move between the two.
 
 Each layer has ``forward(x)`` and ``backward(grad)``.  ``backward`` returns the
 gradient with respect to the layer's input and *adds* the parameter gradients to
@@ -305,7 +307,7 @@ class Dropout(_MaskedLayer):
     """Inverted dropout: ``x / (1 - p)`` where kept, 0 where dropped; identity in eval mode.
 
     float32 and float64 inputs keep their dtype; other real dtypes become float32.
-    Each training-mode forward draws ``x.size`` elements from the generator.
+    Each training-mode forward with p > 0 draws ``x.size`` elements from the generator.
 
     Raises
     ------
@@ -513,7 +515,8 @@ class Sequential(Module):
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax along ``axis`` (same dtype for float inputs).
+    """Numerically stable softmax along ``axis`` (float32 and float64 keep their dtype; other
+    inputs, float16 included, are computed and returned in float32).
 
     Raises ``TypeError`` for non-numeric input and ``numpy.AxisError`` (a ``ValueError``)
     for an ``axis`` the array does not have.

@@ -454,7 +454,8 @@ def scaled_dot_product_attention(
     op; the ``(L, S)`` probabilities and their mask are never stored (forward and
     backward keep ``out`` and one log-sum-exp per query row).  The mask is drawn from a
     seed taken from torch's default generator, so ``torch.manual_seed`` reproduces it;
-    a query row whose keys are all masked gives zeros (torch's gives NaN).
+    a query row whose keys are all masked gives zeros (as torch 2.13's CPU kernels do; its
+    math reference gives NaN).
 
     Parameters
     ----------
@@ -470,7 +471,7 @@ def scaled_dot_product_attention(
     ------
     TypeError
         Not dense CPU tensors of a supported dtype, mixed dtypes, a mask neither bool
-        nor of query's dtype.
+        nor float32 nor of query's dtype.
     ValueError
         Shapes that do not fit or broadcast, ``dropout_p`` outside [0, 1], both
         ``attn_mask`` and ``is_causal``.
