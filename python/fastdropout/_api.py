@@ -206,10 +206,12 @@ def dropout(
     TypeError
         ``x`` is not a float32/float64/float16/bfloat16 array (a torch tensor names
         ``fastdropout.torch``), ``out`` has another dtype, ``seed``/``offset`` are
-        not integers, ``generator`` is not a :class:`Generator`.
+        not integers, ``generator`` is not a :class:`Generator`, ``noise_shape`` with a
+        float16/bfloat16 ``x`` or not a shape of integers.
     ValueError
         ``p`` outside [0, 1] or NaN, ``seed``/``offset`` outside [0, 2**64), ``out``
-        of another shape or read-only, both ``seed`` and ``generator`` given.
+        of another shape or read-only, both ``seed`` and ``generator`` given, a
+        ``noise_shape`` of another rank or with a dimension neither x's nor 1.
 
     References
     ----------

@@ -246,7 +246,7 @@ def attention(
     ValueError
         Shapes that do not fit or broadcast, ``p`` outside [0, 1], ``seed``/``offset``
         outside [0, 2**64), ``attn_mask`` with ``is_causal``, both ``seed`` and
-        ``generator``.
+        ``generator``, a ``scale`` that is not finite.
 
     References
     ----------

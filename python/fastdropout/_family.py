@@ -176,6 +176,12 @@ def gaussian_dropout(
     p : in [0, 1) (the variance of the noise is p / (1 - p)); 0 returns a copy of ``x``.
     seed, offset, generator, training, out, return_stream : as :func:`dropout`.
 
+    Returns
+    -------
+    ndarray of ``x``'s dtype and shape (``out`` if given); with ``return_stream`` also the
+    ``(seed, offset)`` used (``(None, None)`` when not training), which
+    :func:`gaussian_dropout_backward` takes.
+
     Raises
     ------
     TypeError
@@ -286,8 +292,26 @@ def dropconnect_dense_backward(
     ``grad_x = dz @ dropout(weight)``, ``grad_weight = dropout_backward(dz.T @ x)`` (the weight's
     mask, regenerated in the GEMM's write-back), ``grad_bias = dz.sum(0)`` (None without bias).
 
-    Returns ``(grad_x, grad_weight, grad_bias)`` in x's, weight's and ``(out_features,)``
-    shapes; errors as :func:`dropout_dense_backward`.
+    Parameters
+    ----------
+    grad_out : ``(..., out_features)``, the gradient of the forward's output.
+    x, weight, p, activation : the forward's (float32 or bfloat16 as :func:`dropconnect_dense`).
+    seed, offset : the forward's stream (the weight's mask is regenerated from it).
+    preactivation : the forward's ``z`` (``return_preactivation=True``), required with an
+        activation.
+    bias : whether the layer has a bias (else ``grad_bias`` is None).
+    training : False gives the plain dense layer's gradients.
+
+    Returns
+    -------
+    ``(grad_x, grad_weight, grad_bias)`` of x's, weight's and ``(out_features,)`` shapes in x's,
+    weight's and weight's dtypes.  All three are computed (:func:`dropout_dense_backward` has an
+    ``output_mask``; here the weight's mask makes ``grad_weight`` the reason to call it).
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`dropout_dense_backward`.
     """
     return dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
                                 (True, True, True), True)
