@@ -244,12 +244,22 @@ class Dropout(torch.nn.Module):
     in eval mode it returns its input unchanged.  ``p`` assigned after construction
     is checked at the next call (ValueError).
 
+    Parameters
+    ----------
+    p : drop probability in [0, 1]; kept elements are scaled by ``1 / (1 - p)``.
+    inplace : write the result into the input, as ``torch.nn.Dropout(inplace=True)``.
+
     Raises
     ------
     TypeError
         A non-real ``p``; at the call, what :func:`dropout` refuses.
     ValueError
         ``p`` outside [0, 1] or NaN.
+
+    References
+    ----------
+    N. Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from Overfitting",
+    JMLR 15 (2014).
     """
 
     def __init__(self, p: float = 0.5, inplace: bool = False) -> None:
@@ -272,9 +282,18 @@ class DropoutLinear(torch.nn.Module):
     ``activation`` is ``"relu"`` or ``"gelu"``), with the parameters named,
     shaped and initialised exactly as ``torch.nn.Linear``'s, so a state dict
     loads either way.  ``dtype`` may be float32 (the default), bfloat16 or float16
-    (computed in float32); ``device`` must be the CPU.  Anything else raises
+    (computed in float32); ``device`` the CPU or meta.  Anything else raises
     ``TypeError`` here, at construction.  ``p`` assigned after construction is
-    checked at the next call (ValueError).
+    checked at the next call (ValueError).  The input has shape ``(..., in_features)``, the
+    output ``(..., out_features)`` and the input's dtype (bfloat16 under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)``, as ``nn.Linear``'s).
+
+    Parameters
+    ----------
+    in_features, out_features, bias, device, dtype : as ``torch.nn.Linear``'s.
+    p : drop probability in [0, 1] on the layer's input.
+    activation : None, ``"relu"`` or ``"gelu"`` (the erf form, as ``torch.nn.GELU()``), fused
+        after the bias.
 
     Raises
     ------
