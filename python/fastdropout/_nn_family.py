@@ -44,7 +44,8 @@ class _ChannelDropout(_MaskedLayer):
 
 class Dropout1d(_ChannelDropout):
     """Drops whole channels of ``(N, C, L)`` (or unbatched ``(C, L)``) inputs, as ``torch.nn.Dropout1d``:
-    the mask is drawn over ``(N, C, 1)`` and broadcast (one word per channel).  Errors as
+    the mask is drawn over ``(N, C, 1)`` and broadcast (one word per channel).  ``p``, ``seed``,
+    ``generator``, dtypes (float32 and float64 kept, other real dtypes as float32) and errors as
     :class:`Dropout`; an input of another rank is a ``ValueError``.
 
     References
@@ -57,13 +58,15 @@ class Dropout1d(_ChannelDropout):
 
 
 class Dropout2d(_ChannelDropout):
-    """Channel dropout of ``(N, C, H, W)`` (or ``(C, H, W)``) inputs, as ``torch.nn.Dropout2d``."""
+    """Channel dropout of ``(N, C, H, W)`` (or ``(C, H, W)``) inputs, as ``torch.nn.Dropout2d``;
+    parameters, dtypes and errors as :class:`Dropout1d` (Tompson et al., CVPR 2015)."""
 
     spatial = 2
 
 
 class Dropout3d(_ChannelDropout):
-    """Channel dropout of ``(N, C, D, H, W)`` (or ``(C, D, H, W)``) inputs, as ``torch.nn.Dropout3d``."""
+    """Channel dropout of ``(N, C, D, H, W)`` (or ``(C, D, H, W)``) inputs, as ``torch.nn.Dropout3d``;
+    parameters, dtypes and errors as :class:`Dropout1d` (Tompson et al., CVPR 2015)."""
 
     spatial = 3
 
@@ -71,7 +74,9 @@ class Dropout3d(_ChannelDropout):
 class LockedDropout(_MaskedLayer):
     """One dropout mask shared along axis ``dim`` (e.g. time): variational dropout of recurrent
     networks (Gal and Ghahramani, "A Theoretically Grounded Application of Dropout in Recurrent
-    Neural Networks", NeurIPS 2016), ``noise_shape`` = x's shape with 1 at ``dim``."""
+    Neural Networks", NeurIPS 2016), ``noise_shape`` = x's shape with 1 at ``dim``.  ``p``,
+    ``seed``, ``generator``, dtypes and errors as :class:`Dropout`; ``dim`` an int (``TypeError``
+    otherwise), out of range for the input a ``ValueError`` at the call."""
 
     def __init__(self, p: float = 0.5, dim: int = 0, *, seed: Optional[int] = None,
                  generator: Optional[Generator] = None) -> None:
@@ -91,7 +96,9 @@ class LockedDropout(_MaskedLayer):
 
 
 class AlphaDropout(_MaskedLayer):
-    """Alpha dropout for SELU networks (:func:`fastdropout.alpha_dropout`), as ``torch.nn.AlphaDropout``."""
+    """Alpha dropout for SELU networks (:func:`fastdropout.alpha_dropout`), as ``torch.nn.AlphaDropout``;
+    parameters, dtypes and errors as :class:`Dropout` (Klambauer et al., "Self-Normalizing Neural
+    Networks", NeurIPS 2017)."""
 
     _forward = staticmethod(alpha_dropout)
     _backward = staticmethod(alpha_dropout_backward)

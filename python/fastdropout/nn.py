@@ -309,6 +309,13 @@ class Dropout(_MaskedLayer):
     float32 and float64 inputs keep their dtype; other real dtypes become float32.
     Each training-mode forward with p > 0 draws ``x.size`` elements from the generator.
 
+    Parameters
+    ----------
+    p : drop probability in [0, 1].
+    seed : a fixed seed for this layer's own :class:`fastdropout.Generator` (reproducible
+        masks); or
+    generator : a :class:`fastdropout.Generator` to draw from (default: the package's).
+
     Raises
     ------
     TypeError
