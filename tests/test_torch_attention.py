@@ -251,6 +251,23 @@ def test_transformers_bert_training_step():
     assert name == "fastdropout"
 
 
+@pytest.mark.parametrize("keyword", ["softcap", "position_bias", "s_aux", "sinks", "indices", "head_mask"])
+def test_transformers_attention_refuses_what_it_cannot_compute(keyword):
+    """A keyword that changes the attention (softcapping, T5's bias, GPT-OSS's attention sinks,
+    sparse indices, a head mask) raises instead of being dropped silently; None is fine."""
+    pytest.importorskip("transformers")
+    name = fdt.register_transformers()
+    from transformers import AttentionInterface
+
+    attention = AttentionInterface()[name]
+    q = torch.randn(1, 2, 4, 8)
+    module = torch.nn.Module()
+    out, _ = attention(module, q, q, q, None, **{keyword: None})
+    assert out.shape == (1, 4, 2, 8)
+    with pytest.raises(ValueError, match=keyword):
+        attention(module, q, q, q, None, **{keyword: torch.zeros(2)})
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_transformers_causal_models_with_padding_match_sdpa(family):
     """Causal decoders (Llama with grouped-query attention, GPT-2) with left and right padding:

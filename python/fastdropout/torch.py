@@ -528,6 +528,11 @@ def scaled_dot_product_attention(
     return _ops.call_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, None)[0]
 
 
+# Keywords transformers' models pass to an attention function that change what it computes
+# (softcapping, T5's bias, attention sinks as in GPT-OSS, sparse indices, a head mask): refused.
+_HF_UNSUPPORTED = ("softcap", "position_bias", "s_aux", "sinks", "indices", "head_mask")
+
+
 def _transformers_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                             scaling: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
     """The attention function transformers calls for ``attn_implementation="fastdropout"``:
@@ -535,8 +540,10 @@ def _transformers_attention(module, query, key, value, attention_mask, dropout: 
     head_dim)`` and no attention weights."""
     if kwargs.get("output_attentions"):
         raise ValueError("attn_implementation='fastdropout' does not return attention weights; use 'eager'")
-    if kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None:
-        raise ValueError("attn_implementation='fastdropout' supports neither softcap nor position_bias; use 'eager'")
+    unsupported = [k for k in _HF_UNSUPPORTED if kwargs.get(k) is not None]
+    if unsupported:  # what the kernel cannot honour must not be dropped silently
+        raise ValueError(f"attn_implementation='fastdropout' does not support {', '.join(unsupported)} "
+                         "(softcapping, a position bias, attention sinks, sparse indices or a head mask); use 'eager'")
     groups = getattr(module, "num_key_value_groups", 1)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     causal = bool(causal) and attention_mask is None and query.shape[2] > 1
