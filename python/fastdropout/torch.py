@@ -562,6 +562,10 @@ def register_transformers(name: str = "fastdropout") -> str:
 
     With transformers 4.53 and later the name is also registered for mask creation (sdpa's
     boolean masks), without which transformers hands the function no padding mask at all.
+    Padding, causal and sliding-window masks, grouped-query attention, cross-attention and
+    KV-cache generation work as with ``"sdpa"``; attention weights (``output_attentions``),
+    softcapping (Gemma 2), a position bias (T5), attention sinks (GPT-OSS), sparse indices
+    and a head mask raise ``ValueError`` when a model asks for them.
 
     Raises
     ------
