@@ -113,6 +113,12 @@ def noise_groups(noise_shape: Any, shape: Tuple[int, ...]) -> Optional[Tuple[Lis
     return sizes, kinds
 
 
+def stream_words(noise_shape: Any, x: np.ndarray) -> int:
+    """How many words a call draws: one per noise element (an int noise_shape is a 1-d shape),
+    else one per element of x."""
+    return math.prod(check_shape(noise_shape)) if noise_shape is not None else x.size
+
+
 def writes_directly(out: Optional[np.ndarray], src: np.ndarray) -> bool:
     """Whether an elementwise kernel may write `out` while it reads `src`: C-contiguous and
     aligned, and either apart from src or exactly src (in place).  A partial overlap goes
@@ -243,8 +249,7 @@ def dropout(
             y = out
         return (y, (None, None)) if return_stream else y
     if seed is None:
-        words = math.prod(check_shape(noise_shape)) if noise_shape is not None else x.size  # (an int is a 1-d shape)
-        seed, offset = (generator or default_generator).draw(words)
+        seed, offset = (generator or default_generator).draw(stream_words(noise_shape, x))
     y = _elementwise(x, p, seed, offset, out, groups=groups)
     return (y, (seed, offset)) if return_stream else y
 

@@ -9,8 +9,8 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups, writes_directly
-from ._checks import check_float_array, check_out, check_p, check_shape, check_u64, scale, threshold
+from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups, stream_words, writes_directly
+from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
 from ._generator import Generator, check_stream, default_generator
 
 SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's alpha * scale
@@ -82,20 +82,21 @@ def alpha_dropout(
         check_out(out, x.shape, x.dtype)
     groups = noise_groups(noise_shape, x.shape)
     seed, offset = check_stream(seed, offset, generator)
-    if not training:
-        y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
-        return (y, (None, None)) if return_stream else y
-    if seed is None:  # (drawn at p = 0 too, as dropout does: the stream then feeds the backward)
-        words = math.prod(check_shape(noise_shape)) if noise_shape is not None else x.size  # (an int is a 1-d shape)
-        seed, offset = (generator or default_generator).draw(words)
-    if p == 0.0:
-        y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
+    if training and seed is None:  # (drawn at p = 0 too, as dropout does: the stream then feeds the backward)
+        seed, offset = (generator or default_generator).draw(stream_words(noise_shape, x))
+    if not training or p == 0.0:
+        y = _copy(x, out)
     elif p == 1.0:
         y = np.zeros(x.shape, x.dtype) if out is None else (out.fill(0) or out)
     else:
         a, b_keep, b_drop = alpha_constants(p, x.dtype)
         y = _elementwise(x, p, seed, offset, out, op=(a, b_keep, b_drop, True), groups=groups)
-    return (y, (seed, offset)) if return_stream else y
+    return (y, (seed, offset) if training else (None, None)) if return_stream else y
+
+
+def _copy(x: np.ndarray, out: Optional[np.ndarray]) -> np.ndarray:
+    """The identity of the family (not training, or p = 0): a C-ordered copy, or out filled."""
+    return np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
 
 
 def alpha_dropout_backward(
@@ -201,13 +202,10 @@ def gaussian_dropout(
     if out is not None:
         check_out(out, x.shape, x.dtype)
     seed, offset = check_stream(seed, offset, generator)
-    if not training:
-        y = np.array(x, order="C", copy=True) if out is None else (np.copyto(out, x) or out)
-        return (y, (None, None)) if return_stream else y
-    if seed is None:  # (drawn at p = 0 too, as dropout does: the stream then feeds the backward)
+    if training and seed is None:  # (drawn at p = 0 too, as dropout does: the stream then feeds the backward)
         seed, offset = (generator or default_generator).draw(x.size)
-    y = _gaussian(x, p, seed, offset, out)
-    return (y, (seed, offset)) if return_stream else y
+    y = _copy(x, out) if not training or p == 0.0 else _gaussian(x, p, seed, offset, out)
+    return (y, (seed, offset) if training else (None, None)) if return_stream else y
 
 
 def gaussian_dropout_backward(

@@ -69,10 +69,12 @@ def _check_tensor(t, name: str, dtypes: Tuple[torch.dtype, ...]) -> None:
         raise TypeError(f"{name} must have dtype {want}; got {t.dtype}")
 
 
-def _broadcasts_to(shape, target) -> bool:
-    if len(shape) > len(target):
+def _broadcasts_to(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether a's shape broadcasts to b's (torch's rule)."""
+    try:
+        return torch.broadcast_shapes(a.shape, b.shape) == b.shape
+    except RuntimeError:
         return False
-    return all(a == b or a == 1 for a, b in zip(reversed(shape), reversed(target)))
 
 
 def _check_inplace(x: torch.Tensor) -> None:
@@ -804,7 +806,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         _check_tensor(x, "x", _FAMILY_DTYPES)
         _check_tensor(residual, "residual", _FAMILY_DTYPES)
-        if x.shape[-1:] != self.normalized_shape or not _broadcasts_to(residual.shape, x.shape):
+        if x.shape[-1:] != self.normalized_shape or not _broadcasts_to(residual, x):
             raise ValueError(f"x must have shape (..., {self.normalized_shape[0]}) and residual x's shape or one "
                              f"that broadcasts to it, got {tuple(x.shape)} and {tuple(residual.shape)}")
         if residual.shape != x.shape:  # residual + dropout(x) broadcasts the residual, as torch's add
