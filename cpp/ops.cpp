@@ -1,5 +1,10 @@
 #include "ops.hpp"
 
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <ctime>
 #include <memory>
 
 #if defined(FD_HAVE_OPENMP)
@@ -15,10 +20,139 @@ namespace {
 int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/// Threads worth starting for `work` units, given ~`grain` units per thread.
-int threads_for(int64_t work, int64_t grain) {
-  const int64_t want = max64(1, work / grain);
-  return static_cast<int>(min64(get_num_threads(), want));
+// ---------------------------------------------------------------------------
+// Neighbours.  Another library's idle threads (OpenBLAS's spin, yielding, for about
+// 110 ms after a NumPy matmul; an OpenMP runtime's for milliseconds) can hold the core
+// one of our threads runs on.  The scheduler then gives that thread a fraction of it,
+// and a parallel region waits for its share: measured on 2 vCPUs, a 64x784x512
+// dropout_dense right after a NumPy matmul took 4-7 ms on 2 threads against 0.9 ms on
+// one.  So each parallel region compares, for each of its threads, the wall time since
+// the region began with the CPU time the thread got.  When some thread went without its
+// core for more than half of the region, a neighbour is taken to be there: for a while
+// (20 ms, doubling while it recurs, up to 1 s) a problem whose one-thread time (measured
+// here, in CPU time per unit of work) is below four times the time that thread lost
+// runs on one thread; then a region on all threads probes again.  Only speed changes:
+// every result is bit-identical for any thread count.  FASTDROPOUT_ADAPT_THREADS=0 turns
+// this off.
+// ---------------------------------------------------------------------------
+
+/// The kind of work a threads_for unit stands for (each has its own measured cost).
+enum WorkKind { kElements = 0, kFlops = 1 };
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(
+             std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+/// The calling thread's CPU time (ns); -1 where the platform has no such clock.
+int64_t thread_cpu_ns() {
+#if defined(CLOCK_THREAD_CPUTIME_ID)
+  timespec ts;
+  if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) return int64_t{ts.tv_sec} * 1'000'000'000 + ts.tv_nsec;
+#endif
+  return -1;
+}
+
+constexpr int64_t kBackoffMin = 20'000'000, kBackoffMax = 1'000'000'000;  // ns
+constexpr int64_t kLostFloor = 50'000;  // ns: less is a worker's wake-up, not a neighbour
+
+struct Neighbours {
+  std::atomic<int64_t> until{0};  ///< steady-clock ns: until then, small problems run on one thread
+  std::atomic<int64_t> lost{0};   ///< the time (ns) a thread went without its core, that set `until`
+  std::atomic<int64_t> backoff{kBackoffMin};
+  std::atomic<int64_t> unit_ns[2] = {{0}, {0}};  ///< one thread's CPU ns per unit of work, averaged
+};
+Neighbours g_neighbours;
+
+bool adapt_threads() {
+  static const bool on = [] {
+    const char* v = std::getenv("FASTDROPOUT_ADAPT_THREADS");
+    return !(v && std::strcmp(v, "0") == 0) && thread_cpu_ns() >= 0;
+  }();
+  return on;
+}
+
+/// Folds one measured CPU time per unit into the running average (weight 1/8).
+void note_unit_time(WorkKind kind, int64_t ns_per_unit) {
+  if (ns_per_unit <= 0) return;
+  std::atomic<int64_t>& avg = g_neighbours.unit_ns[kind];
+  const int64_t old = avg.load(std::memory_order_relaxed);
+  avg.store(old == 0 ? ns_per_unit : old + (ns_per_unit - old) / 8, std::memory_order_relaxed);
+}
+
+void atomic_max(std::atomic<int64_t>& a, int64_t v) {
+  int64_t seen = a.load(std::memory_order_relaxed);
+  while (v > seen && !a.compare_exchange_weak(seen, v, std::memory_order_relaxed)) {
+  }
+}
+
+/// Small problems run on one thread from `t` for the backoff, which doubles.
+void mark_neighbour(int64_t t, int64_t lost) {
+  Neighbours& nb = g_neighbours;
+  const int64_t backoff = nb.backoff.load(std::memory_order_relaxed);
+  nb.lost.store(lost, std::memory_order_relaxed);
+  nb.until.store(t + backoff, std::memory_order_relaxed);
+  nb.backoff.store(min64(2 * backoff, kBackoffMax), std::memory_order_relaxed);
+}
+
+/// Times one parallel region: each thread calls enter() when it starts and leave()
+/// when its share is done; the caller calls done() after the region.
+class TeamClock {
+ public:
+  TeamClock(WorkKind kind, int64_t units)
+      : kind_(kind), units_(max64(units, 1)), on_(adapt_threads()), t0_(on_ ? now_ns() : 0) {}
+  int64_t enter() const { return on_ ? thread_cpu_ns() : 0; }
+  void leave(int64_t cpu0) {
+    if (!on_) return;
+    const int64_t cpu = thread_cpu_ns() - cpu0;
+    atomic_max(lost_, now_ns() - t0_ - cpu);
+    cpu_.fetch_add(cpu, std::memory_order_relaxed);
+  }
+  void done() {
+    if (!on_) return;
+    const int64_t t = now_ns(), span = t - t0_, lost = lost_.load(std::memory_order_relaxed);
+    Neighbours& nb = g_neighbours;
+    if (lost > kLostFloor && 2 * lost > span) {
+      mark_neighbour(t, lost);
+    } else if (8 * lost < span) {
+      note_unit_time(kind_, cpu_.load(std::memory_order_relaxed) / units_);
+      nb.backoff.store(kBackoffMin, std::memory_order_relaxed);
+    }
+  }
+
+ private:
+  WorkKind kind_;
+  int64_t units_;
+  bool on_;
+  int64_t t0_;
+  std::atomic<int64_t> lost_{0}, cpu_{0};
+};
+
+/// Threads worth starting for `work` units, given ~`grain` units per thread (one while a
+/// neighbour holds our cores and the problem is small; see Neighbours above).
+int threads_for(int64_t work, int64_t grain, WorkKind kind) {
+  const int64_t units = max64(1, work / grain);
+  int threads = static_cast<int>(min64(get_num_threads(), units));
+  if (threads > 1 && adapt_threads()) {
+    const Neighbours& nb = g_neighbours;
+    if (now_ns() < nb.until.load(std::memory_order_relaxed) &&
+        nb.unit_ns[kind].load(std::memory_order_relaxed) * units < 4 * nb.lost.load(std::memory_order_relaxed))
+      threads = 1;
+  }
+  return threads;
+}
+
+/// Runs f() on the calling thread alone, its CPU time noted as the per-unit cost that
+/// threads_for compares with.
+template <class F>
+void run_alone(WorkKind kind, int64_t units, F&& f) {
+  if (!adapt_threads()) {
+    f();
+    return;
+  }
+  const int64_t cpu0 = thread_cpu_ns();
+  f();
+  note_unit_time(kind, (thread_cpu_ns() - cpu0) / max64(units, 1));
 }
 
 /// Ranges per thread that parallel_ranges aims for when the work allows.
@@ -32,18 +166,28 @@ constexpr int64_t kRangesPerThread = 8;
 /// of holding the others up at the end.  Which thread runs a range never changes a result.
 template <class F>
 void parallel_ranges(int64_t n, int64_t align, int64_t grain, F&& f) {
-  const int threads = threads_for(n, grain);
+  const int threads = threads_for(n, grain, kElements);
+  const int64_t units = max64(1, n / max64(grain, 1));
   if (threads <= 1) {
-    if (n > 0) f(int64_t{0}, n);
+    if (n > 0) run_alone(kElements, units, [&] { f(int64_t{0}, n); });
     return;
   }
   const int64_t ranges = int64_t{threads} * kRangesPerThread;
   const int64_t per = round_up(max64((n + ranges - 1) / ranges, grain), align);
   const int64_t count = (n + per - 1) / per;
+  TeamClock clock(kElements, units);
 #if defined(FD_HAVE_OPENMP)
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-#endif
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t cpu0 = clock.enter();
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t r = 0; r < count; ++r) f(r * per, min64(n, r * per + per));
+    clock.leave(cpu0);
+  }
+#else
   for (int64_t r = 0; r < count; ++r) f(r * per, min64(n, r * per + per));
+#endif
+  clock.done();
 }
 
 constexpr int64_t kElementGrain = 1 << 16;
@@ -172,6 +316,22 @@ void draw_bits(const Kernels& k, const Mat& m, uint64_t* bits, int t, int parts)
   if (t == parts - 1) bits[words] = 0;
 }
 
+NeighbourState neighbour_state() {
+  const Neighbours& nb = g_neighbours;
+  NeighbourState st;
+  st.adapting = adapt_threads();
+  st.one_thread_ns_left = max64(0, nb.until.load() - now_ns());
+  st.lost_ns = nb.lost.load();
+  st.backoff_ns = nb.backoff.load();
+  st.unit_ns_elements = nb.unit_ns[kElements].load();
+  st.unit_ns_flops = nb.unit_ns[kFlops].load();
+  return st;
+}
+
+void note_neighbour(int64_t lost_ns) { mark_neighbour(now_ns(), lost_ns); }
+
+int gemm_threads(int64_t flops) { return threads_for(flops, int64_t{1} << 20, kFlops); }
+
 void gemm(const GemmProblem& problem) {
   GemmProblem g = problem;
   g.allow_sparse = sparse_path_enabled();
@@ -184,7 +344,7 @@ void gemm(const GemmProblem& problem) {
   // them, its rows when there are not.  Each output element is computed whole by one
   // thread, so the split never changes a bit of the result.
   const int64_t flops = 2 * g.M * g.N * max64(g.K, 1);
-  int threads = threads_for(flops, int64_t{1} << 20);
+  int threads = threads_for(flops, int64_t{1} << 20, kFlops);
   const int64_t nr = sparse_path(g, b) ? b.snr : b.nr;  // the panel width of the path taken
   const bool split_n = g.M < int64_t{threads} * 128 && (g.N >= int64_t{threads} * nr * 4 || g.N >= g.M);
   const int64_t extent = split_n ? g.N : g.M;
@@ -204,8 +364,9 @@ void gemm(const GemmProblem& problem) {
     else
       k.gemm_tile(g, lo, hi, 0, g.N, work);
   };
+  const int64_t units = max64(1, flops >> 20);
   if (threads <= 1) {
-    run(0);
+    run_alone(kFlops, units, [&] { run(0); });
     return;
   }
   // A masked operand that every thread packs whole (A when the columns are split, B
@@ -217,22 +378,26 @@ void gemm(const GemmProblem& problem) {
   uint64_t* b_bits = share_b ? bits_scratch(1, words(g.b)) : nullptr;
   if (share_a) g.a.mask.bits = a_bits;
   if (share_b) g.b.mask.bits = b_bits;
+  TeamClock clock(kFlops, units);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
     const int id = omp_get_thread_num(), team = omp_get_num_threads();
+    const int64_t cpu0 = clock.enter();
     if (share_a) draw_bits(k, g.a, a_bits, id, team);
     if (share_b) draw_bits(k, g.b, b_bits, id, team);
     if (share_a || share_b) {
 #pragma omp barrier
     }
     for (int t = id; t < threads; t += team) run(t);
+    clock.leave(cpu0);
   }
 #else
   if (share_a) draw_bits(k, g.a, a_bits, 0, 1);
   if (share_b) draw_bits(k, g.b, b_bits, 0, 1);
   for (int t = 0; t < threads; ++t) run(t);
 #endif
+  clock.done();
 }
 
 void dense_forward(const DenseForward& a) {
@@ -298,30 +463,41 @@ namespace {
 /// Units go to threads dynamically (causal tiles differ in cost); which thread runs a
 /// unit never changes its result.
 template <class Body>
-void attention_units(int64_t n, int threads, int64_t stride, Body&& body) {
+void attention_units(int64_t n, int threads, int64_t flop_units, int64_t stride, Body&& body) {
   threads = static_cast<int>(min64(threads, n));
   if (n <= 0) return;
   float* base = scratch(static_cast<size_t>(stride * max64(threads, 1) + 16));
   base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
   if (threads <= 1) {
     int64_t packed = -1;
-    for (int64_t u = 0; u < n; ++u) body(u, base, &packed);
+    run_alone(kFlops, flop_units, [&] {
+      for (int64_t u = 0; u < n; ++u) body(u, base, &packed);
+    });
     return;
   }
+  TeamClock clock(kFlops, flop_units);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
+    const int64_t cpu0 = clock.enter();
     float* work = base + omp_get_thread_num() * stride;
     int64_t packed = -1;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(dynamic, 1) nowait
     for (int64_t u = 0; u < n; ++u) body(u, work, &packed);
+    clock.leave(cpu0);
   }
 #endif
+  clock.done();
+}
+
+/// The attention's work in units of 2^20 FLOPs.
+int64_t attention_units_of(const AttentionProblem& a) {
+  return max64(1, (4 * a.batch * a.Lq * max64(a.Lk, 1) * max64(a.E + a.Ev, 1)) >> 20);
 }
 
 int attention_threads(const AttentionProblem& a) {
   const int64_t flops = 4 * a.batch * a.Lq * max64(a.Lk, 1) * max64(a.E + a.Ev, 1);
-  return threads_for(flops, int64_t{1} << 20);
+  return threads_for(flops, int64_t{1} << 20, kFlops);
 }
 }  // namespace
 
@@ -329,7 +505,7 @@ void attention_forward(const AttentionProblem& a) {
   const Kernels& k = active_kernels();
   const AttnLayout L = attention_layout(k.blocking, a, false);
   const int64_t tiles = (a.Lq + L.rows - 1) / L.rows;
-  attention_units(a.batch * tiles, attention_threads(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
+  attention_units(a.batch * tiles, attention_threads(a), attention_units_of(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
     const int64_t b = u / tiles, i0 = u % tiles * L.rows;
     k.attention_forward(a, b, i0, min64(a.Lq, i0 + L.rows), work, packed);
   });
@@ -340,7 +516,7 @@ void attention_backward(const AttentionProblem& a) {
   const AttnLayout L = attention_layout(k.blocking, a, true);
   const int threads = attention_threads(a);
   if (a.batch >= threads || a.Lk == 0) {  // whole items: grad_q summed as the keys go
-    attention_units(a.batch, threads, L.total, [&](int64_t b, float* work, int64_t* packed) {
+    attention_units(a.batch, threads, attention_units_of(a), L.total, [&](int64_t b, float* work, int64_t* packed) {
       k.attention_backward_kv(a, b, 0, a.Lk, true, work, packed);
     });
     return;
@@ -348,11 +524,11 @@ void attention_backward(const AttentionProblem& a) {
   // Fewer items than threads: grad_k and grad_v by key tile, then grad_q by query tile
   // (the same tiles summed in the same order, so the same bits as above).
   const int64_t ktiles = (a.Lk + L.cols - 1) / L.cols, qtiles = (a.Lq + L.rows - 1) / L.rows;
-  attention_units(a.batch * ktiles, threads, L.total, [&](int64_t u, float* work, int64_t* packed) {
+  attention_units(a.batch * ktiles, threads, attention_units_of(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
     const int64_t b = u / ktiles, j0 = u % ktiles * L.cols;
     k.attention_backward_kv(a, b, j0, min64(a.Lk, j0 + L.cols), false, work, packed);
   });
-  attention_units(a.batch * qtiles, threads, L.total, [&](int64_t u, float* work, int64_t* packed) {
+  attention_units(a.batch * qtiles, threads, attention_units_of(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
     const int64_t b = u / qtiles, i0 = u % qtiles * L.rows;
     k.attention_backward_q(a, b, i0, min64(a.Lq, i0 + L.rows), work, packed);
   });

@@ -91,5 +91,20 @@ void add_norm_backward(const AddNormProblem& a, bool f64, double* grad_weight, d
 /// A general GEMM problem on the active backend, split over threads.
 void gemm(const GemmProblem& g);
 
+/// What the parallel regions have seen of other libraries' threads on our cores (see
+/// ops.cpp, Neighbours): whether adapting is on, how long small problems still run on
+/// one thread, the core time a thread lost that started it, the measured one-thread CPU
+/// time per unit of work (elementwise: 65536 elements; GEMM and attention: 2^20 FLOPs).
+struct NeighbourState {
+  bool adapting = false;
+  int64_t one_thread_ns_left = 0, lost_ns = 0, backoff_ns = 0;
+  int64_t unit_ns_elements = 0, unit_ns_flops = 0;
+};
+NeighbourState neighbour_state();
+/// For tests: records a neighbour as a region that saw a thread lose `lost_ns` would.
+void note_neighbour(int64_t lost_ns);
+/// For tests: the threads a GEMM of `flops` floating-point operations would get now.
+int gemm_threads(int64_t flops);
+
 }  // namespace ops
 }  // namespace fastdropout

@@ -68,3 +68,49 @@ def test_info_names_the_runtime_and_the_wait_policy():
     assert "OpenMP runtime" in out and "idle threads wait" in out
     if sys.platform.startswith("linux"):
         assert "omp" in fd._core.openmp_runtime()
+
+
+def test_info_says_whether_threads_adapt_to_neighbours():
+    out = _in_fresh_interpreter("from fastdropout.__main__ import main; main(['info'])")
+    assert "neighbours" in out and "adapting" in out
+    off = _in_fresh_interpreter("from fastdropout.__main__ import main; main(['info'])", FASTDROPOUT_ADAPT_THREADS="0")
+    assert "not adapting" in off
+
+
+def _neighbour_check():
+    """In a fresh interpreter: a neighbour seen, small GEMMs go to one thread, large ones keep
+    their threads, and the results are the bits computed before."""
+    import numpy as np
+    import fastdropout as fd
+    fd.set_num_threads(2)
+    rng = np.random.default_rng(5)
+    x, w = rng.standard_normal((64, 96), dtype=np.float32), rng.standard_normal((80, 96), dtype=np.float32)
+    before = fd.dropout_dense(x, w, None, 0.5, seed=9)
+    unit = fd._core.neighbours()["unit_ns_flops"]
+    assert unit > 0, "the call measured its cost per unit"
+    assert fd._core._gemm_threads(1 << 30) == 2 and fd._core.neighbours()["one_thread_ns_left"] == 0
+    fd._core._note_neighbour(2_000_000)
+    state = fd._core.neighbours()
+    assert state["one_thread_ns_left"] > 0 and state["lost_ns"] == 2_000_000
+    small = (2 << 20) if unit * 2 < 8_000_000 else (1 << 20)
+    assert fd._core._gemm_threads(small) == 1
+    huge = (8_000_000 // unit + 2) << 21
+    assert fd._core._gemm_threads(huge) == 2
+    after = fd.dropout_dense(x, w, None, 0.5, seed=9)
+    assert after.tobytes() == before.tobytes()
+    print("ok")
+
+
+@pytest.mark.skipif(not (fd._core.has_openmp() and fd._core.neighbours()["adapting"]),
+                    reason="needs a build with OpenMP and a per-thread CPU clock")
+def test_a_neighbour_sends_small_problems_to_one_thread_without_changing_a_bit():
+    import inspect
+    src = inspect.getsource(_neighbour_check)
+    assert _in_fresh_interpreter(src + "\n_neighbour_check()").strip().endswith("ok")
+
+
+@pytest.mark.skipif(not fd._core.has_openmp(), reason="needs a build with OpenMP")
+def test_threads_do_not_adapt_when_turned_off():
+    code = ("import fastdropout as fd; fd.set_num_threads(2); fd._core._note_neighbour(10**9); "
+            "print(fd._core.neighbours()['adapting'], fd._core._gemm_threads(1 << 21))")
+    assert _in_fresh_interpreter(code, FASTDROPOUT_ADAPT_THREADS="0").split() == ["False", "2"]

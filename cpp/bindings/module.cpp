@@ -1,5 +1,6 @@
 #include "common.hpp"
 #include "dispatch.hpp"
+#include "ops.hpp"
 
 namespace py = pybind11;
 using namespace fastdropout;
@@ -32,6 +33,21 @@ void bind::register_runtime(py::module_& m) {
           return py::make_tuple(c.sparse, c.why);
         }, py::arg("vendor"), py::arg("family"), py::arg("model"), py::arg("backend_has_sparse"),
         py::arg("setting"), "The GEMM path rule for a given CPU (for tests).");
+  m.def("neighbours", [] {
+          const ops::NeighbourState st = ops::neighbour_state();
+          py::dict d;
+          d["adapting"] = st.adapting;
+          d["one_thread_ns_left"] = st.one_thread_ns_left;
+          d["lost_ns"] = st.lost_ns;
+          d["backoff_ns"] = st.backoff_ns;
+          d["unit_ns_elements"] = st.unit_ns_elements;
+          d["unit_ns_flops"] = st.unit_ns_flops;
+          return d;
+        }, "What the kernels' parallel regions have seen of other libraries' threads on their cores.");
+  m.def("_note_neighbour", &ops::note_neighbour, py::arg("lost_ns"),
+        "For tests: record a neighbour as a parallel region that lost lost_ns of a core would.");
+  m.def("_gemm_threads", &ops::gemm_threads, py::arg("flops"),
+        "For tests: the threads a GEMM of this many FLOPs would get now.");
   m.def("openmp_runtime", &openmp_runtime,
         "Path of the OpenMP runtime library the kernels call ('' when unknown or without OpenMP).");
 }

@@ -31,6 +31,12 @@ def info() -> int:
 
         print(f"OpenMP runtime    : {fd._core.openmp_runtime() or 'unknown'}")
         print(f"idle threads wait : {wait_policy.get('why', 'unknown')}")
+        adapting = fd._core.neighbours()["adapting"]
+        print("neighbours        : " + (
+            "adapting: while other libraries' threads hold our cores (a thread of ours lost over half "
+            "of a parallel region), problems that one thread finishes sooner run on one thread "
+            "(FASTDROPOUT_ADAPT_THREADS=0 turns this off)" if adapting else
+            "not adapting (FASTDROPOUT_ADAPT_THREADS=0, or no per-thread CPU clock here)"))
     return 0
 
 
