@@ -29,9 +29,12 @@ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // one.  So each parallel region compares, for each of its threads, the wall time since
 // the region began with the CPU time the thread got.  When some thread went without its
 // core for more than half of the region, a neighbour is taken to be there: for a while
-// (20 ms, doubling while it recurs, up to 1 s) a problem whose one-thread time (measured
-// here, in CPU time per unit of work) is below four times the time that thread lost
-// runs on one thread; then a region on all threads probes again.  Only speed changes:
+// (50 ms, doubling while it recurs, up to 200 ms) a problem whose one-thread time
+// (measured here, in CPU time per unit of work) is below four times the time that thread
+// lost runs on one thread; then a region on all threads probes again.  (Longer windows
+// probed less often in a loop with NumPy but stayed on one thread for up to a second after
+// NumPy's calls stopped, and a PyTorch op that shares our OpenMP threads then found them
+// asleep: 1.5x slower at 64x784x512.)  Only speed changes:
 // every result is bit-identical for any thread count.  FASTDROPOUT_ADAPT_THREADS=0 turns
 // this off.
 // ---------------------------------------------------------------------------
@@ -53,7 +56,7 @@ int64_t thread_cpu_ns() {
   return -1;
 }
 
-constexpr int64_t kBackoffMin = 20'000'000, kBackoffMax = 1'000'000'000;  // ns
+constexpr int64_t kBackoffMin = 50'000'000, kBackoffMax = 200'000'000;  // ns
 constexpr int64_t kLostFloor = 50'000;  // ns: less is a worker's wake-up, not a neighbour
 
 struct Neighbours {

@@ -60,8 +60,11 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
     assert {r["impl"] for r in mixed} >= {"fastdropout dropout_dense", "numpy x @ W.T + b"}
     for r in mixed:
         assert r["kernel"].startswith("after ")
-        if r["kernel"] == "after " + r["impl"]:
+        if r["kernel"] == "after " + r["impl"] or r["kernel"].startswith(f"after {r['impl']} ("):
             assert r["ratios"] == {"after its own kind": 1.0}
+    # fastdropout is timed in a loop with each other library: its own-kind time once per loop
+    assert {r["kernel"] for r in mixed if r["impl"] == "fastdropout dropout_dense"} >= {
+        "after fastdropout dropout_dense (numpy loop)", "after numpy x @ W.T + b"}
     assert "Mixed process" in report and "Notes:" in report
     assert "1 threads" not in report
 

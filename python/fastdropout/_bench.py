@@ -513,14 +513,27 @@ def mixed_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, Ca
 
 
 def measure_mixed(cases: List[Tuple[str, Callable[[], object]]], repeats: int) -> List[Tuple[str, str, Tuple[float, float, float]]]:
-    """Each call timed right after one call of its own kind and right after one of each other kind.
+    """fastdropout (cases[0]) in a loop with each other library in turn, as a user's loop
+    alternates them: in the loop with library L, fastdropout and L are each timed right
+    after a call of their own kind and right after one of the other.
 
-    Returns (target, before, (median, min, max)); the pairs are timed in turn, in a new
-    order each round, one call per sample.
+    Returns (target, before, (median, min, max)); ``before`` is "own kind in the loop with
+    L" for fastdropout's own-kind time in L's loop.  Each loop's pairs are timed in turn,
+    in a new order each round, one call per sample.
     """
-    pairs = [(t, b) for t in cases for b in cases if t is b or t[0].startswith("fastdropout") or b[0].startswith("fastdropout")]
-    timed = measure_interleaved([t[1] for t, _ in pairs], repeats, min_sample_s=0.0, before=[b[1] for _, b in pairs])
-    return [(t[0], b[0], m) for (t, b), m in zip(pairs, timed)]
+    ours, out = cases[0], []
+    for peer in cases[1:]:
+        pairs = [(ours, ours), (ours, peer), (peer, ours), (peer, peer)]
+        timed = measure_interleaved([t[1] for t, _ in pairs], repeats, min_sample_s=0.0, before=[b[1] for _, b in pairs])
+        for (t, b), m in zip(pairs, timed):
+            before = f"{b[0]} ({_loop_name(peer[0])} loop)" if t is ours and b is ours else b[0]
+            out.append((t[0], before, m))
+    return out
+
+
+def _loop_name(peer: str) -> str:
+    """The library of a peer case's name ("numpy x @ W.T + b" -> "numpy")."""
+    return peer.split()[0]
 
 
 def training_cases(batch: int, threads: int, sizes: Sequence[int] = MLP, ps: Sequence[float] = MLP_P,
@@ -729,8 +742,15 @@ def _add_ratios(results: List[Result]) -> None:
         if r.group == "memory" and r.impl == "fastdropout":  # peer peak / our peak
             r.ratios = {q.impl: q.rate / r.rate for q in results
                         if q.group == "memory" and q.size == r.size and q.impl != r.impl and r.rate > 0}
-        if r.group == "mixed":  # slowdown against the same call after one of its own kind
-            own = next(q for q in results if q.group == "mixed" and q.impl == r.impl and q.size == r.size and q.kernel == f"after {r.impl}")
+        if r.group == "mixed":  # slowdown against the same call after one of its own kind, in the same loop
+            before = r.kernel[len("after "):]
+            if before.startswith(r.impl):
+                own_kernel = r.kernel  # an own-kind row
+            elif r.impl.startswith("fastdropout"):
+                own_kernel = f"after {r.impl} ({_loop_name(before)} loop)"
+            else:
+                own_kernel = f"after {r.impl}"
+            own = next(q for q in results if q.group == "mixed" and q.impl == r.impl and q.size == r.size and q.kernel == own_kernel)
             r.ratios = {"after its own kind": r.median_s / own.median_s}
 
 
@@ -809,11 +829,12 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
     rows = [r for r in results if r.group == "mixed"]
     if rows:
         out.append("")
-        out.append("Mixed process: each call timed right after one call of another library (no pause between),")
-        out.append("against the same call right after one of its own kind (slowdown > 1: the neighbour's threads got in the way)")
-        out.append(f"  {'size':>15} {'call':<28} {'right after':<28} {'median':>12} {'fastest-slowest':>22}  slowdown")
+        out.append("Mixed process: fastdropout in a loop with each other library in turn, each call timed right after one")
+        out.append("call of the other (no pause between), against the same call right after one of its own kind in that loop")
+        out.append("(slowdown > 1: the neighbour's threads got in the way)")
+        out.append(f"  {'size':>15} {'call':<28} {'right after':<41} {'median':>12} {'fastest-slowest':>22}  slowdown")
         for r in rows:
-            out.append(f"  {r.size:>15} {r.impl:<28} {r.kernel[len('after '):]:<28} {_fmt_time(r.median_s)} {_spread(r):>22}  "
+            out.append(f"  {r.size:>15} {r.impl:<28} {r.kernel[len('after '):]:<41} {_fmt_time(r.median_s)} {_spread(r):>22}  "
                        f"{r.ratios.get('after its own kind', 1.0):.2f}x")
     rows = [r for r in results if r.group == "threads"]
     if rows:
