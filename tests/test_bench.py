@@ -13,8 +13,8 @@ RESULT_FIELDS = {
     "group", "kernel", "impl", "size", "threads", "median_s", "min_s", "max_s", "repeats", "rate", "unit", "ratios",
 }
 HEADER_FIELDS = {
-    "cpu", "cpu_vendor", "caches", "gemm_path", "openmp_wait", "isa", "backend", "available_backends", "threads",
-    "fastdropout", "numpy", "torch", "jax", "date", "notes",
+    "cpu", "cpu_vendor", "caches", "gemm_path", "openmp_wait", "adapt_threads", "isa", "backend", "available_backends",
+    "threads", "fastdropout", "numpy", "torch", "jax", "date", "notes",
 }
 
 
@@ -22,7 +22,7 @@ def test_bench_tiny_writes_documented_json(tmp_path, capsys, backend):
     path = tmp_path / "bench.json"
     assert cli_main(["bench", "--tiny", "--json", str(path), "--backend", backend, "--threads", "2"]) == 0
     report = capsys.readouterr().out
-    assert "fastdropout benchmark" in report and "Thread scaling" in report
+    assert "fastdropout benchmark" in report and "Thread scaling" in report and "neighbours:" in report
     data = json.loads(path.read_text())
     assert data["schema"] == 1
     assert HEADER_FIELDS <= set(data["header"])

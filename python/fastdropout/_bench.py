@@ -161,6 +161,7 @@ def header(threads: int) -> Dict[str, object]:
         "caches": caches(),
         "gemm_path": fd._core.gemm_path()[1],
         "openmp_wait": wait_policy.get("why"),
+        "adapt_threads": fd._core.neighbours()["adapting"],
         "cores": os.cpu_count(),
         "isa": fd._core.cpu_features(),
         "backend": fd.backend(),
@@ -790,6 +791,10 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
     out.append(f"  gemm path: {info.get('gemm_path')}")
     if info.get("openmp_wait"):
         out.append(f"  openmp   : idle threads wait {info['openmp_wait']}")
+    if "adapt_threads" in info:
+        out.append("  neighbours: " + ("threads give way (small problems run on one thread while other libraries' "
+                                       "threads hold our cores)" if info["adapt_threads"] else
+                                       "threads do not give way (FASTDROPOUT_ADAPT_THREADS=0)"))
     vers = ", ".join(f"{k} {info[k]}" for k in ("fastdropout", "numpy", "torch", "jax") if info.get(k))
     out.append(f"  versions : python {info['python']}, {vers}")
     if info.get("numpy_blas"):
