@@ -30,7 +30,7 @@ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // the region began with the CPU time the thread got.  When some thread went without its
 // core for more than half of the region, a neighbour is taken to be there: for a while
 // (50 ms, doubling while it recurs, up to 200 ms) a problem whose one-thread time
-// (measured here, in CPU time per unit of work) is below four times the time that thread
+// (measured here per unit of work) is below four times the time that thread
 // lost runs on one thread; then a region on all threads probes again.  (Longer windows
 // probed less often in a loop with NumPy but stayed on one thread for up to a second after
 // NumPy's calls stopped, and a PyTorch op that shares our OpenMP threads then found them
@@ -63,7 +63,7 @@ struct Neighbours {
   std::atomic<int64_t> until{0};  ///< steady-clock ns: until then, small problems run on one thread
   std::atomic<int64_t> lost{0};   ///< the time (ns) a thread went without its core, that set `until`
   std::atomic<int64_t> backoff{kBackoffMin};
-  std::atomic<int64_t> unit_ns[2] = {{0}, {0}};  ///< one thread's CPU ns per unit of work, averaged
+  std::atomic<int64_t> unit_ns[2] = {{0}, {0}};  ///< one thread's ns per unit of work, averaged
 };
 Neighbours g_neighbours;
 
@@ -75,7 +75,7 @@ bool adapt_threads() {
   return on;
 }
 
-/// Folds one measured CPU time per unit into the running average (weight 1/8).
+/// Folds one measured one-thread time per unit into the running average (weight 1/8).
 void note_unit_time(WorkKind kind, int64_t ns_per_unit) {
   if (ns_per_unit <= 0) return;
   std::atomic<int64_t>& avg = g_neighbours.unit_ns[kind];
@@ -145,17 +145,18 @@ int threads_for(int64_t work, int64_t grain, WorkKind kind) {
   return threads;
 }
 
-/// Runs f() on the calling thread alone, its CPU time noted as the per-unit cost that
-/// threads_for compares with.
+/// Runs f() on the calling thread alone.  A problem that more threads could have taken has
+/// its time noted as the per-unit cost that threads_for compares with (wall time: a CPU-time
+/// read is a system call, 0.8 us on a virtual machine, too dear for the smallest calls).
 template <class F>
 void run_alone(WorkKind kind, int64_t units, F&& f) {
-  if (!adapt_threads()) {
+  if (units < 2 || get_num_threads() < 2 || !adapt_threads()) {
     f();
     return;
   }
-  const int64_t cpu0 = thread_cpu_ns();
+  const int64_t t0 = now_ns();
   f();
-  note_unit_time(kind, (thread_cpu_ns() - cpu0) / max64(units, 1));
+  note_unit_time(kind, (now_ns() - t0) / units);
 }
 
 /// Ranges per thread that parallel_ranges aims for when the work allows.
@@ -331,7 +332,15 @@ NeighbourState neighbour_state() {
   return st;
 }
 
-void note_neighbour(int64_t lost_ns) { mark_neighbour(now_ns(), lost_ns); }
+void note_neighbour(int64_t lost_ns) {
+  if (lost_ns > 0) {
+    mark_neighbour(now_ns(), lost_ns);
+    return;
+  }
+  g_neighbours.until.store(0);
+  g_neighbours.lost.store(0);
+  g_neighbours.backoff.store(kBackoffMin);
+}
 
 int gemm_threads(int64_t flops) { return threads_for(flops, int64_t{1} << 20, kFlops); }
 

@@ -101,7 +101,8 @@ struct NeighbourState {
   int64_t unit_ns_elements = 0, unit_ns_flops = 0;
 };
 NeighbourState neighbour_state();
-/// For tests: records a neighbour as a region that saw a thread lose `lost_ns` would.
+/// For tests: records a neighbour as a region that saw a thread lose `lost_ns` would
+/// (0: forgets what was seen, as if no neighbour had been).
 void note_neighbour(int64_t lost_ns);
 /// For tests: the threads a GEMM of `flops` floating-point operations would get now.
 int gemm_threads(int64_t flops);

@@ -53,7 +53,9 @@ def test_a_system_runtime_of_its_own_waits_passively(clean_env):
 def _in_fresh_interpreter(code: str, **env) -> str:
     full = {k: v for k, v in os.environ.items() if k not in _runtime.WAIT_VARIABLES}
     full.update(env)
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True).stdout.strip()
+    done = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
 
 
 def test_the_environment_is_restored_after_the_import():
@@ -84,10 +86,15 @@ def _neighbour_check():
     import fastdropout as fd
     fd.set_num_threads(2)
     rng = np.random.default_rng(5)
-    x, w = rng.standard_normal((64, 96), dtype=np.float32), rng.standard_normal((80, 96), dtype=np.float32)
+    x, w = rng.standard_normal((64, 256), dtype=np.float32), rng.standard_normal((320, 256), dtype=np.float32)
     before = fd.dropout_dense(x, w, None, 0.5, seed=9)
-    unit = fd._core.neighbours()["unit_ns_flops"]
-    assert unit > 0, "the call measured its cost per unit"
+    for _ in range(200):  # a region disturbed by another process measures nothing
+        unit = fd._core.neighbours()["unit_ns_flops"]
+        if unit > 0:
+            break
+        fd.dropout_dense(x, w, None, 0.5, seed=9)
+    assert unit > 0, "the calls measured their cost per unit"
+    fd._core._note_neighbour(0)  # forget any real neighbour (this host may be busy)
     assert fd._core._gemm_threads(1 << 30) == 2 and fd._core.neighbours()["one_thread_ns_left"] == 0
     fd._core._note_neighbour(2_000_000)
     state = fd._core.neighbours()

@@ -45,7 +45,7 @@ void bind::register_runtime(py::module_& m) {
           return d;
         }, "What the kernels' parallel regions have seen of other libraries' threads on their cores.");
   m.def("_note_neighbour", &ops::note_neighbour, py::arg("lost_ns"),
-        "For tests: record a neighbour as a parallel region that lost lost_ns of a core would.");
+        "For tests: record a neighbour as a parallel region that lost lost_ns of a core would (0: forget them).");
   m.def("_gemm_threads", &ops::gemm_threads, py::arg("flops"),
         "For tests: the threads a GEMM of this many FLOPs would get now.");
   m.def("openmp_runtime", &openmp_runtime,
