@@ -431,6 +431,9 @@ def test_set_num_threads_above_the_cores_warns():
     try:
         with pytest.warns(fd.OversubscriptionWarning, match="cores"):
             fd.set_num_threads((os.cpu_count() or 1) + 1)
+        with pytest.warns(fd.OversubscriptionWarning, match="capped at 65536 threads"):
+            fd.set_num_threads(2 ** 31)
+        assert fd.get_num_threads() == 65536
     finally:
         fd.set_num_threads(previous)
 

@@ -53,6 +53,7 @@ def set_num_threads(n: int) -> None:
     ----------
     n : int >= 1.  More than the machine's cores is allowed (a test of thread
         counts may want it) but warns: threads then share cores and run slower.
+        Counts above 65536 are capped there (the warning says so).
 
     Raises
     ------
@@ -70,11 +71,13 @@ def set_num_threads(n: int) -> None:
         raise TypeError(f"n must be an int >= 1, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    cores = os.cpu_count() or 1
+    cores, cap = os.cpu_count() or 1, 1 << 16
     if n > cores:
+        capped = f"; capped at {cap} threads" if n > cap else ""
         warnings.warn(f"set_num_threads({n}) on a machine with {cores} cores: threads will share cores "
-                      f"and run slower (results are the same for any count)", OversubscriptionWarning, stacklevel=2)
-    _core.set_num_threads(int(min(n, 1 << 16)))
+                      f"and run slower (results are the same for any count){capped}", OversubscriptionWarning,
+                      stacklevel=2)
+    _core.set_num_threads(int(min(n, cap)))
 
 
 def get_num_threads() -> int:
