@@ -27,8 +27,11 @@ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // and a parallel region waits for its share: measured on 2 vCPUs, a 64x784x512
 // dropout_dense right after a NumPy matmul took 4-7 ms on 2 threads against 0.9 ms on
 // one.  So each parallel region compares, for each of its threads, the wall time since
-// the region began with the CPU time the thread got.  When some thread went without its
-// core for more than half of the region, a neighbour is taken to be there: for a while
+// the region began with the CPU time the thread got.  When, in two regions with no clean
+// one between them, some thread went without its core for more than half of the region
+// (once is the system's noise: a 131072-element dropout in a loop lost 0.1-1 ms once in a
+// few hundred calls), or lost 2 ms or more at once (the scheduler's time slice, which a
+// spinning neighbour takes), a neighbour is taken to be there: for a while
 // (50 ms, doubling while it recurs, up to 200 ms) a problem whose one-thread time
 // (measured here per unit of work) is below four times the time that thread
 // lost runs on one thread; then a region on all threads probes again.  (Longer windows
@@ -58,11 +61,15 @@ int64_t thread_cpu_ns() {
 
 constexpr int64_t kBackoffMin = 50'000'000, kBackoffMax = 200'000'000;  // ns
 constexpr int64_t kLostFloor = 50'000;  // ns: less is a worker's wake-up, not a neighbour
+constexpr int kStrikes = 2;  // regions in a row that must see it
+constexpr int64_t kSliceNs = 2'000'000;  // a loss this long is seen at once (the system's noise measured up to 1 ms)
+constexpr int64_t kPreciseNs = 200'000;  // a thread's expected share from which CPU time is read
 
 struct Neighbours {
   std::atomic<int64_t> until{0};  ///< steady-clock ns: until then, small problems run on one thread
   std::atomic<int64_t> lost{0};   ///< the time (ns) a thread went without its core, that set `until`
   std::atomic<int64_t> backoff{kBackoffMin};
+  std::atomic<int> strikes{0};  ///< regions in a row that saw a thread lose its core
   std::atomic<int64_t> unit_ns[2] = {{0}, {0}};  ///< one thread's ns per unit of work, averaged
 };
 Neighbours g_neighbours;
@@ -92,6 +99,7 @@ void atomic_max(std::atomic<int64_t>& a, int64_t v) {
 /// Small problems run on one thread from `t` for the backoff, which doubles.
 void mark_neighbour(int64_t t, int64_t lost) {
   Neighbours& nb = g_neighbours;
+  nb.strikes.store(0, std::memory_order_relaxed);
   const int64_t backoff = nb.backoff.load(std::memory_order_relaxed);
   nb.lost.store(lost, std::memory_order_relaxed);
   nb.until.store(t + backoff, std::memory_order_relaxed);
@@ -99,16 +107,30 @@ void mark_neighbour(int64_t t, int64_t lost) {
 }
 
 /// Times one parallel region: each thread calls enter() when it starts and leave()
-/// when its share is done; the caller calls done() after the region.
+/// when its share is done; the caller calls done() after the region.  A thread's lost
+/// time is the wall time since the region began less the CPU time it got; in a region
+/// expected to be short (under kPreciseNs a thread, by the measured cost) only how late
+/// the thread started counts, since a CPU-time read is a system call (0.8 us on a virtual
+/// machine, 2-3% of a 60 us region).
 class TeamClock {
  public:
-  TeamClock(WorkKind kind, int64_t units)
-      : kind_(kind), units_(max64(units, 1)), on_(adapt_threads()), t0_(on_ ? now_ns() : 0) {}
-  int64_t enter() const { return on_ ? thread_cpu_ns() : 0; }
-  void leave(int64_t cpu0) {
+  struct Mark {
+    int64_t wall, cpu;
+  };
+  TeamClock(WorkKind kind, int64_t units, int threads)
+      : kind_(kind), units_(max64(units, 1)), on_(adapt_threads()), t0_(on_ ? now_ns() : 0) {
+    const int64_t unit = g_neighbours.unit_ns[kind].load(std::memory_order_relaxed);
+    precise_ = unit == 0 || unit * units_ / max64(threads, 1) >= kPreciseNs;
+  }
+  Mark enter() const {
+    if (!on_) return {0, 0};
+    return {now_ns(), precise_ ? thread_cpu_ns() : 0};
+  }
+  void leave(const Mark& m) {
     if (!on_) return;
-    const int64_t cpu = thread_cpu_ns() - cpu0;
-    atomic_max(lost_, now_ns() - t0_ - cpu);
+    const int64_t now = now_ns();
+    const int64_t cpu = precise_ ? thread_cpu_ns() - m.cpu : now - m.wall;
+    atomic_max(lost_, precise_ ? now - t0_ - cpu : m.wall - t0_);
     cpu_.fetch_add(cpu, std::memory_order_relaxed);
   }
   void done() {
@@ -116,8 +138,11 @@ class TeamClock {
     const int64_t t = now_ns(), span = t - t0_, lost = lost_.load(std::memory_order_relaxed);
     Neighbours& nb = g_neighbours;
     if (lost > kLostFloor && 2 * lost > span) {
-      mark_neighbour(t, lost);
-    } else if (8 * lost < span) {
+      // once is the system's noise (an interrupt, a page fault); twice, or a loss of a
+      // scheduler's time slice at once, a neighbour
+      if (nb.strikes.fetch_add(1, std::memory_order_relaxed) + 1 >= kStrikes || lost >= kSliceNs) mark_neighbour(t, lost);
+    } else if (8 * lost < span) {  // a clean region (one in between changes nothing)
+      nb.strikes.store(0, std::memory_order_relaxed);
       note_unit_time(kind_, cpu_.load(std::memory_order_relaxed) / units_);
       nb.backoff.store(kBackoffMin, std::memory_order_relaxed);
     }
@@ -126,7 +151,7 @@ class TeamClock {
  private:
   WorkKind kind_;
   int64_t units_;
-  bool on_;
+  bool on_, precise_ = true;
   int64_t t0_;
   std::atomic<int64_t> lost_{0}, cpu_{0};
 };
@@ -179,14 +204,14 @@ void parallel_ranges(int64_t n, int64_t align, int64_t grain, F&& f) {
   const int64_t ranges = int64_t{threads} * kRangesPerThread;
   const int64_t per = round_up(max64((n + ranges - 1) / ranges, grain), align);
   const int64_t count = (n + per - 1) / per;
-  TeamClock clock(kElements, units);
+  TeamClock clock(kElements, units, threads);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t cpu0 = clock.enter();
+    const TeamClock::Mark mark = clock.enter();
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t r = 0; r < count; ++r) f(r * per, min64(n, r * per + per));
-    clock.leave(cpu0);
+    clock.leave(mark);
   }
 #else
   for (int64_t r = 0; r < count; ++r) f(r * per, min64(n, r * per + per));
@@ -340,6 +365,7 @@ void note_neighbour(int64_t lost_ns) {
   g_neighbours.until.store(0);
   g_neighbours.lost.store(0);
   g_neighbours.backoff.store(kBackoffMin);
+  g_neighbours.strikes.store(0);
 }
 
 int gemm_threads(int64_t flops) { return threads_for(flops, int64_t{1} << 20, kFlops); }
@@ -390,19 +416,19 @@ void gemm(const GemmProblem& problem) {
   uint64_t* b_bits = share_b ? bits_scratch(1, words(g.b)) : nullptr;
   if (share_a) g.a.mask.bits = a_bits;
   if (share_b) g.b.mask.bits = b_bits;
-  TeamClock clock(kFlops, units);
+  TeamClock clock(kFlops, units, threads);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
     const int id = omp_get_thread_num(), team = omp_get_num_threads();
-    const int64_t cpu0 = clock.enter();
+    const TeamClock::Mark mark = clock.enter();
     if (share_a) draw_bits(k, g.a, a_bits, id, team);
     if (share_b) draw_bits(k, g.b, b_bits, id, team);
     if (share_a || share_b) {
 #pragma omp barrier
     }
     for (int t = id; t < threads; t += team) run(t);
-    clock.leave(cpu0);
+    clock.leave(mark);
   }
 #else
   if (share_a) draw_bits(k, g.a, a_bits, 0, 1);
@@ -487,16 +513,16 @@ void attention_units(int64_t n, int threads, int64_t flop_units, int64_t stride,
     });
     return;
   }
-  TeamClock clock(kFlops, flop_units);
+  TeamClock clock(kFlops, flop_units, threads);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t cpu0 = clock.enter();
+    const TeamClock::Mark mark = clock.enter();
     float* work = base + omp_get_thread_num() * stride;
     int64_t packed = -1;
 #pragma omp for schedule(dynamic, 1) nowait
     for (int64_t u = 0; u < n; ++u) body(u, work, &packed);
-    clock.leave(cpu0);
+    clock.leave(mark);
   }
 #endif
   clock.done();
