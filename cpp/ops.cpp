@@ -27,19 +27,18 @@ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // and a parallel region waits for its share: measured on 2 vCPUs, a 64x784x512
 // dropout_dense right after a NumPy matmul took 4-7 ms on 2 threads against 0.9 ms on
 // one.  So each parallel region compares, for each of its threads, the wall time since
-// the region began with the CPU time the thread got.  When, in two regions with no clean
-// one between them, some thread went without its core for more than half of the region
-// (once is the system's noise: a 131072-element dropout in a loop lost 0.1-1 ms once in a
-// few hundred calls), or lost 2 ms or more at once (the scheduler's time slice, which a
-// spinning neighbour takes), a neighbour is taken to be there: for a while
-// (50 ms, doubling while it recurs, up to 200 ms) a problem whose one-thread time
-// (measured here per unit of work) is below four times the time that thread
-// lost runs on one thread; then a region on all threads probes again.  (Longer windows
-// probed less often in a loop with NumPy but stayed on one thread for up to a second after
-// NumPy's calls stopped, and a PyTorch op that shares our OpenMP threads then found them
-// asleep: 1.5x slower at 64x784x512.)  Only speed changes:
-// every result is bit-identical for any thread count.  FASTDROPOUT_ADAPT_THREADS=0 turns
-// this off.
+// the region began with the CPU time the thread got.  A neighbour is taken to be there
+// when some thread went without its core for more than half of a region twice, with no
+// clean region between (once is the system's noise: a 131072-element dropout in a loop
+// lost 0.1-1 ms once in a few hundred calls), or lost 2 ms or more at once (the
+// scheduler's time slice, which a spinning neighbour takes).  Then, for 50 ms (doubling
+// while it recurs, up to 200 ms), a problem whose one-thread time (measured here per unit
+// of work) is below four times the time that thread lost runs on one thread; after that,
+// a region on all threads probes again.  (Longer windows probed less often in a loop with
+// NumPy but stayed on one thread for up to a second after NumPy's calls stopped, and a
+// PyTorch op that shares our OpenMP threads then found them asleep: 1.5x slower at
+// 64x784x512.)  Only speed changes: every result is bit-identical for any thread count.
+// FASTDROPOUT_ADAPT_THREADS=0 turns this off.
 // ---------------------------------------------------------------------------
 
 /// The kind of work a threads_for unit stands for (each has its own measured cost).
