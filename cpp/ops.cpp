@@ -136,13 +136,18 @@ class TeamClock {
     if (!on_) return;
     const int64_t t = now_ns(), span = t - t0_, lost = lost_.load(std::memory_order_relaxed);
     Neighbours& nb = g_neighbours;
-    if (lost > kLostFloor && 2 * lost > span) {
+    const bool lost_core = lost > kLostFloor && 2 * lost > span;
+    // The threads' CPU time is the work's cost whatever the neighbours did (a short region's
+    // wall time per thread only where no thread lost its core).  A sleeping runtime's
+    // wake-up (50-100 us here) keeps small regions from ever being clean, so this is not
+    // left to clean regions.
+    if (precise_ || !lost_core) note_unit_time(kind_, cpu_.load(std::memory_order_relaxed) / units_);
+    if (lost_core) {
       // once is the system's noise (an interrupt, a page fault); twice, or a loss of a
       // scheduler's time slice at once, a neighbour
       if (nb.strikes.fetch_add(1, std::memory_order_relaxed) + 1 >= kStrikes || lost >= kSliceNs) mark_neighbour(t, lost);
     } else if (8 * lost < span) {  // a clean region (one in between changes nothing)
       nb.strikes.store(0, std::memory_order_relaxed);
-      note_unit_time(kind_, cpu_.load(std::memory_order_relaxed) / units_);
       nb.backoff.store(kBackoffMin, std::memory_order_relaxed);
     }
   }
@@ -162,8 +167,9 @@ int threads_for(int64_t work, int64_t grain, WorkKind kind) {
   int threads = static_cast<int>(min64(get_num_threads(), units));
   if (threads > 1 && adapt_threads()) {
     const Neighbours& nb = g_neighbours;
-    if (now_ns() < nb.until.load(std::memory_order_relaxed) &&
-        nb.unit_ns[kind].load(std::memory_order_relaxed) * units < 4 * nb.lost.load(std::memory_order_relaxed))
+    const int64_t unit = nb.unit_ns[kind].load(std::memory_order_relaxed);  // 0: not measured yet
+    if (unit > 0 && now_ns() < nb.until.load(std::memory_order_relaxed) &&
+        unit * units < 4 * nb.lost.load(std::memory_order_relaxed))
       threads = 1;
   }
   return threads;
