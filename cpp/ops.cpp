@@ -41,7 +41,7 @@ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // FASTDROPOUT_ADAPT_THREADS=0 turns this off.
 // ---------------------------------------------------------------------------
 
-/// The kind of work a threads_for unit stands for (each has its own measured cost).
+/// The kind of work a team's units stand for (each has its own measured cost).
 enum WorkKind { kElements = 0, kFlops = 1 };
 
 int64_t now_ns() {
@@ -105,6 +105,14 @@ void mark_neighbour(int64_t t, int64_t lost) {
   nb.backoff.store(min64(2 * backoff, kBackoffMax), std::memory_order_relaxed);
 }
 
+/// The threads a problem gets, its work in units (of its kind's grain: 2^16 elements, 2^20
+/// FLOPs) and that kind, whose measured cost per unit the neighbour rule compares with.
+struct Team {
+  int threads;
+  int64_t units;
+  WorkKind kind;
+};
+
 /// Times one parallel region: each thread calls enter() when it starts and leave()
 /// when its share is done; the caller calls done() after the region.  A thread's lost
 /// time is the wall time since the region began less the CPU time it got; in a region
@@ -116,10 +124,10 @@ class TeamClock {
   struct Mark {
     int64_t wall, cpu;
   };
-  TeamClock(WorkKind kind, int64_t units, int threads)
-      : kind_(kind), units_(max64(units, 1)), on_(adapt_threads()), t0_(on_ ? now_ns() : 0) {
-    const int64_t unit = g_neighbours.unit_ns[kind].load(std::memory_order_relaxed);
-    precise_ = unit == 0 || unit * units_ / max64(threads, 1) >= kPreciseNs;
+  explicit TeamClock(const Team& team)
+      : kind_(team.kind), units_(team.units), on_(adapt_threads()), t0_(on_ ? now_ns() : 0) {
+    const int64_t unit = g_neighbours.unit_ns[kind_].load(std::memory_order_relaxed);
+    precise_ = unit == 0 || unit * units_ / max64(team.threads, 1) >= kPreciseNs;
   }
   Mark enter() const {
     if (!on_) return {0, 0};
@@ -160,9 +168,10 @@ class TeamClock {
   std::atomic<int64_t> lost_{0}, cpu_{0};
 };
 
-/// Threads worth starting for `work` units, given ~`grain` units per thread (one while a
-/// neighbour holds our cores and the problem is small; see Neighbours above).
-int threads_for(int64_t work, int64_t grain, WorkKind kind) {
+/// The team for `work` (in the kind's own measure: elements or FLOPs) at ~`grain` of it per
+/// thread: one thread while a neighbour holds our cores and the problem is small (see
+/// Neighbours above).
+Team team_for(int64_t work, int64_t grain, WorkKind kind) {
   const int64_t units = max64(1, work / grain);
   int threads = static_cast<int>(min64(get_num_threads(), units));
   if (threads > 1 && adapt_threads()) {
@@ -172,21 +181,23 @@ int threads_for(int64_t work, int64_t grain, WorkKind kind) {
         unit * units < 4 * nb.lost.load(std::memory_order_relaxed))
       threads = 1;
   }
-  return threads;
+  return {threads, units, kind};
 }
 
+constexpr int64_t kFlopGrain = int64_t{1} << 20;  // ~1 MFLOP a thread at least
+
 /// Runs f() on the calling thread alone.  A problem that more threads could have taken has
-/// its time noted as the per-unit cost that threads_for compares with (wall time: a CPU-time
+/// its time noted as the per-unit cost that team_for compares with (wall time: a CPU-time
 /// read is a system call, 0.8 us on a virtual machine, too dear for the smallest calls).
 template <class F>
-void run_alone(WorkKind kind, int64_t units, F&& f) {
-  if (units < 2 || get_num_threads() < 2 || !adapt_threads()) {
+void run_alone(const Team& team, F&& f) {
+  if (team.units < 2 || get_num_threads() < 2 || !adapt_threads()) {
     f();
     return;
   }
   const int64_t t0 = now_ns();
   f();
-  note_unit_time(kind, (now_ns() - t0) / units);
+  note_unit_time(team.kind, (now_ns() - t0) / team.units);
 }
 
 /// Ranges per thread that parallel_ranges aims for when the work allows.
@@ -200,16 +211,16 @@ constexpr int64_t kRangesPerThread = 8;
 /// of holding the others up at the end.  Which thread runs a range never changes a result.
 template <class F>
 void parallel_ranges(int64_t n, int64_t align, int64_t grain, F&& f) {
-  const int threads = threads_for(n, grain, kElements);
-  const int64_t units = max64(1, n / max64(grain, 1));
+  const Team team = team_for(n, grain, kElements);
+  const int threads = team.threads;
   if (threads <= 1) {
-    if (n > 0) run_alone(kElements, units, [&] { f(int64_t{0}, n); });
+    if (n > 0) run_alone(team, [&] { f(int64_t{0}, n); });
     return;
   }
   const int64_t ranges = int64_t{threads} * kRangesPerThread;
   const int64_t per = round_up(max64((n + ranges - 1) / ranges, grain), align);
   const int64_t count = (n + per - 1) / per;
-  TeamClock clock(kElements, units, threads);
+  TeamClock clock(team);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
@@ -373,7 +384,7 @@ void note_neighbour(int64_t lost_ns) {
   g_neighbours.strikes.store(0);
 }
 
-int gemm_threads(int64_t flops) { return threads_for(flops, int64_t{1} << 20, kFlops); }
+int gemm_threads(int64_t flops) { return team_for(flops, kFlopGrain, kFlops).threads; }
 
 void gemm(const GemmProblem& problem) {
   GemmProblem g = problem;
@@ -387,7 +398,8 @@ void gemm(const GemmProblem& problem) {
   // them, its rows when there are not.  Each output element is computed whole by one
   // thread, so the split never changes a bit of the result.
   const int64_t flops = 2 * g.M * g.N * max64(g.K, 1);
-  int threads = threads_for(flops, int64_t{1} << 20, kFlops);
+  Team team = team_for(flops, kFlopGrain, kFlops);
+  int& threads = team.threads;
   const int64_t nr = sparse_path(g, b) ? b.snr : b.nr;  // the panel width of the path taken
   const bool split_n = g.M < int64_t{threads} * 128 && (g.N >= int64_t{threads} * nr * 4 || g.N >= g.M);
   const int64_t extent = split_n ? g.N : g.M;
@@ -407,9 +419,8 @@ void gemm(const GemmProblem& problem) {
     else
       k.gemm_tile(g, lo, hi, 0, g.N, work);
   };
-  const int64_t units = max64(1, flops >> 20);
   if (threads <= 1) {
-    run_alone(kFlops, units, [&] { run(0); });
+    run_alone(team, [&] { run(0); });
     return;
   }
   // A masked operand that every thread packs whole (A when the columns are split, B
@@ -421,7 +432,7 @@ void gemm(const GemmProblem& problem) {
   uint64_t* b_bits = share_b ? bits_scratch(1, words(g.b)) : nullptr;
   if (share_a) g.a.mask.bits = a_bits;
   if (share_b) g.b.mask.bits = b_bits;
-  TeamClock clock(kFlops, units, threads);
+  TeamClock clock(team);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
@@ -506,19 +517,19 @@ namespace {
 /// Units go to threads dynamically (causal tiles differ in cost); which thread runs a
 /// unit never changes its result.
 template <class Body>
-void attention_units(int64_t n, int threads, int64_t flop_units, int64_t stride, Body&& body) {
-  threads = static_cast<int>(min64(threads, n));
+void attention_units(int64_t n, Team team, int64_t stride, Body&& body) {
+  const int threads = team.threads = static_cast<int>(min64(team.threads, n));
   if (n <= 0) return;
   float* base = scratch(static_cast<size_t>(stride * max64(threads, 1) + 16));
   base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
   if (threads <= 1) {
     int64_t packed = -1;
-    run_alone(kFlops, flop_units, [&] {
+    run_alone(team, [&] {
       for (int64_t u = 0; u < n; ++u) body(u, base, &packed);
     });
     return;
   }
-  TeamClock clock(kFlops, flop_units, threads);
+  TeamClock clock(team);
 #if defined(FD_HAVE_OPENMP)
 #pragma omp parallel num_threads(threads)
   {
@@ -533,14 +544,9 @@ void attention_units(int64_t n, int threads, int64_t flop_units, int64_t stride,
   clock.done();
 }
 
-/// The attention's work in units of 2^20 FLOPs.
-int64_t attention_units_of(const AttentionProblem& a) {
-  return max64(1, (4 * a.batch * a.Lq * max64(a.Lk, 1) * max64(a.E + a.Ev, 1)) >> 20);
-}
-
-int attention_threads(const AttentionProblem& a) {
+Team attention_team(const AttentionProblem& a) {
   const int64_t flops = 4 * a.batch * a.Lq * max64(a.Lk, 1) * max64(a.E + a.Ev, 1);
-  return threads_for(flops, int64_t{1} << 20, kFlops);
+  return team_for(flops, kFlopGrain, kFlops);
 }
 }  // namespace
 
@@ -548,7 +554,7 @@ void attention_forward(const AttentionProblem& a) {
   const Kernels& k = active_kernels();
   const AttnLayout L = attention_layout(k.blocking, a, false);
   const int64_t tiles = (a.Lq + L.rows - 1) / L.rows;
-  attention_units(a.batch * tiles, attention_threads(a), attention_units_of(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
+  attention_units(a.batch * tiles, attention_team(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
     const int64_t b = u / tiles, i0 = u % tiles * L.rows;
     k.attention_forward(a, b, i0, min64(a.Lq, i0 + L.rows), work, packed);
   });
@@ -557,9 +563,9 @@ void attention_forward(const AttentionProblem& a) {
 void attention_backward(const AttentionProblem& a) {
   const Kernels& k = active_kernels();
   const AttnLayout L = attention_layout(k.blocking, a, true);
-  const int threads = attention_threads(a);
-  if (a.batch >= threads || a.Lk == 0) {  // whole items: grad_q summed as the keys go
-    attention_units(a.batch, threads, attention_units_of(a), L.total, [&](int64_t b, float* work, int64_t* packed) {
+  const Team team = attention_team(a);
+  if (a.batch >= team.threads || a.Lk == 0) {  // whole items: grad_q summed as the keys go
+    attention_units(a.batch, team, L.total, [&](int64_t b, float* work, int64_t* packed) {
       k.attention_backward_kv(a, b, 0, a.Lk, true, work, packed);
     });
     return;
@@ -567,11 +573,11 @@ void attention_backward(const AttentionProblem& a) {
   // Fewer items than threads: grad_k and grad_v by key tile, then grad_q by query tile
   // (the same tiles summed in the same order, so the same bits as above).
   const int64_t ktiles = (a.Lk + L.cols - 1) / L.cols, qtiles = (a.Lq + L.rows - 1) / L.rows;
-  attention_units(a.batch * ktiles, threads, attention_units_of(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
+  attention_units(a.batch * ktiles, team, L.total, [&](int64_t u, float* work, int64_t* packed) {
     const int64_t b = u / ktiles, j0 = u % ktiles * L.cols;
     k.attention_backward_kv(a, b, j0, min64(a.Lk, j0 + L.cols), false, work, packed);
   });
-  attention_units(a.batch * qtiles, threads, attention_units_of(a), L.total, [&](int64_t u, float* work, int64_t* packed) {
+  attention_units(a.batch * qtiles, team, L.total, [&](int64_t u, float* work, int64_t* packed) {
     const int64_t b = u / qtiles, i0 = u % qtiles * L.rows;
     k.attention_backward_q(a, b, i0, min64(a.Lq, i0 + L.rows), work, packed);
   });

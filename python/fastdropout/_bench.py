@@ -513,28 +513,27 @@ def mixed_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, Ca
     return cases
 
 
-def measure_mixed(cases: List[Tuple[str, Callable[[], object]]], repeats: int) -> List[Tuple[str, str, Tuple[float, float, float]]]:
+def measure_mixed(cases: List[Tuple[str, Callable[[], object]]], repeats: int
+                  ) -> List[Tuple[str, str, Tuple[float, float, float], float]]:
     """fastdropout (cases[0]) in a loop with each other library in turn, as a user's loop
     alternates them: in the loop with library L, fastdropout and L are each timed right
     after a call of their own kind and right after one of the other.
 
-    Returns (target, before, (median, min, max)); ``before`` is "own kind in the loop with
-    L" for fastdropout's own-kind time in L's loop.  Each loop's pairs are timed in turn,
-    in a new order each round, one call per sample.
+    Returns (target, before, (median, min, max), slowdown): ``before`` is "... (L loop)" for
+    fastdropout's own-kind row in L's loop, and the slowdown is the median against the same
+    call's median right after its own kind in that loop.  Each loop's pairs are timed in
+    turn, in a new order each round, one call per sample.
     """
     ours, out = cases[0], []
     for peer in cases[1:]:
         pairs = [(ours, ours), (ours, peer), (peer, ours), (peer, peer)]
         timed = measure_interleaved([t[1] for t, _ in pairs], repeats, min_sample_s=0.0, before=[b[1] for _, b in pairs])
+        own = {id(t): m[0] for (t, b), m in zip(pairs, timed) if t is b}
+        loop = peer[0].split()[0]  # the library ("numpy x @ W.T + b" -> "numpy")
         for (t, b), m in zip(pairs, timed):
-            before = f"{b[0]} ({_loop_name(peer[0])} loop)" if t is ours and b is ours else b[0]
-            out.append((t[0], before, m))
+            before = f"{b[0]} ({loop} loop)" if t is ours and b is ours else b[0]
+            out.append((t[0], before, m, m[0] / own[id(t)]))
     return out
-
-
-def _loop_name(peer: str) -> str:
-    """The library of a peer case's name ("numpy x @ W.T + b" -> "numpy")."""
-    return peer.split()[0]
 
 
 def training_cases(batch: int, threads: int, sizes: Sequence[int] = MLP, ps: Sequence[float] = MLP_P,
@@ -654,9 +653,10 @@ def run(
         for shape in mixed_shapes:
             bar.step(f"mixed process {'x'.join(map(str, shape))}")
             m, k, n = shape
-            for target, before, (med, lo, hi) in measure_mixed(mixed_cases(shape, threads), max(repeats, 15)):
+            for target, before, (med, lo, hi), slowdown in measure_mixed(mixed_cases(shape, threads), max(repeats, 15)):
                 results.append(Result("mixed", f"after {before}", target, "x".join(map(str, shape)), threads, med, lo, hi,
-                                      max(repeats, 15), 2.0 * m * k * n / med / 1e9, "GFLOP/s"))
+                                      max(repeats, 15), 2.0 * m * k * n / med / 1e9, "GFLOP/s",
+                                      {"after its own kind": slowdown}))
         for batch in train_batches:
             bar.step(f"training step, batch {batch}")
             cases = training_cases(batch, threads, mlp, compile_torch=compile_torch)
@@ -743,16 +743,6 @@ def _add_ratios(results: List[Result]) -> None:
         if r.group == "memory" and r.impl == "fastdropout":  # peer peak / our peak
             r.ratios = {q.impl: q.rate / r.rate for q in results
                         if q.group == "memory" and q.size == r.size and q.impl != r.impl and r.rate > 0}
-        if r.group == "mixed":  # slowdown against the same call after one of its own kind, in the same loop
-            before = r.kernel[len("after "):]
-            if before.startswith(r.impl):
-                own_kernel = r.kernel  # an own-kind row
-            elif r.impl.startswith("fastdropout"):
-                own_kernel = f"after {r.impl} ({_loop_name(before)} loop)"
-            else:
-                own_kernel = f"after {r.impl}"
-            own = next(q for q in results if q.group == "mixed" and q.impl == r.impl and q.size == r.size and q.kernel == own_kernel)
-            r.ratios = {"after its own kind": r.median_s / own.median_s}
 
 
 def disturbance_notes(results: List[Result]) -> List[str]:
