@@ -33,7 +33,9 @@ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 // lost 0.1-1 ms once in a few hundred calls), or lost 2 ms or more at once (the
 // scheduler's time slice, which a spinning neighbour takes).  Then, for 50 ms (doubling
 // while it recurs, up to 200 ms), a problem whose one-thread time (measured here per unit
-// of work) is below four times the time that thread lost runs on one thread; after that,
+// of work) is below four times the time that thread lost runs on one thread (taking the
+// loss as a fixed delay, twice would be the break-even for our own call; four counts the
+// neighbour's gain too, since our idle worker then no longer spins beside it); after that,
 // a region on all threads probes again.  (Longer windows probed less often in a loop with
 // NumPy but stayed on one thread for up to a second after NumPy's calls stopped, and a
 // PyTorch op that shares our OpenMP threads then found them asleep: 1.5x slower at
