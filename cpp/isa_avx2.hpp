@@ -376,15 +376,11 @@ inline void bits_to_bytes64(uint64_t bits, uint8_t* out) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 32 * h), one);
   }
 }
-/// dst[j * ldd + i] = src[i * lds + j] for i, j < 8: the weight's rows become the
-/// forward GEMM's B panels this way.  Rows 0-3 and 4-7 are loaded as the two 128-bit
-/// halves of each register (the lane exchange done by the loads), then interleaved in
-/// 32-bit and 64-bit steps within the lanes: 8 shuffles for 64 values.  The portable
-/// element-by-element copy it replaces took 0.8 ms of a 0.84 ms 1x1024x1024 forward on
-/// Zen 3 (one thread), a third of the time at batch 64.
-#define FD_ISA_TRANSPOSE 1
-constexpr int64_t kT = 8;
-inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+/// t[j] lane i = src[i * lds + j] for i, j < 8 (an 8 x 8 block transposed into registers).
+/// Rows 0-3 and 4-7 are loaded as the two 128-bit halves of each register (the lane
+/// exchange done by the loads), then interleaved in 32-bit and 64-bit steps within the
+/// lanes: 8 shuffles for 64 values.
+inline void transpose8(const float* src, int64_t lds, __m256 t[8]) {
   __m256 r[8];
   // r[i] = row i, columns 0-3 | row i + 4, columns 0-3 (i < 4); r[4 + i]: columns 4-7
   for (int i = 0; i < 4; ++i) {
@@ -398,13 +394,78 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
     const __m256 t1 = _mm256_unpackhi_ps(r[h], r[h + 1]);      // (0,c2) (1,c2) (0,c3) (1,c3)
     const __m256 t2 = _mm256_unpacklo_ps(r[h + 2], r[h + 3]);  // rows 2, 3
     const __m256 t3 = _mm256_unpackhi_ps(r[h + 2], r[h + 3]);
-    _mm256_storeu_ps(dst + (h + 0) * ldd, _mm256_shuffle_ps(t0, t2, 0x44));
-    _mm256_storeu_ps(dst + (h + 1) * ldd, _mm256_shuffle_ps(t0, t2, 0xee));
-    _mm256_storeu_ps(dst + (h + 2) * ldd, _mm256_shuffle_ps(t1, t3, 0x44));
-    _mm256_storeu_ps(dst + (h + 3) * ldd, _mm256_shuffle_ps(t1, t3, 0xee));
+    t[h + 0] = _mm256_shuffle_ps(t0, t2, 0x44);
+    t[h + 1] = _mm256_shuffle_ps(t0, t2, 0xee);
+    t[h + 2] = _mm256_shuffle_ps(t1, t3, 0x44);
+    t[h + 3] = _mm256_shuffle_ps(t1, t3, 0xee);
   }
 }
 
+/// dst[j * ldd + i] = src[i * lds + j] for i, j < 8: the weight's rows become the
+/// forward GEMM's B panels this way.  The portable element-by-element copy it replaces
+/// took 0.8 ms of a 0.84 ms 1x1024x1024 forward on Zen 3 (one thread), a third of the
+/// time at batch 64.
+#define FD_ISA_TRANSPOSE 1
+constexpr int64_t kT = 8;
+inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 t[8];
+  transpose8(src, lds, t);
+  for (int j = 0; j < 8; ++j) _mm256_storeu_ps(dst + j * ldd, t[j]);
+}
+
+/// The direct path's micro-kernel (few rows of C, the weight read where it lies): for
+/// r < R and n < 8 G,
+///   c[r * ldc + n] (+)= sum over k < kc of a[k * kMR + r] * w[n * ldw + k],
+/// a a packed A panel and w the rows of op(B)'s transpose (the weight's rows, in place).
+/// Each 8 x 8 block of w is transposed in registers on its way to the FMAs, so nothing is
+/// stored and read back.  The sums are the micro-kernel's, bit for bit: per output one FMA
+/// chain from +0 in depth order, then added to C (or stored) as microkernel does.  G
+/// groups of 8 columns give G x R independent chains.
+#define FD_ISA_DIRECT 1
+#if defined(__GNUC__)
+#define FD_OPAQUE(v) __asm__("" : "+r"(v))  // the compiler forgets how v was computed
+#else
+#define FD_OPAQUE(v) ((void)0)
+#endif
+template <int R, int G>
+inline void microkernel_direct(int64_t kc, const float* a, const float* w, int64_t ldw, float* c, int64_t ldc,
+                               bool accumulate) {
+  __m256 acc[R][G];
+  FD_UNROLL_ALL for (int r = 0; r < R; ++r) FD_UNROLL_ALL for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
+  int64_t k = 0;
+  // 16 depths a step: each row's cache line used whole at once (rows whose stride is a
+  // multiple of 4 KiB share one L1 set, and a line left for the next step is gone by then)
+  for (; k + 16 <= kc; k += 16) {
+    FD_UNROLL_ALL for (int g = 0; g < G; ++g) {
+      // one pointer for the group and one for its A values, opaque to the compiler: else it
+      // keeps 8 G row pointers and the broadcasts live across the loop, and spills
+      const float* rows = w + g * 8 * ldw + k;
+      const float* ak = a + k * kMR;
+      FD_OPAQUE(rows);
+      FD_OPAQUE(ak);
+      FD_UNROLL_ALL for (int h = 0; h < 16; h += 8) {
+        __m256 t[8];
+        transpose8(rows + h, ldw, t);
+        FD_UNROLL_ALL for (int q = 0; q < 8; ++q)
+          FD_UNROLL_ALL for (int r = 0; r < R; ++r)
+            acc[r][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(ak + (h + q) * kMR + r), t[q], acc[r][g]);
+      }
+    }
+  }
+  for (; k < kc; ++k) {  // the depths past the last whole 16: each column of w gathered
+    FD_UNROLL_ALL for (int g = 0; g < G; ++g) {
+      const float* wk = w + g * 8 * ldw + k;
+      const __m256 col = _mm256_setr_ps(wk[0], wk[ldw], wk[2 * ldw], wk[3 * ldw], wk[4 * ldw], wk[5 * ldw],
+                                        wk[6 * ldw], wk[7 * ldw]);
+      FD_UNROLL_ALL for (int r = 0; r < R; ++r)
+        acc[r][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k * kMR + r), col, acc[r][g]);
+    }
+  }
+  FD_UNROLL_ALL for (int r = 0; r < R; ++r) FD_UNROLL_ALL for (int g = 0; g < G; ++g) {
+    float* cr = c + r * ldc + 8 * g;
+    _mm256_storeu_ps(cr, accumulate ? _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][g]) : acc[r][g]);
+  }
+}
 
 /// e**x for 8 floats, exp_approx's method (kernels_impl.hpp): 0 below -87.
 inline __m256 exp8(__m256 x) {

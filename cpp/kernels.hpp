@@ -68,6 +68,7 @@ struct GemmBlocking {
   int64_t snr;  ///< its panel width (a multiple of nr dividing nc; nr where there is none)
   int64_t skc, snc;  ///< its depth and column blocking (kc, nc where there is none)
   int64_t smc;       ///< its row blocking (mc where there is none)
+  int64_t direct_rows;  ///< ranges of at most this many rows take the direct path (0: none)
 };
 
 /// Floats of the row buffer that the sparse path's build_rows uses for the segments
@@ -313,7 +314,9 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   const int64_t words = b.sparse ? (skc + 63) / 64 : 0;  // of 64-depth chunks
   GemmWork w;
   w.a_pack = 0;
-  w.b_pack = round_up(w.a_pack + mc * kc, 16);
+  // the direct path packs A whole: its few rows at every depth
+  const int64_t a_depth = m <= b.direct_rows ? (k > 0 ? k : 1) : kc;
+  w.b_pack = round_up(w.a_pack + mc * a_depth, 16);
   w.buf = round_up(w.b_pack + b_block, 16);
   w.tile = round_up(w.buf + longest, 16);
   w.s_vals = round_up(w.tile + b.mr * b.nr, 16);

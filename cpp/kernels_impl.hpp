@@ -11,6 +11,7 @@
 //   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
 //   kSNR, kSKC, kSNC, kSMC, nonzero_bits64, compact64, sparse_rows
 //   (FD_ISA_SPARSE: the sparse path)
+//   microkernel_direct (FD_ISA_DIRECT: the direct path for a batch of one or two rows)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
 #endif
@@ -31,10 +32,16 @@ namespace {
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-#if defined(FD_ISA_SPARSE)
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR, kSKC, kSNC, kSMC};
+#if defined(FD_ISA_DIRECT)
+/// The direct path (see direct_gemm_tile) serves ranges of at most this many rows.
+constexpr int64_t kDirectRows = 2;
 #else
-constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR, kKC, kNC, kMC};
+constexpr int64_t kDirectRows = 0;
+#endif
+#if defined(FD_ISA_SPARSE)
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR, kSKC, kSNC, kSMC, kDirectRows};
+#else
+constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR, kKC, kNC, kMC, kDirectRows};
 #endif
 
 #if !defined(FD_ISA_TRANSPOSE)
@@ -606,6 +613,69 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
 
 #endif  // FD_ISA_SPARSE
 
+#if defined(FD_ISA_DIRECT)
+// ---------------------------------------------------------------------------
+// Direct path: a batch of one or two rows against a plain float32 weight (op(B) its
+// transpose, as in the forward).  Packing the weight into B panels, which the
+// micro-kernel then reads back, costs as much as the multiplication at one row, and the
+// micro-kernel computes kMR rows whatever the batch: at 1x1024x1024 the packed path took
+// 5x NumPy's time.  Here microkernel_direct transposes the weight's rows in registers on
+// their way to the FMAs, and computes only the rows there are.  Each output is the same
+// FMA chain per depth block as on the packed path, so the two give the same bits.
+// ---------------------------------------------------------------------------
+static inline bool direct_path(const GemmProblem& g, int64_t rows) {
+  return rows <= kDirectRows && g.b_trans && !g.b.mask.enabled && !g.b.h && !g.b.z && !g.c_trans;
+}
+
+/// Columns n0 .. n1 of rows m0 .. m0 + R - 1 of C, whose A values (all depths) are packed
+/// at ap.  Each group of columns runs through every depth block before the next group, so
+/// that its weight rows are read start to end (streams the prefetchers follow) rather than
+/// a block's depths at a time.  wtmp holds 8 x kKC floats and tile 8 R.
+template <int R>
+void direct_rows(const GemmProblem& g, int64_t m0, int64_t n0, int64_t n1, const float* ap, float* wtmp,
+                 float* tile) {
+  constexpr int G = R == 1 ? 3 : 2;  // independent chains: 3 for one row, 2 x 2 for two
+  const int64_t ldw = g.b.cols;
+  float* c = g.c + m0 * g.N;
+  auto columns = [&](int64_t n, auto kernel) {  // C's columns n .. from the weight rows there
+    for (int64_t pc = 0; pc < g.K; pc += kKC)  // the packed path's depth blocks: the same sums
+      kernel(min64(kKC, g.K - pc), ap + pc * kMR, g.b.p + n * ldw + pc, ldw, c + n, g.N, pc > 0);
+  };
+  int64_t n = n0;
+  for (; n + 8 * G <= n1; n += 8 * G) columns(n, microkernel_direct<R, G>);
+  for (; n + 8 <= n1; n += 8) columns(n, microkernel_direct<R, 1>);
+  if (n == n1) return;
+  // the last columns: their weight rows copied beside rows of zeros, the sums through a tile
+  const int64_t cols = n1 - n;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < 8; ++j) tile[r * 8 + j] = 0.0f;
+  for (int64_t pc = 0; pc < g.K; pc += kKC) {
+    const int64_t kc = min64(kKC, g.K - pc);
+    for (int64_t j = 0; j < 8; ++j)
+      for (int64_t k = 0; k < kc; ++k) wtmp[j * kc + k] = j < cols ? g.b.p[(n + j) * ldw + pc + k] : 0.0f;
+    microkernel_direct<R, 1>(kc, ap + pc * kMR, wtmp, kc, tile, 8, pc > 0);
+  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t j = 0; j < cols; ++j) c[r * g.N + n + j] = tile[r * 8 + j];
+}
+
+void direct_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
+  const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
+  float* a_pack = work + layout.a_pack;  // kMR x K here (gemm_work)
+  float* wtmp = work + layout.b_pack;    // 8 x kKC of the kKC x 16 (at least) it holds
+  float* buf = work + layout.buf;
+  float* tile = work + layout.tile;
+  static_assert(kDirectRows <= kMR && 8 * kDirectRows <= kMR * kNR && kNR >= 8, "direct path scratch");
+  for (int64_t pc = 0; pc < g.K; pc += kKC)  // one panel whose depth blocks follow each other
+    pack(g.a, !g.a_trans, m0, m1 - m0, pc, min64(kKC, g.K - pc), kMR, a_pack + pc * kMR, buf);
+  if (m1 - m0 == 1)
+    direct_rows<1>(g, m0, n0, n1, a_pack, wtmp, tile);
+  else
+    direct_rows<2>(g, m0, n0, n1, a_pack, wtmp, tile);
+  epilogue(g, m0, m1, n0, n1);
+}
+#endif  // FD_ISA_DIRECT
+
 void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
   if (m0 >= m1 || n0 >= n1) return;
 #if defined(FD_ISA_SPARSE)
@@ -620,6 +690,12 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
     if (!g.c_trans) epilogue(g, m0, m1, n0, n1);
     return;
   }
+#if defined(FD_ISA_DIRECT)
+  if (direct_path(g, m1 - m0)) {
+    direct_gemm_tile(g, m0, m1, n0, n1, work);
+    return;
+  }
+#endif
   const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
   float* a_pack = work + layout.a_pack;
   float* b_pack = work + layout.b_pack;
