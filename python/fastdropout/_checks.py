@@ -72,7 +72,7 @@ def check_float_array(x: Any, name: str, dtypes: Tuple[type, ...] = (np.float32,
         )
     if not isinstance(x, np.ndarray):
         if isinstance(x, (str, bytes)) or x is None:
-            raise TypeError(f"{name} must be a NumPy array, got {type(x).__name__}")
+            raise TypeError(f"{name} must be a NumPy array or a nested list of numbers, got {type(x).__name__}")
         try:
             x = np.asarray(x)
         except Exception as exc:  # e.g. ragged nested lists
