@@ -11,7 +11,7 @@
 //   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
 //   kSNR, kSKC, kSNC, kSMC, nonzero_bits64, compact64, sparse_rows
 //   (FD_ISA_SPARSE: the sparse path)
-//   microkernel_direct (FD_ISA_DIRECT: the direct path for a batch of one or two rows)
+//   microkernel_direct (FD_ISA_DIRECT: the direct path for a batch of one to four rows)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
 #endif
@@ -34,7 +34,7 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 #if defined(FD_ISA_DIRECT)
 /// The direct path (see direct_gemm_tile) serves ranges of at most this many rows.
-constexpr int64_t kDirectRows = 2;
+constexpr int64_t kDirectRows = 4;
 #else
 constexpr int64_t kDirectRows = 0;
 #endif
@@ -615,7 +615,7 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
 
 #if defined(FD_ISA_DIRECT)
 // ---------------------------------------------------------------------------
-// Direct path: a batch of one or two rows against a plain float32 weight (op(B) its
+// Direct path: a batch of one to four rows against a plain float32 weight (op(B) its
 // transpose, as in the forward).  Packing the weight into B panels, which the
 // micro-kernel then reads back, costs as much as the multiplication at one row, and the
 // micro-kernel computes kMR rows whatever the batch: at 1x1024x1024 the packed path took
@@ -634,7 +634,9 @@ static inline bool direct_path(const GemmProblem& g, int64_t rows) {
 template <int R>
 void direct_rows(const GemmProblem& g, int64_t m0, int64_t n0, int64_t n1, const float* ap, float* wtmp,
                  float* tile) {
-  constexpr int G = R == 1 ? 3 : 2;  // independent chains: 3 for one row, 2 x 2 for two
+  // independent chains: 3 for one row, 2 x 2 for two, 2 x 3 for three, 1 x 4 for four (two
+  // groups of four rows spill registers: measured 1.1-1.2x slower at 4x1024x1024)
+  constexpr int G = R == 1 ? 3 : (R == 4 ? 1 : 2);
   const int64_t ldw = g.b.cols;
   float* c = g.c + m0 * g.N;
   auto columns = [&](int64_t n, auto kernel) {  // C's columns n .. from the weight rows there
@@ -668,10 +670,12 @@ void direct_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
   static_assert(kDirectRows <= kMR && 8 * kDirectRows <= kMR * kNR && kNR >= 8, "direct path scratch");
   for (int64_t pc = 0; pc < g.K; pc += kKC)  // one panel whose depth blocks follow each other
     pack(g.a, !g.a_trans, m0, m1 - m0, pc, min64(kKC, g.K - pc), kMR, a_pack + pc * kMR, buf);
-  if (m1 - m0 == 1)
-    direct_rows<1>(g, m0, n0, n1, a_pack, wtmp, tile);
-  else
-    direct_rows<2>(g, m0, n0, n1, a_pack, wtmp, tile);
+  switch (m1 - m0) {
+    case 1: direct_rows<1>(g, m0, n0, n1, a_pack, wtmp, tile); break;
+    case 2: direct_rows<2>(g, m0, n0, n1, a_pack, wtmp, tile); break;
+    case 3: direct_rows<3>(g, m0, n0, n1, a_pack, wtmp, tile); break;
+    default: direct_rows<4>(g, m0, n0, n1, a_pack, wtmp, tile); break;
+  }
   epilogue(g, m0, m1, n0, n1);
 }
 #endif  // FD_ISA_DIRECT

@@ -525,17 +525,17 @@ def test_threads_fixture_matches_single_thread(backend, gemm_path, threads):
         assert_bits_equal(a, b)
 
 
-# Batches of one or two rows take the direct path where the backend has one (the weight's rows
-# read in place, 24 or 16 columns at a time, 16 depths a step; no packed B): depths around
+# Batches of one to four rows take the direct path where the backend has one (the weight's rows
+# read in place, 24, 16 or 8 columns at a time, 16 depths a step; no packed B): depths around
 # those steps and the 256-depth blocks, columns around the groups and the 8-column tail.
 DIRECT_K = [1, 15, 16, 17, 255, 256, 257, 600]
 DIRECT_N = [1, 7, 8, 23, 24, 25, 41, 300]
 
 
 @pytest.mark.parametrize("k", DIRECT_K)
-def test_one_and_two_rows_equal_those_rows_of_a_larger_batch(backend, threads, k):
+def test_one_to_four_rows_equal_those_rows_of_a_larger_batch(backend, threads, k):
     # a row's outputs never depend on the other rows of its batch: the same bits whether it
-    # goes alone, in a pair or in a batch of 7 (the packed path), and right
+    # goes alone, with one to three others or in a batch of 7 (the packed path), and right
     for n in DIRECT_N:
         x, weight, bias, _ = _problem((7,), k, n, seed=k * 1000 + n)
         for act in ACTIVATIONS:
@@ -545,7 +545,7 @@ def test_one_and_two_rows_equal_those_rows_of_a_larger_batch(backend, threads, k
                         return fd.dense(x[rows], weight, bias, activation=act)
                     return fd.dropout_dense(x[rows], weight, bias, p, seed=9, offset=rows.start * k, activation=act)
                 full = run(slice(0, 7))
-                for rows in (slice(0, 1), slice(3, 4), slice(0, 2), slice(5, 7)):
+                for rows in (slice(0, 1), slice(3, 4), slice(0, 2), slice(5, 7), slice(1, 4), slice(3, 7)):
                     assert_bits_equal(run(rows), full[rows])
                 want = ref.dropout_dense(x, weight, bias, p, seed=9, activation=act) if p else ref.dense(
                     x, weight, bias, activation=act)
