@@ -16,6 +16,8 @@ ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2}
 
 def check_u64(value: Any, name: str) -> int:
     """An integer in [0, 2**64)."""
+    if type(value) is int and 0 <= value < U64:  # the everyday call, without the ABC checks
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer in [0, 2**64), got {type(value).__name__} {value!r}")
     value = operator.index(value)
@@ -26,6 +28,8 @@ def check_u64(value: Any, name: str) -> int:
 
 def check_p(p: Any) -> float:
     """A drop probability: a real number in [0, 1]."""
+    if type(p) is float and 0.0 <= p <= 1.0:  # the everyday call, without the ABC checks
+        return p
     if isinstance(p, (bool, np.bool_)) or not isinstance(p, numbers.Real):
         raise TypeError(f"p must be a real number in [0, 1], got {type(p).__name__} {p!r}")
     try:
@@ -49,6 +53,7 @@ def scale(p: float, dtype: np.dtype) -> float:
     return float(np.dtype(dtype).type(s))
 
 
+@functools.lru_cache(maxsize=None)  # (an import attempt on every call cost microseconds)
 def _bfloat16():
     try:
         import ml_dtypes
