@@ -31,6 +31,7 @@ import contextlib
 import math
 import os
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -550,6 +551,20 @@ def test_one_to_four_rows_equal_those_rows_of_a_larger_batch(backend, threads, k
                 want = ref.dropout_dense(x, weight, bias, p, seed=9, activation=act) if p else ref.dense(
                     x, weight, bias, activation=act)
                 assert_gemm_close(full, want, k, f"k={k} n={n} {act} p={p}")
+
+
+def test_last_rows_of_a_row_split_on_the_direct_path(backend):
+    # 24 threads split 3176 rows as 23 x 138 and a last range of 2 rows, which the direct path
+    # serves with x packed at every depth (6000 here, more than a 138-row range's packed block
+    # holds): the scratch must be sized for it, and the bits are one thread's
+    x, weight, bias, _ = _problem((3176,), 6000, 24, seed=31)
+    with num_threads(1):
+        want = fd.dropout_dense(x, weight, bias, 0.5, seed=12, activation="relu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fd.OversubscriptionWarning)
+        with num_threads(24):
+            got = fd.dropout_dense(x, weight, bias, 0.5, seed=12, activation="relu")
+    assert_bits_equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------------
