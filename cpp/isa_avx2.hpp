@@ -467,6 +467,28 @@ inline void microkernel_direct(int64_t kc, const float* a, const float* w, int64
   }
 }
 
+/// The direct path's micro-kernel for a weight read along its rows (op(B) the weight itself,
+/// as in grad_x = dz @ weight): for r < R and n < 8 G,
+///   c[r * ldc + n] (+)= sum over k < kc of a[k * kMR + r] * b[k * ldb + n],
+/// the same FMA chains, from +0 in depth order, then added to C, as microkernel's.
+template <int R, int G>
+inline void microkernel_direct_rows(int64_t kc, const float* a, const float* b, int64_t ldb, float* c, int64_t ldc,
+                                   bool accumulate) {
+  __m256 acc[R][G];
+  FD_UNROLL_ALL for (int r = 0; r < R; ++r) FD_UNROLL_ALL for (int g = 0; g < G; ++g) acc[r][g] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const float* bk = b + k * ldb;
+    FD_UNROLL_ALL for (int r = 0; r < R; ++r) {
+      const __m256 av = _mm256_broadcast_ss(a + k * kMR + r);
+      FD_UNROLL_ALL for (int g = 0; g < G; ++g) acc[r][g] = _mm256_fmadd_ps(av, _mm256_loadu_ps(bk + 8 * g), acc[r][g]);
+    }
+  }
+  FD_UNROLL_ALL for (int r = 0; r < R; ++r) FD_UNROLL_ALL for (int g = 0; g < G; ++g) {
+    float* cr = c + r * ldc + 8 * g;
+    _mm256_storeu_ps(cr, accumulate ? _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][g]) : acc[r][g]);
+  }
+}
+
 /// e**x for 8 floats, exp_approx's method (kernels_impl.hpp): 0 below -87.
 inline __m256 exp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.0f);

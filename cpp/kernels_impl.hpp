@@ -624,41 +624,76 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
 // FMA chain per depth block as on the packed path, so the two give the same bits.
 // ---------------------------------------------------------------------------
 static inline bool direct_path(const GemmProblem& g, int64_t rows) {
-  return rows <= kDirectRows && g.b_trans && !g.b.mask.enabled && !g.b.h && !g.b.z && !g.c_trans;
+  return rows <= kDirectRows && !g.b.mask.enabled && !g.b.h && !g.b.z && !g.c_trans;
 }
 
 /// Columns n0 .. n1 of rows m0 .. m0 + R - 1 of C, whose A values (all depths) are packed
-/// at ap.  Each group of columns runs through every depth block before the next group, so
-/// that its weight rows are read start to end (streams the prefetchers follow) rather than
-/// a block's depths at a time.  wtmp holds 8 x kKC floats and tile 8 R.
+/// at ap; wtmp holds 8 x kKC floats and tile 8 R.  The weight is op(B)'s transpose (the
+/// forward: its rows are read start to end, each group of columns through every depth
+/// block before the next group, streams the prefetchers follow) or op(B) itself (grad_x:
+/// each depth block's rows are read across all the columns before the next block, rather
+/// than a narrow strip of every row at a time).
 template <int R>
 void direct_rows(const GemmProblem& g, int64_t m0, int64_t n0, int64_t n1, const float* ap, float* wtmp,
                  float* tile) {
-  // independent chains: 3 for one row, 2 x 2 for two, 2 x 3 for three, 1 x 4 for four (two
-  // groups of four rows spill registers: measured 1.1-1.2x slower at 4x1024x1024)
-  constexpr int G = R == 1 ? 3 : (R == 4 ? 1 : 2);
-  const int64_t ldw = g.b.cols;
   float* c = g.c + m0 * g.N;
-  auto columns = [&](int64_t n, auto kernel) {  // C's columns n .. from the weight rows there
-    for (int64_t pc = 0; pc < g.K; pc += kKC)  // the packed path's depth blocks: the same sums
-      kernel(min64(kKC, g.K - pc), ap + pc * kMR, g.b.p + n * ldw + pc, ldw, c + n, g.N, pc > 0);
+  const int64_t ldb = g.b.cols;
+  // independent chains: (transposed) 3 for one row, 2 x 2 for two, 2 x 3 for three, 1 x 4
+  // for four (two groups of four rows spill registers: measured 1.1-1.2x slower at
+  // 4x1024x1024); (along the rows) 8 to 12 accumulators
+  constexpr int GT = R == 1 ? 3 : (R == 4 ? 1 : 2), GR = R == 1 ? 8 : (R == 4 ? 3 : 4);
+  const int64_t wide = 8 * (g.b_trans ? GT : GR);
+  const int64_t edge = n0 + (n1 - n0) / 8 * 8, cols = n1 - edge;  // the last columns, fewer than 8
+  // columns n .. n + 8 G - 1 (G: GT, GR or 1) over the depths pc .. pc + kc - 1
+  auto block = [&](int64_t n, int64_t pc, int64_t kc, bool many) {
+    const float* a = ap + pc * kMR;
+    if (g.b_trans) {
+      const float* w = g.b.p + n * ldb + pc;
+      if (many)
+        microkernel_direct<R, GT>(kc, a, w, ldb, c + n, g.N, pc > 0);
+      else
+        microkernel_direct<R, 1>(kc, a, w, ldb, c + n, g.N, pc > 0);
+    } else {
+      const float* w = g.b.p + pc * ldb + n;
+      if (many)
+        microkernel_direct_rows<R, GR>(kc, a, w, ldb, c + n, g.N, pc > 0);
+      else
+        microkernel_direct_rows<R, 1>(kc, a, w, ldb, c + n, g.N, pc > 0);
+    }
   };
-  int64_t n = n0;
-  for (; n + 8 * G <= n1; n += 8 * G) columns(n, microkernel_direct<R, G>);
-  for (; n + 8 <= n1; n += 8) columns(n, microkernel_direct<R, 1>);
-  if (n == n1) return;
-  // the last columns: their weight rows copied beside rows of zeros, the sums through a tile
-  const int64_t cols = n1 - n;
+  // the last columns: their weight values copied beside zeros, the sums through a tile
+  auto last = [&](int64_t pc, int64_t kc) {
+    const float* a = ap + pc * kMR;
+    if (g.b_trans) {  // 8 rows of kc
+      for (int64_t j = 0; j < 8; ++j)
+        for (int64_t k = 0; k < kc; ++k) wtmp[j * kc + k] = j < cols ? g.b.p[(edge + j) * ldb + pc + k] : 0.0f;
+      microkernel_direct<R, 1>(kc, a, wtmp, kc, tile, 8, pc > 0);
+    } else {  // kc rows of 8
+      for (int64_t k = 0; k < kc; ++k)
+        for (int64_t j = 0; j < 8; ++j) wtmp[k * 8 + j] = j < cols ? g.b.p[(pc + k) * ldb + edge + j] : 0.0f;
+      microkernel_direct_rows<R, 1>(kc, a, wtmp, 8, tile, 8, pc > 0);
+    }
+  };
+  auto columns = [&](int64_t pc, int64_t kc) {  // every column of one depth block
+    int64_t n = n0;
+    for (; n + wide <= n1; n += wide) block(n, pc, kc, true);
+    for (; n + 8 <= n1; n += 8) block(n, pc, kc, false);
+  };
+  if (g.b_trans) {
+    int64_t n = n0;
+    for (; n + wide <= n1; n += wide)
+      for (int64_t pc = 0; pc < g.K; pc += kKC) block(n, pc, min64(kKC, g.K - pc), true);
+    for (; n + 8 <= n1; n += 8)
+      for (int64_t pc = 0; pc < g.K; pc += kKC) block(n, pc, min64(kKC, g.K - pc), false);
+  } else {
+    for (int64_t pc = 0; pc < g.K; pc += kKC) columns(pc, min64(kKC, g.K - pc));
+  }
+  if (cols == 0) return;
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < 8; ++j) tile[r * 8 + j] = 0.0f;
-  for (int64_t pc = 0; pc < g.K; pc += kKC) {
-    const int64_t kc = min64(kKC, g.K - pc);
-    for (int64_t j = 0; j < 8; ++j)
-      for (int64_t k = 0; k < kc; ++k) wtmp[j * kc + k] = j < cols ? g.b.p[(n + j) * ldw + pc + k] : 0.0f;
-    microkernel_direct<R, 1>(kc, ap + pc * kMR, wtmp, kc, tile, 8, pc > 0);
-  }
+  for (int64_t pc = 0; pc < g.K; pc += kKC) last(pc, min64(kKC, g.K - pc));  // (the packed path's depth blocks)
   for (int64_t r = 0; r < R; ++r)
-    for (int64_t j = 0; j < cols; ++j) c[r * g.N + n + j] = tile[r * 8 + j];
+    for (int64_t j = 0; j < cols; ++j) c[r * g.N + edge + j] = tile[r * 8 + j];
 }
 
 void direct_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {

@@ -536,21 +536,33 @@ DIRECT_N = [1, 7, 8, 23, 24, 25, 41, 300]
 @pytest.mark.parametrize("k", DIRECT_K)
 def test_one_to_four_rows_equal_those_rows_of_a_larger_batch(backend, threads, k):
     # a row's outputs never depend on the other rows of its batch: the same bits whether it
-    # goes alone, with one to three others or in a batch of 7 (the packed path), and right
+    # goes alone, with one to three others or in a batch of 7 (the packed path), and right;
+    # so do its rows of grad_x (dz @ weight: the weight read along its rows, n deep)
     for n in DIRECT_N:
-        x, weight, bias, _ = _problem((7,), k, n, seed=k * 1000 + n)
+        x, weight, bias, grad = _problem((7,), k, n, seed=k * 1000 + n)
         for act in ACTIVATIONS:
             for p in (0.0, 0.5):
                 def run(rows):
                     if p == 0.0:
                         return fd.dense(x[rows], weight, bias, activation=act)
                     return fd.dropout_dense(x[rows], weight, bias, p, seed=9, offset=rows.start * k, activation=act)
+
+                def grad_x(rows):
+                    return fd.dropout_dense_backward(grad[rows], x[rows], weight, p, seed=9, offset=rows.start * k,
+                                                     activation=act, preactivation=None if act is None else z[rows],
+                                                     output_mask=(True, False, False))[0]
                 full = run(slice(0, 7))
+                z = fd.dropout_dense(x, weight, bias, p, seed=9, activation=act, return_preactivation=True)[1]
+                gx = grad_x(slice(0, 7))
                 for rows in (slice(0, 1), slice(3, 4), slice(0, 2), slice(5, 7), slice(1, 4), slice(3, 7)):
                     assert_bits_equal(run(rows), full[rows])
+                    assert_bits_equal(grad_x(rows), gx[rows])
                 want = ref.dropout_dense(x, weight, bias, p, seed=9, activation=act) if p else ref.dense(
                     x, weight, bias, activation=act)
                 assert_gemm_close(full, want, k, f"k={k} n={n} {act} p={p}")
+                want_gx = ref.dropout_dense_backward(grad, x, weight, p, seed=9, activation=act,
+                                                     preactivation=None if act is None else z)[0]
+                assert_gemm_close(gx, want_gx, n, f"grad_x k={k} n={n} {act} p={p}")
 
 
 def test_last_rows_of_a_row_split_on_the_direct_path(backend):
