@@ -615,12 +615,13 @@ void sparse_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
 
 #if defined(FD_ISA_DIRECT)
 // ---------------------------------------------------------------------------
-// Direct path: a batch of one to four rows against a plain float32 weight (op(B) its
-// transpose, as in the forward).  Packing the weight into B panels, which the
-// micro-kernel then reads back, costs as much as the multiplication at one row, and the
-// micro-kernel computes kMR rows whatever the batch: at 1x1024x1024 the packed path took
-// 5x NumPy's time.  Here microkernel_direct transposes the weight's rows in registers on
-// their way to the FMAs, and computes only the rows there are.  Each output is the same
+// Direct path: a batch of one to four rows against a plain float32 weight, read where it
+// lies (op(B) is its transpose in the forward, the weight itself in grad_x).  Packing the
+// weight into B panels, which the micro-kernel then reads back, costs as much as the
+// multiplication at one row, and the micro-kernel computes kMR rows whatever the batch:
+// at 1x1024x1024 the packed path took 5x NumPy's time.  Here microkernel_direct transposes
+// the weight's rows in registers on their way to the FMAs (microkernel_direct_rows loads
+// them as they are), and only the rows there are are computed.  Each output is the same
 // FMA chain per depth block as on the packed path, so the two give the same bits.
 // ---------------------------------------------------------------------------
 static inline bool direct_path(const GemmProblem& g, int64_t rows) {
