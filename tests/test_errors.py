@@ -137,6 +137,43 @@ def test_generator_wrong_type(generator):
 # ---------------------------------------------------------------------------------------------
 
 
+_X8, _W38 = np.ones((1, 8), np.float32), np.ones((3, 8), np.float32)
+FLAG_CALLS = {
+    "dropout training": lambda v: fd.dropout(_X8, 0.5, seed=1, training=v),
+    "dropout return_stream": lambda v: fd.dropout(_X8, 0.5, seed=1, return_stream=v),
+    "dropout_mask packed": lambda v: fd.dropout_mask(8, 0.5, seed=1, packed=v),
+    "dropout_dense training": lambda v: fd.dropout_dense(_X8, _W38, None, 0.5, seed=1, training=v),
+    "dropout_dense return_preactivation": lambda v: fd.dropout_dense(_X8, _W38, None, 0.5, seed=1,
+                                                                     return_preactivation=v),
+    "dropout_dense_backward bias": lambda v: fd.dropout_dense_backward(np.ones((1, 3), np.float32), _X8, _W38, 0.5,
+                                                                       seed=1, bias=v),
+    "dropout_dense_backward training": lambda v: fd.dropout_dense_backward(np.ones((1, 3), np.float32), _X8, _W38,
+                                                                           0.5, seed=1, training=v),
+    "gaussian_dropout training": lambda v: fd.gaussian_dropout(_X8, 0.5, seed=1, training=v),
+    "alpha_dropout training": lambda v: fd.alpha_dropout(_X8, 0.5, seed=1, training=v),
+    "dropconnect_dense_backward bias": lambda v: fd.dropconnect_dense_backward(np.ones((1, 3), np.float32), _X8, _W38,
+                                                                               0.5, seed=1, bias=v),
+}
+
+
+@pytest.mark.parametrize("value", ["no", None, np.zeros(3, np.float32), 2, 0.0], ids=repr)
+@pytest.mark.parametrize("call", sorted(FLAG_CALLS))
+def test_flags_are_booleans(call, value):
+    # a truthy string or an array is a mistake, not a choice (the backward's bias says whether
+    # the layer has one: an array of its values is refused, None means none)
+    if value is None and call.endswith(" bias"):
+        FLAG_CALLS[call](value)
+        return
+    with pytest.raises(TypeError, match=call.split()[-1] + " must be True or False"):
+        FLAG_CALLS[call](value)
+
+
+@pytest.mark.parametrize("value", [True, False, 1, 0, np.bool_(True), np.bool_(False)], ids=repr)
+@pytest.mark.parametrize("call", sorted(FLAG_CALLS))
+def test_flags_take_bools_and_one_or_zero(call, value):
+    FLAG_CALLS[call](value)
+
+
 @pytest.mark.parametrize("dtype", BAD_ARRAY_DTYPES, ids=lambda d: np.dtype(d).name)
 def test_non_float_arrays(dtype):
     x = np.ones(N, dtype=dtype)

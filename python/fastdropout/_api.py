@@ -11,6 +11,7 @@ import numpy as np
 from . import _core
 from ._checks import (
     check_activation,
+    check_flags,
     elementwise_dtypes,
     check_float_array,
     check_out,
@@ -235,6 +236,7 @@ def dropout(
     >>> fd.dropout(np.ones(8, np.float32), 0.5, seed=1)
     array([2., 2., 2., 2., 2., 2., 0., 2.], dtype=float32)
     """
+    check_flags(training=training, return_stream=return_stream)
     x = check_float_array(x, "x", elementwise_dtypes())
     p = check_p(p)
     if out is not None:
@@ -341,6 +343,7 @@ def dropout_mask(shape, p: float, *, seed: int, offset: int = 0, packed: bool = 
     >>> fd.dropout_mask(8, 0.5, seed=1, packed=True)
     array([191], dtype=uint8)
     """
+    check_flags(packed=packed)
     shape = check_shape(shape)
     p = check_p(p)
     seed = check_u64(seed, "seed")
@@ -474,7 +477,7 @@ def dropout_dense(
     ----------
     x : float32 or bfloat16 array of shape (..., in_features)
     weight : array of x's dtype, shape (out_features, in_features)
-    bias : optional float32 array of shape (out_features,)
+    bias : optional float32 or bfloat16 array of shape (out_features,)
     p, seed, offset : the dropout applied to x
     activation : None, "relu" or "gelu" (erf form, as ``torch.nn.GELU()``)
     training : False disables dropout (a plain dense layer)
@@ -506,6 +509,7 @@ def dropout_dense(
     array([[8., 8., 8.],
            [6., 6., 6.]], dtype=float32)
     """
+    check_flags(training=training, return_preactivation=return_preactivation)
     return dense_layer(x, weight, bias, p, seed, offset, activation, training, return_preactivation, False)
 
 
@@ -576,6 +580,7 @@ def dropout_dense_backward(
         ``(..., out_features)``), a missing ``preactivation`` with an activation, ``p``
         outside [0, 1], ``seed``/``offset`` outside [0, 2**64).
     """
+    check_flags(bias=bias, training=training)
     return dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
                                 output_mask, False)
 

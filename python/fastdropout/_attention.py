@@ -8,7 +8,7 @@ from typing import Any, NamedTuple, Optional, Tuple, Union
 import numpy as np
 
 from . import _core
-from ._checks import check_float_array, check_p, check_u64, scale as dropout_scale, threshold
+from ._checks import check_flags, check_float_array, check_p, check_u64, scale as dropout_scale, threshold
 from ._generator import Generator, check_stream, default_generator
 
 
@@ -264,6 +264,7 @@ def attention(
     >>> fd.attention(q, k, v, 0.5, seed=3).round(3)[0]
     array([0.709, 0.   , 0.43 , 0.43 ], dtype=float32)
     """
+    check_flags(is_causal=is_causal, training=training, return_lse=return_lse, return_stream=return_stream)
     q, k, v, pl = _check_inputs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     p = check_p(p)
     seed, offset = check_stream(seed, offset, generator)
@@ -321,6 +322,7 @@ def attention_backward(
         As :func:`attention`; also ``grad_out``, ``out`` or ``lse`` of another shape or
         dtype, ``seed`` None with ``p > 0``.
     """
+    check_flags(is_causal=is_causal)
     q, k, v, pl = _check_inputs(q, k, v, attn_mask, is_causal, scale, enable_gqa)
     grad_out = check_float_array(grad_out, "grad_out", (np.float32,))
     out = check_float_array(out, "out", (np.float32,))

@@ -26,6 +26,18 @@ def check_u64(value: Any, name: str) -> int:
     return value
 
 
+def check_flags(**flags: Any) -> None:
+    """Each keyword a bool, a NumPy bool, or the integer 1 or 0: a truthy string, None or an
+    array is a mistake, not a choice.  ``bias`` (of a backward: whether the layer has one, not
+    its values) may also be None, as the forward's ``bias=None`` says there is none."""
+    for name, value in flags.items():
+        if name == "bias" and value is None:
+            continue
+        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+            what = " (whether the layer has a bias; the backward needs no bias values)" if name == "bias" else ""
+            raise TypeError(f"{name} must be True or False{what}, got {type(value).__name__} {value!r:.40}")
+
+
 def check_p(p: Any) -> float:
     """A drop probability: a real number in [0, 1]."""
     if type(p) is float and 0.0 <= p <= 1.0:  # the everyday call, without the ABC checks
@@ -79,9 +91,14 @@ def check_float_array(x: Any, name: str, dtypes: Tuple[type, ...] = (np.float32,
         if isinstance(x, (str, bytes)) or x is None:
             raise TypeError(f"{name} must be a NumPy array or a nested list of numbers, got {type(x).__name__}")
         try:
-            x = np.asarray(x)
+            converted = np.asarray(x)
         except Exception as exc:  # e.g. ragged nested lists
             raise TypeError(f"{name} must be array-like, got {type(x).__name__}: {exc}") from None
+        if converted.dtype.type not in dtypes and converted.dtype == np.float64 and np.float32 in dtypes:
+            raise TypeError(f"{name} must have dtype {' or '.join(np.dtype(d).name for d in dtypes)}, got a "
+                            f"{type(x).__name__} of Python floats, which NumPy makes float64: pass "
+                            f"np.asarray({name}, dtype=np.float32)")
+        x = converted
     if x.dtype.type not in dtypes:
         want = " or ".join(np.dtype(d).name for d in dtypes)
         raise TypeError(f"{name} must have dtype {want}, got {x.dtype}")

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _core
 from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups, stream_words, writes_directly
-from ._checks import check_float_array, check_out, check_p, check_u64, scale, threshold
+from ._checks import check_flags, check_float_array, check_out, check_p, check_u64, scale, threshold
 from ._generator import Generator, check_stream, default_generator
 
 SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's alpha * scale
@@ -76,6 +76,7 @@ def alpha_dropout(
     >>> fd.alpha_dropout(np.zeros(4, np.float32), 0.5, seed=2)   # b_keep where kept, b_drop where dropped
     array([-0.77919394, -0.77919394,  0.77919394, -0.77919394], dtype=float32)
     """
+    check_flags(training=training, return_stream=return_stream)
     x = check_float_array(x, "x")
     p = check_p(p)
     if out is not None:
@@ -197,6 +198,7 @@ def gaussian_dropout(
     JMLR 15 (2014); G. Box, M. Muller, "A Note on the Generation of Random Normal Deviates",
     Ann. Math. Stat. 29 (1958).
     """
+    check_flags(training=training, return_stream=return_stream)
     x = check_float_array(x, "x")
     p = _check_gaussian_p(p)
     if out is not None:
@@ -269,6 +271,7 @@ def dropconnect_dense(
     L. Wan, M. Zeiler, S. Zhang, Y. LeCun, R. Fergus, "Regularization of Neural Networks using
     DropConnect", ICML 2013.
     """
+    check_flags(training=training, return_preactivation=return_preactivation)
     return dense_layer(x, weight, bias, p, seed, offset, activation, training, return_preactivation, True)
 
 
@@ -311,6 +314,7 @@ def dropconnect_dense_backward(
     TypeError, ValueError
         As :func:`dropout_dense_backward`.
     """
+    check_flags(bias=bias, training=training)
     return dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
                                 (True, True, True), True)
 
@@ -408,6 +412,7 @@ def dropout_add_layer_norm(
     J. Ba, J. Kiros, G. Hinton, "Layer Normalization", 2016; B. Zhang, R. Sennrich, "Root Mean
     Square Layer Normalization", NeurIPS 2019.
     """
+    check_flags(training=training, return_sum=return_sum)
     x, x2, r2, weight, bias, p, eps, seed, offset = _add_norm_inputs(x, residual, weight, bias, p, norm, eps, seed,
                                                                      offset)
     y = np.empty_like(x2)
