@@ -208,7 +208,8 @@ def _check_linear(x, weight, bias, p, activation) -> float:
         dtypes = {x.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
         if len(dtypes) > 1:
             raise TypeError(
-                f"x, weight and bias must have one dtype (as torch.nn.Linear needs), got {sorted(map(str, dtypes))}")
+                "x, weight and bias must have one dtype (as torch.nn.Linear needs), got x "
+                f"{x.dtype}, weight {weight.dtype}" + ("" if bias is None else f", bias {bias.dtype}"))
     p = check_p(p)
     check_activation(activation)
     if weight.dim() != 2 or x.dim() < 1 or weight.shape[1] != x.shape[-1]:
