@@ -314,9 +314,11 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   const int64_t words = b.sparse ? (skc + 63) / 64 : 0;  // of 64-depth chunks
   GemmWork w;
   w.a_pack = 0;
-  // the direct path packs A whole: its few rows at every depth
-  const int64_t a_depth = m <= b.direct_rows ? (k > 0 ? k : 1) : kc;
-  w.b_pack = round_up(w.a_pack + mc * a_depth, 16);
+  // packed A: an mc x kc block, or, for the direct path, one panel of its few rows at every
+  // depth; room for both, so that a range of fewer rows never needs more than a longer one
+  int64_t a_block = mc * kc;
+  if (b.direct_rows > 0 && a_block < b.mr * (k > 0 ? k : 1)) a_block = b.mr * (k > 0 ? k : 1);
+  w.b_pack = round_up(w.a_pack + a_block, 16);
   w.buf = round_up(w.b_pack + b_block, 16);
   w.tile = round_up(w.buf + longest, 16);
   w.s_vals = round_up(w.tile + b.mr * b.nr, 16);

@@ -699,7 +699,7 @@ void direct_rows(const GemmProblem& g, int64_t m0, int64_t n0, int64_t n1, const
 
 void direct_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
   const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
-  float* a_pack = work + layout.a_pack;  // kMR x K here (gemm_work)
+  float* a_pack = work + layout.a_pack;  // room for kMR x K (gemm_work)
   float* wtmp = work + layout.b_pack;    // 8 x kKC of the kKC x 16 (at least) it holds
   float* buf = work + layout.buf;
   float* tile = work + layout.tile;

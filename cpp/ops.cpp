@@ -409,10 +409,7 @@ void gemm(const GemmProblem& problem) {
   threads = static_cast<int>(min64(threads, max64(1, (extent + unit - 1) / unit)));
   const int64_t per = round_up((extent + threads - 1) / threads, unit);
   const int64_t m_range = split_n ? g.M : per, n_range = split_n ? per : g.N;
-  // enough for any thread's range: at most m_range rows, or (the last range of a row split)
-  // a few, which the direct path serves with A packed at every depth
-  const int64_t stride = max64(gemm_work(b, m_range, n_range, g.K).total,
-                               gemm_work(b, min64(m_range, max64(b.direct_rows, 1)), n_range, g.K).total);
+  const int64_t stride = gemm_work(b, m_range, n_range, g.K).total;  // (enough for any shorter range)
   float* base = scratch(static_cast<size_t>(stride * threads + 16));
   base += (16 - (reinterpret_cast<uintptr_t>(base) / sizeof(float)) % 16) % 16;
   auto run = [&](int t) {

@@ -11,6 +11,7 @@ import numpy as np
 from . import _core
 from ._checks import (
     check_activation,
+    check_bias_flag,
     check_flags,
     elementwise_dtypes,
     check_float_array,
@@ -580,7 +581,8 @@ def dropout_dense_backward(
         ``(..., out_features)``), a missing ``preactivation`` with an activation, ``p``
         outside [0, 1], ``seed``/``offset`` outside [0, 2**64).
     """
-    check_flags(bias=bias, training=training)
+    bias = check_bias_flag(bias)
+    check_flags(training=training)
     return dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
                                 output_mask, False)
 

@@ -28,14 +28,22 @@ def check_u64(value: Any, name: str) -> int:
 
 def check_flags(**flags: Any) -> None:
     """Each keyword a bool, a NumPy bool, or the integer 1 or 0: a truthy string, None or an
-    array is a mistake, not a choice.  ``bias`` (of a backward: whether the layer has one, not
-    its values) may also be None, as the forward's ``bias=None`` says there is none."""
+    array is a mistake, not a choice."""
     for name, value in flags.items():
-        if name == "bias" and value is None:
-            continue
         if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
-            what = " (whether the layer has a bias; the backward needs no bias values)" if name == "bias" else ""
-            raise TypeError(f"{name} must be True or False{what}, got {type(value).__name__} {value!r:.40}")
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
+
+
+def check_bias_flag(bias: Any) -> bool:
+    """A backward's ``bias``: whether the layer has one (a flag, or None for none, as the
+    forward's ``bias=None``), not its values."""
+    if bias is None:
+        return False
+    if isinstance(bias, np.ndarray):
+        raise TypeError("bias must be True or False (whether the layer has a bias; the backward needs no bias "
+                        f"values), got an array of shape {bias.shape}")
+    check_flags(bias=bias)
+    return bool(bias)
 
 
 def check_p(p: Any) -> float:
@@ -94,13 +102,14 @@ def check_float_array(x: Any, name: str, dtypes: Tuple[type, ...] = (np.float32,
             converted = np.asarray(x)
         except Exception as exc:  # e.g. ragged nested lists
             raise TypeError(f"{name} must be array-like, got {type(x).__name__}: {exc}") from None
-        if converted.dtype.type not in dtypes and converted.dtype == np.float64 and np.float32 in dtypes:
-            raise TypeError(f"{name} must have dtype {' or '.join(np.dtype(d).name for d in dtypes)}, got a "
-                            f"{type(x).__name__} of Python floats, which NumPy makes float64: pass "
-                            f"np.asarray({name}, dtype=np.float32)")
-        x = converted
+        x, given = converted, type(x).__name__
+    else:
+        given = None
     if x.dtype.type not in dtypes:
         want = " or ".join(np.dtype(d).name for d in dtypes)
+        if given is not None and x.dtype == np.float64 and np.float32 in dtypes:
+            raise TypeError(f"{name} must have dtype {want}, got a {given} of Python floats, which NumPy makes "
+                            f"float64: pass np.asarray({name}, dtype=np.float32)")
         raise TypeError(f"{name} must have dtype {want}, got {x.dtype}")
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))

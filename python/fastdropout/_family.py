@@ -10,7 +10,7 @@ import numpy as np
 
 from . import _core
 from ._api import _elementwise, dense_layer, dense_layer_backward, noise_groups, stream_words, writes_directly
-from ._checks import check_flags, check_float_array, check_out, check_p, check_u64, scale, threshold
+from ._checks import check_bias_flag, check_flags, check_float_array, check_out, check_p, check_u64, scale, threshold
 from ._generator import Generator, check_stream, default_generator
 
 SELU_ALPHA_SCALE = 1.7580993408473766  # SELU's alpha * scale
@@ -314,7 +314,8 @@ def dropconnect_dense_backward(
     TypeError, ValueError
         As :func:`dropout_dense_backward`.
     """
-    check_flags(bias=bias, training=training)
+    bias = check_bias_flag(bias)
+    check_flags(training=training)
     return dense_layer_backward(grad_out, x, weight, p, seed, offset, activation, preactivation, bias, training,
                                 (True, True, True), True)
 
