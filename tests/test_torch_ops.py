@@ -471,7 +471,7 @@ def test_unsupported_factory_arguments_fail_at_construction(kwargs, match):
 
 
 def _inplace_cases():
-    lin, dc, norm = fdt.DropoutLinear(4, 5, p=0.5, activation="relu"), fdt.DropConnectLinear(4, 5, p=0.5), \
+    lin, dc, norm = fdt.DropoutLinear(4, 5, p=0.5, activation="gelu"), fdt.DropConnectLinear(4, 5, p=0.5), \
         fdt.DropoutAddLayerNorm(4, p=0.5)
     return {
         "Dropout": (fdt.Dropout(0.5), [(2, 3, 4)]), "Dropout1d": (fdt.Dropout1d(0.5), [(2, 3, 5)]),
@@ -503,6 +503,36 @@ def test_outputs_take_inplace_ops_as_torch_nn_outputs_do(backend, name, autocast
         grads.append([t.grad for t in leaves])
     for plain, changed in zip(*grads):
         assert torch.equal(plain, changed)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_activation_outputs_changed_in_place_as_torch_nn(backend, activation):
+    """DropoutLinear(activation=a) behaves as Sequential(Dropout, Linear, a) when its output is
+    changed in place: torch's relu keeps its result for the backward (so does this layer:
+    the ReLU derivative is read from y, no pre-activation is stored), so both raise torch's
+    own error; after GELU or no activation both give the same gradient as without the change."""
+    torch.manual_seed(0)
+    fused = fdt.DropoutLinear(4, 5, p=0.0, activation=activation)
+    act = {None: torch.nn.Identity(), "relu": torch.nn.ReLU(), "gelu": torch.nn.GELU()}[activation]
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 5), act)
+    with torch.no_grad():
+        plain[0].weight.copy_(fused.weight)
+        plain[0].bias.copy_(fused.bias)
+    x = torch.randn(3, 4)
+    outcomes = []
+    for model in (fused, plain):
+        leaf = x.clone().requires_grad_()
+        y = model(leaf)
+        y.mul_(2.0)
+        try:
+            y.sum().backward()
+            outcomes.append(leaf.grad)
+        except RuntimeError as e:
+            assert "modified by an inplace operation" in str(e)
+            outcomes.append("raised")
+    assert (outcomes[0] == "raised") == (activation == "relu") == (outcomes[1] == "raised")
+    if activation != "relu":
+        torch.testing.assert_close(outcomes[0], outcomes[1], rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- torch.jit.trace

@@ -316,22 +316,33 @@ def _linear_impl(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, z, state): y = act(dropout(x) @ weight.T + bias), or with `on_weight`
     act(x @ dropout(weight).T + bias), in float32 arithmetic on the operands as they are
-    (bfloat16 widened in the GEMM's packing); z the pre-activation (empty without an
-    activation), and the stream state used."""
+    (bfloat16 widened in the GEMM's packing); z the pre-activation where dropout_linear's
+    backward needs it (_keeps_z; empty otherwise, and always with `on_weight`, whose
+    backward recomputes it), and the stream state used."""
     state = (_draw_state() if state is None else state) if train else _NO_STATE.clone()
     seed, offset = read_state(state)
-    y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, on_weight)
+    keep_z = not on_weight and _keeps_z(activation, x.dtype)
+    y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, on_weight, keep_z)
     return y, torch.empty(0) if z is None else z, state
+
+
+def _keeps_z(activation: int, dtype: torch.dtype) -> bool:
+    """Whether dropout_linear keeps the pre-activation z for its backward.  GELU's derivative
+    needs z.  ReLU's is read from a float32 output instead, as torch's relu keeps its result:
+    y = max(z, 0) > 0 exactly where z > 0, so the gradients are the same bits, and z is
+    neither stored nor kept.  A half-precision output is not enough (a tiny positive z can
+    round to 0), so there z is kept."""
+    return activation == 2 or (activation == 1 and dtype != torch.float32)
 
 
 def _linear_tensors(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, seed: int, offset: int,
-    activation: int, train: bool, on_weight: bool,
+    activation: int, train: bool, on_weight: bool, keep_z: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(y, z) of _linear_impl under the stream (seed, offset); z None without an activation."""
+    """(y, z) of _linear_impl under the stream (seed, offset); z None unless `keep_z`."""
     w, b = _operand(weight), None if bias is None else _numpy(_as_f32(bias))
     y2, z2 = dense_forward_checked(_operand(x), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
-                                   p, seed, offset, activation, train, activation != 0, on_weight)
+                                   p, seed, offset, activation, train, keep_z, on_weight)
     out_shape = x.shape[:-1] + (weight.shape[0],)
     y, z = _from_numpy(y2, out_shape), None if z2 is None else _from_numpy(z2, out_shape)
     if x.dtype != torch.float32:
@@ -353,7 +364,7 @@ dropout_linear_op = _Op("dropout_linear", _fresh_state(_dropout_linear_impl), ta
 @dropout_linear_op.register_fake
 def _(x, weight, bias, p, state, activation, train):
     y = x.new_empty(x.shape[:-1] + (weight.shape[0],))
-    z = x.new_empty(y.shape if activation else (0,), dtype=torch.float32)
+    z = x.new_empty(y.shape if _keeps_z(activation, x.dtype) else (0,), dtype=torch.float32)
     return y, z, x.new_empty((2,), dtype=torch.int64)
 
 
@@ -399,7 +410,8 @@ def _linear_setup(ctx, inputs, output):
     x, weight, bias, p, _, activation, train = inputs
     ctx.options = (p, activation, train, bias is not None)
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(_savable(x), weight, bias, output[1], output[2])
+    z = output[0] if activation and not _keeps_z(activation, x.dtype) else output[1]  # ReLU's y serves as z
+    ctx.save_for_backward(_savable(x), weight, bias, z, output[2])
 
 
 def _activation_grad(z: torch.Tensor, activation: int) -> torch.Tensor:
@@ -538,8 +550,9 @@ class _EagerDropoutLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, p, seed, offset, activation, train):  # type: ignore[override]
-        y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False)
-        ctx.save_for_backward(_savable(x), weight, bias, z)
+        y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False,
+                               _keeps_z(activation, x.dtype))
+        ctx.save_for_backward(_savable(x), weight, bias, y if activation and z is None else z)  # ReLU: y as z
         ctx.options = (p, seed, offset, activation, train)
         return y
 
@@ -568,7 +581,7 @@ def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activat
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _EagerDropoutLinear.apply(x, weight, bias, p, seed, offset, activation, train)
-        return _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False)[0]
+        return _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False, False)[0]
     state = None if seed is None else make_state(seed, offset)
     return call_dropout_linear(x, weight, bias, p, state, activation, train)[0]
 
@@ -878,8 +891,7 @@ dropconnect_linear_op = _Op("dropconnect_linear", _fresh_state(_dropconnect_line
 @dropconnect_linear_op.register_fake
 def _(x, weight, bias, p, state, activation, train):
     y = x.new_empty(x.shape[:-1] + (weight.shape[0],))
-    z = x.new_empty(y.shape if activation else (0,), dtype=torch.float32)
-    return y, z, x.new_empty((2,), dtype=torch.int64)
+    return y, x.new_empty((0,), dtype=torch.float32), x.new_empty((2,), dtype=torch.int64)  # (no z: see _linear_impl)
 
 
 def _dropconnect_setup(ctx, inputs, output):

@@ -291,6 +291,11 @@ class DropoutLinear(torch.nn.Module):
     output ``(..., out_features)`` and the input's dtype (bfloat16 under
     ``torch.autocast("cpu", dtype=torch.bfloat16)``, as ``nn.Linear``'s).
 
+    For the backward the layer keeps its input (the mask is regenerated, not stored) and,
+    with GELU, the pre-activation; with ReLU and a float32 output it keeps the output, as
+    ``torch.relu`` does, so changing that output in place before the backward raises
+    torch's "modified by an inplace operation" error, as after ``nn.ReLU``.
+
     Parameters
     ----------
     in_features, out_features, bias, device, dtype : as ``torch.nn.Linear``'s.
