@@ -127,3 +127,16 @@ def test_training_step_rows_compare_the_same_model():
     rows = [r for r in results if r.group == "training"]
     assert [r.impl for r in rows] == ["fastdropout.torch", "torch eager"]
     assert set(rows[0].ratios) == {"torch eager"}
+
+
+@pytest.mark.skipif(not _have_torch(), reason="needs torch")
+def test_training_step_rows_time_the_compiled_models_too():
+    """With torch.compile: the torch model compiled, and the fastdropout model compiled with
+    fullgraph=True, whose row is also compared with the same model run eagerly."""
+    info, results = _bench.run(element_sizes={"a": 256}, dense_shapes=[(2, 3, 4)], repeats=1, scaling=False,
+                               progress=False, mixed_shapes=[], train_batches=[4], mlp=(6, 8, 3), compile_torch=True,
+                               attention=[], memory_lengths=[], family={})
+    rows = {r.impl: r for r in results if r.group == "training"}
+    assert list(rows) == ["fastdropout.torch", "torch eager", "torch.compile", _bench.COMPILED_FD]
+    assert set(rows[_bench.COMPILED_FD].ratios) == {"torch eager", "torch.compile", "fastdropout.torch"}
+    assert set(rows["fastdropout.torch"].ratios) == {"torch eager", "torch.compile"}

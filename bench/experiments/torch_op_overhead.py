@@ -1,7 +1,9 @@
 """The PyTorch custom-op layer's cost, and torch.compile of a training step, in one process.
 
-1. fastdropout.torch.dropout_linear (custom op, forward only, no grad) against the
-   NumPy API's fd.dropout_dense on the same data (the kernels called directly), and
+1. fastdropout.torch.dropout_linear (the functional form, forward only, no grad) and the
+   registered op torch.ops.fastdropout.dropout_linear (through the dispatcher, as in a
+   compiled graph) against the NumPy API's fd.dropout_dense on the same data (the kernels
+   called directly), and
    the same for forward + backward (autograd through the op against fd.dropout_dense
    + fd.dropout_dense_backward), at 64x784x512 and p = 0.5; and the DropoutLinear module
    (nn.Parameter weights, a seed drawn from torch's generator per call).
@@ -20,6 +22,7 @@ import torch
 
 import fastdropout as fd
 import fastdropout.torch as fdt
+from fastdropout import _torch_ops
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 15
 
@@ -69,14 +72,16 @@ def module_fwd_bwd():
 
 
 layer = fdt.DropoutLinear(k, n, p=0.5)
+op, state = torch.ops.fastdropout.dropout_linear.default, _torch_ops.make_state(3, 0)
 with torch.no_grad():
     layer.weight.copy_(tw)
     layer.bias.copy_(tb)
     res = interleaved({"kernels (fd.dropout_dense)": lambda: fd.dropout_dense(x, w, b, 0.5, seed=3),
-                       "custom op (fdt.dropout_linear)": lambda: fdt.dropout_linear(tx, tw, tb, 0.5, seed=3),
+                       "functional (fdt.dropout_linear)": lambda: fdt.dropout_linear(tx, tw, tb, 0.5, seed=3),
+                       "registered op (torch.ops.fastdropout)": lambda: op(tx, tw, tb, 0.5, state, 0, True),
                        "module (DropoutLinear, seed drawn)": lambda: layer(tx)})
 show(f"forward {m}x{k}x{n}, p=0.5", res, "kernels (fd.dropout_dense)")
-res = interleaved({"kernels (forward + backward)": direct_fwd_bwd, "custom op + autograd": op_fwd_bwd,
+res = interleaved({"kernels (forward + backward)": direct_fwd_bwd, "functional + autograd": op_fwd_bwd,
                    "module + autograd": module_fwd_bwd})
 show(f"forward+backward {m}x{k}x{n}, p=0.5", res, "kernels (forward + backward)")
 

@@ -536,10 +536,14 @@ def measure_mixed(cases: List[Tuple[str, Callable[[], object]]], repeats: int
     return out
 
 
+COMPILED_FD = "fastdropout.torch, torch.compile"
+
+
 def training_cases(batch: int, threads: int, sizes: Sequence[int] = MLP, ps: Sequence[float] = MLP_P,
                    compile_torch: bool = True) -> List[Tuple[str, Callable[[], object]]]:
     """One SGD step (forward, cross-entropy, backward, update) of an MLP with dropout before
-    every Linear and ReLU between them: fastdropout.torch, torch eager, torch.compile."""
+    every Linear and ReLU between them: fastdropout.torch, torch eager, torch.compile of the
+    torch model and, with `compile_torch`, torch.compile(fullgraph=True) of the fastdropout one."""
     torch = _torch()
     if torch is None:
         return []
@@ -576,6 +580,7 @@ def training_cases(batch: int, threads: int, sizes: Sequence[int] = MLP, ps: Seq
     cases = [("fastdropout.torch", step_fn(fd_model())), ("torch eager", step_fn(torch_model()))]
     if compile_torch:
         cases.append(("torch.compile", step_fn(torch.compile(torch_model()))))
+        cases.append((COMPILED_FD, step_fn(torch.compile(fd_model(), fullgraph=True))))
     return cases
 
 
@@ -736,6 +741,8 @@ def _add_ratios(results: List[Result]) -> None:
         for r in rows:
             if r.impl.startswith("fastdropout"):
                 r.ratios = {p.impl: p.median_s / r.median_s for p in peers if p is not r}
+            if r.impl == COMPILED_FD:  # compiled against eager, the same model
+                r.ratios.update({q.impl: q.median_s / r.median_s for q in rows if q.impl == "fastdropout.torch"})
     for r in results:
         if r.group == "threads":  # speed-up over one thread
             one = next(q for q in results if q.group == "threads" and q.kernel == r.kernel and q.threads == 1)
