@@ -333,3 +333,28 @@ def test_non_cpu_tensors_are_refused():
 def test_bad_arguments(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+_TX8, _TW38 = torch.ones(2, 8), torch.ones(3, 8)
+TORCH_FLAG_CALLS = {
+    "dropout training": lambda v: fdt.dropout(_TX8, 0.5, training=v),
+    "dropout inplace": lambda v: fdt.dropout(_TX8.clone(), 0.5, inplace=v),
+    "dropout_linear training": lambda v: fdt.dropout_linear(_TX8, _TW38, None, 0.5, training=v),
+    "dropout2d training": lambda v: fdt.dropout2d(torch.ones(2, 3, 4, 4), 0.5, training=v),
+    "alpha_dropout inplace": lambda v: fdt.alpha_dropout(_TX8.clone(), 0.5, True, inplace=v),
+}
+
+
+@pytest.mark.parametrize("value", ["yes", None, torch.ones(3), 2, 0.0], ids=repr)
+@pytest.mark.parametrize("call", sorted(TORCH_FLAG_CALLS))
+def test_torch_flags_are_booleans(call, value):
+    """As torch's functional dropout refuses training="yes" (TypeError), so do these: a truthy
+    string, None, a tensor or 2 is a mistake that would silently apply (or skip) dropout."""
+    with pytest.raises(TypeError, match=call.split()[-1] + " must be True or False"):
+        TORCH_FLAG_CALLS[call](value)
+
+
+@pytest.mark.parametrize("value", [True, False, 1, 0], ids=repr)
+@pytest.mark.parametrize("call", sorted(TORCH_FLAG_CALLS))
+def test_torch_flags_take_bools_and_one_or_zero(call, value):
+    TORCH_FLAG_CALLS[call](value)

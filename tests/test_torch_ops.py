@@ -336,48 +336,61 @@ def test_dropout_linear_bf16_matches_torch_bf16(backend):
     _bf16_close(ours, theirs)
 
 
-def test_dropout_linear_follows_autocast_as_linear_does(backend):
+_AUTOCAST = pytest.mark.parametrize("half", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+
+
+def _half_close(a, b, half):
+    """Within a few units of the half type's last place (bfloat16: 8 significant bits, float16: 11)."""
+    a, b = a.float(), b.float()
+    scale = max(b.abs().max().item(), 1e-30)
+    assert (a - b).abs().max().item() / scale < (2 ** -6 if half == torch.bfloat16 else 2 ** -9)
+
+
+@_AUTOCAST
+def test_dropout_linear_follows_autocast_as_linear_does(backend, half):
+    """In the dtype autocast runs in, bfloat16 or float16, as nn.Linear."""
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(16, 32, generator=gen)
     layer, lin = fdt.DropoutLinear(32, 8, p=0.0), torch.nn.Linear(32, 8)
     lin.load_state_dict(layer.state_dict())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=half):
         ours, theirs = layer(x), lin(x)
-    assert ours.dtype == theirs.dtype == torch.bfloat16
-    _bf16_close(ours, theirs)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    assert ours.dtype == theirs.dtype == half
+    _half_close(ours, theirs, half)
+    with torch.autocast("cpu", dtype=half):
         loss = layer(x).float().square().sum()
     loss.backward()
     assert layer.weight.grad.dtype == torch.float32  # the parameters stay float32, as with nn.Linear
 
 
-def test_dropconnect_linear_and_attention_follow_autocast_as_torch_does(backend):
-    """Under torch.autocast("cpu", dtype=torch.bfloat16) DropConnectLinear returns bfloat16 as
+@_AUTOCAST
+def test_dropconnect_linear_and_attention_follow_autocast_as_torch_does(backend, half):
+    """Under torch.autocast("cpu", dtype=half) DropConnectLinear returns that dtype as
     nn.Linear does and the attention as torch's scaled_dot_product_attention: the op on the
-    inputs cast to bfloat16, with the same draw (the parameters stay float32)."""
+    inputs cast to it, with the same draw (the parameters stay float32)."""
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(6, 16, generator=gen)
     layer = fdt.DropConnectLinear(16, 8, p=0.5)
-    cast = copy.deepcopy(layer).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    cast = copy.deepcopy(layer).to(half)
+    with torch.autocast("cpu", dtype=half):
         theirs = torch.nn.Linear(16, 8)(x)
         torch.manual_seed(2)
         ours = layer(x)
     torch.manual_seed(2)
-    assert ours.dtype == theirs.dtype == torch.bfloat16
-    assert torch.equal(ours, cast(x.bfloat16()))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    assert ours.dtype == theirs.dtype == half
+    assert torch.equal(ours, cast(x.to(half)))
+    with torch.autocast("cpu", dtype=half):
         layer(x).float().sum().backward()
     assert layer.weight.grad.dtype == torch.float32
     q, k, v = (torch.randn(2, 2, 5, 8, generator=gen) for _ in range(3))
     mask = torch.randn(5, 5, generator=gen)
     torch.manual_seed(3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=half):
         out = fdt.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2)
         theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    assert out.dtype == theirs.dtype == torch.bfloat16
+    assert out.dtype == theirs.dtype == half
     torch.manual_seed(3)
-    same = fdt.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=mask.bfloat16(),
+    same = fdt.scaled_dot_product_attention(q.to(half), k.to(half), v.to(half), attn_mask=mask.to(half),
                                             dropout_p=0.2)
     assert torch.equal(out, same)
 

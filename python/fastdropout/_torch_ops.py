@@ -136,6 +136,25 @@ itself when that is all the dispatcher would reach (~15 us; torch 2.13).  `impl`
 
         _LIB.impl(self.name, kernel, "Autograd", with_keyset=True)
 
+    def register_autocast(self) -> None:
+        """Under ``torch.autocast("cpu", dtype=d)`` the op runs on its floating inputs cast to d
+        (float64 and non-floating tensors as they are), as torch's lower-precision ops such as
+        ``linear`` and ``scaled_dot_product_attention`` do: d is read at each call, bfloat16
+        or float16 (``torch.library.register_autocast`` fixes one dtype for every autocast).
+        Registered for the C++ dispatcher and as the Python kernel that tracing consults."""
+        overload = self.overload
+        autocast = torch._C.DispatchKey.AutocastCPU
+
+        def run(*args):
+            dtype = torch.get_autocast_dtype("cpu")
+            cast = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.is_cpu
+                         and a.dtype is not torch.float64 else a for a in args)
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(autocast)):
+                return overload(*cast)
+
+        overload.py_impl(autocast)(run)
+        _LIB.impl(self.name, lambda keyset, *args: run(*args), "AutocastCPU", with_keyset=True)
+
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     """A NumPy view of a CPU tensor's data (no copy; strides are kept)."""
@@ -452,7 +471,7 @@ def _linear_bwd_composite(grad_y, x, weight, bias, p, state, activation, train):
 
 
 dropout_linear_op.register_autograd(_linear_bwd, setup_context=_linear_setup)
-torch.library.register_autocast("fastdropout::dropout_linear", "cpu", torch.bfloat16)
+dropout_linear_op.register_autocast()
 
 
 # --------------------------------------------------------------------------- autograd.Function forms
@@ -742,8 +761,8 @@ def _attention_backward_setup(ctx, inputs, output):
 
 
 attention_op.register_autograd(_attention_bwd, setup_context=_attention_setup)
-# under torch.autocast("cpu", dtype=torch.bfloat16) as torch's scaled_dot_product_attention: inputs cast, output bfloat16
-torch.library.register_autocast("fastdropout::attention", "cpu", torch.bfloat16)
+# under torch.autocast("cpu", dtype=d) as torch's scaled_dot_product_attention: inputs cast to d, output d
+attention_op.register_autocast()
 attention_backward_op.register_autograd(_attention_backward_bwd, setup_context=_attention_backward_setup)
 attention_op.register_vmap(_vmap_loop(attention_op, 8, draws_if=lambda args: args[4] > 0.0))
 attention_backward_op.register_vmap(_vmap_loop(attention_backward_op, None))
@@ -920,7 +939,7 @@ def _dropconnect_bwd(ctx, grad_y, grad_z, grad_state):
 
 
 dropconnect_linear_op.register_autograd(_dropconnect_bwd, setup_context=_dropconnect_setup)
-torch.library.register_autocast("fastdropout::dropconnect_linear", "cpu", torch.bfloat16)  # as nn.Linear
+dropconnect_linear_op.register_autocast()  # as nn.Linear
 dropconnect_linear_op.register_vmap(_vmap_loop(dropconnect_linear_op, 4))
 _OPS["dropconnect_linear"] = dropconnect_linear_op
 _IMPLS["dropconnect_linear"] = _dropconnect_linear_impl

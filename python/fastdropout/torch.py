@@ -44,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - only without torch
     ) from exc
 
 from . import _torch_ops as _ops
-from ._checks import ACTIVATIONS, check_activation, check_p, check_u64
+from ._checks import ACTIVATIONS, check_activation, check_flags, check_p, check_u64
 
 __all__ = ["AlphaDropout", "DropConnectLinear", "Dropout", "Dropout1d", "Dropout2d", "Dropout3d", "DropoutAddLayerNorm",
            "DropoutLinear", "FeatureAlphaDropout", "GaussianDropout", "LockedDropout", "alpha_dropout", "convert", "dropout",
@@ -130,7 +130,8 @@ def dropout(
     Raises
     ------
     TypeError
-        ``input`` is not a dense CPU tensor of a supported dtype, or ``seed``/``offset`` are not ints.
+        ``input`` is not a dense CPU tensor of a supported dtype, ``seed``/``offset`` are not
+        ints, or ``training``/``inplace`` are not bools (or 1/0), as torch's dropout refuses them.
     ValueError
         ``p`` outside [0, 1] or NaN; ``seed``/``offset`` outside [0, 2**64); ``inplace`` on an
         expanded view (several elements at one memory location).
@@ -138,6 +139,8 @@ def dropout(
     x = input
     _check_tensor(x, "x", _DROPOUT_DTYPES)
     p = check_p(p)
+    if type(training) is not bool or type(inplace) is not bool:
+        check_flags(training=training, inplace=inplace)
     state = _fixed_state(seed, offset)
     if not training or p == 0.0:  # x itself, no draw (as torch's dropout)
         return x
@@ -183,7 +186,8 @@ def dropout_linear(
     Raises
     ------
     TypeError
-        Not dense CPU tensors, unsupported or mixed dtypes, bad ``activation`` type.
+        Not dense CPU tensors, unsupported or mixed dtypes, bad ``activation`` type,
+        ``training`` not a bool (or 1/0), as torch's functions refuse it.
     ValueError
         Shapes that do not fit, ``p`` outside [0, 1], unknown ``activation``.
     """
@@ -192,6 +196,8 @@ def dropout_linear(
     if seed is not None or offset != 0:
         offset = check_u64(offset, "offset")
         seed = None if seed is None else check_u64(seed, "seed")
+    if type(training) is not bool:
+        check_flags(training=training)
     masked = bool(training) and p > 0.0
     return _ops.dropout_linear(x, weight, bias, p, seed, offset, ACTIVATIONS[activation], masked)
 
@@ -627,6 +633,8 @@ def _family(x: torch.Tensor, p: float, training: bool, inplace: bool, kind: int,
     mode), then ``x`` itself when not training or p = 0, else the op (into ``x`` with inplace)."""
     _check_tensor(x, "input", _FAMILY_DTYPES)
     p = check_p(p)
+    if type(training) is not bool or type(inplace) is not bool:
+        check_flags(training=training, inplace=inplace)
     noise = noise_shape(x)
     if not training or p == 0.0:
         return x
