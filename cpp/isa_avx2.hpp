@@ -422,6 +422,17 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
 /// chain from +0 in depth order, then added to C (or stored) as microkernel does.  G
 /// groups of 8 columns give G x R independent chains.
 #define FD_ISA_DIRECT 1
+
+/// The direct micro-kernels' sums to C: c[r * ldc + 8 g ...] = acc[r][g], or += with
+/// accumulate, as microkernel stores its tile.
+template <int R, int G>
+inline void store_direct(const __m256 (&acc)[R][G], float* c, int64_t ldc, bool accumulate) {
+  FD_UNROLL_ALL for (int r = 0; r < R; ++r) FD_UNROLL_ALL for (int g = 0; g < G; ++g) {
+    float* cr = c + r * ldc + 8 * g;
+    _mm256_storeu_ps(cr, accumulate ? _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][g]) : acc[r][g]);
+  }
+}
+
 #if defined(__GNUC__)
 #define FD_OPAQUE(v) __asm__("" : "+r"(v))  // the compiler forgets how v was computed
 #else
@@ -461,10 +472,7 @@ inline void microkernel_direct(int64_t kc, const float* a, const float* w, int64
         acc[r][g] = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k * kMR + r), col, acc[r][g]);
     }
   }
-  FD_UNROLL_ALL for (int r = 0; r < R; ++r) FD_UNROLL_ALL for (int g = 0; g < G; ++g) {
-    float* cr = c + r * ldc + 8 * g;
-    _mm256_storeu_ps(cr, accumulate ? _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][g]) : acc[r][g]);
-  }
+  store_direct<R, G>(acc, c, ldc, accumulate);
 }
 
 /// The direct path's micro-kernel for a weight read along its rows (op(B) the weight itself,
@@ -483,10 +491,7 @@ inline void microkernel_direct_rows(int64_t kc, const float* a, const float* b, 
       FD_UNROLL_ALL for (int g = 0; g < G; ++g) acc[r][g] = _mm256_fmadd_ps(av, _mm256_loadu_ps(bk + 8 * g), acc[r][g]);
     }
   }
-  FD_UNROLL_ALL for (int r = 0; r < R; ++r) FD_UNROLL_ALL for (int g = 0; g < G; ++g) {
-    float* cr = c + r * ldc + 8 * g;
-    _mm256_storeu_ps(cr, accumulate ? _mm256_add_ps(_mm256_loadu_ps(cr), acc[r][g]) : acc[r][g]);
-  }
+  store_direct<R, G>(acc, c, ldc, accumulate);
 }
 
 /// e**x for 8 floats, exp_approx's method (kernels_impl.hpp): 0 below -87.

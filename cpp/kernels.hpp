@@ -316,9 +316,8 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   w.a_pack = 0;
   // packed A: an mc x kc block, or, for the direct path, one panel of its few rows at every
   // depth; room for both, so that a range of fewer rows never needs more than a longer one
-  int64_t a_block = mc * kc;
-  if (b.direct_rows > 0 && a_block < b.mr * (k > 0 ? k : 1)) a_block = b.mr * (k > 0 ? k : 1);
-  w.b_pack = round_up(w.a_pack + a_block, 16);
+  const int64_t direct_panel = b.direct_rows > 0 ? b.mr * (k > 0 ? k : 1) : 0;
+  w.b_pack = round_up(w.a_pack + (mc * kc > direct_panel ? mc * kc : direct_panel), 16);
   w.buf = round_up(w.b_pack + b_block, 16);
   w.tile = round_up(w.buf + longest, 16);
   w.s_vals = round_up(w.tile + b.mr * b.nr, 16);

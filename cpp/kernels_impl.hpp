@@ -675,24 +675,22 @@ void direct_rows(const GemmProblem& g, int64_t m0, int64_t n0, int64_t n1, const
       microkernel_direct_rows<R, 1>(kc, a, wtmp, 8, tile, 8, pc > 0);
     }
   };
-  auto columns = [&](int64_t pc, int64_t kc) {  // every column of one depth block
+  auto groups = [&](auto&& f) {  // f(n, many) for each group of columns: wide ones, then 8 at a time
     int64_t n = n0;
-    for (; n + wide <= n1; n += wide) block(n, pc, kc, true);
-    for (; n + 8 <= n1; n += 8) block(n, pc, kc, false);
+    for (; n + wide <= n1; n += wide) f(n, true);
+    for (; n + 8 <= n1; n += 8) f(n, false);
   };
-  if (g.b_trans) {
-    int64_t n = n0;
-    for (; n + wide <= n1; n += wide)
-      for (int64_t pc = 0; pc < g.K; pc += kKC) block(n, pc, min64(kKC, g.K - pc), true);
-    for (; n + 8 <= n1; n += 8)
-      for (int64_t pc = 0; pc < g.K; pc += kKC) block(n, pc, min64(kKC, g.K - pc), false);
-  } else {
-    for (int64_t pc = 0; pc < g.K; pc += kKC) columns(pc, min64(kKC, g.K - pc));
-  }
+  auto depths = [&](auto&& f) {  // f(pc, kc) for each of the packed path's depth blocks
+    for (int64_t pc = 0; pc < g.K; pc += kKC) f(pc, min64(kKC, g.K - pc));
+  };
+  if (g.b_trans)  // each group through every depth block
+    groups([&](int64_t n, bool many) { depths([&](int64_t pc, int64_t kc) { block(n, pc, kc, many); }); });
+  else  // each depth block across every group
+    depths([&](int64_t pc, int64_t kc) { groups([&](int64_t n, bool many) { block(n, pc, kc, many); }); });
   if (cols == 0) return;
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < 8; ++j) tile[r * 8 + j] = 0.0f;
-  for (int64_t pc = 0; pc < g.K; pc += kKC) last(pc, min64(kKC, g.K - pc));  // (the packed path's depth blocks)
+  depths(last);
   for (int64_t r = 0; r < R; ++r)
     for (int64_t j = 0; j < cols; ++j) c[r * g.N + edge + j] = tile[r * 8 + j];
 }

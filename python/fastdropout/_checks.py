@@ -30,7 +30,9 @@ def check_flags(**flags: Any) -> None:
     """Each keyword a bool, a NumPy bool, or the integer 1 or 0: a truthy string, None or an
     array is a mistake, not a choice."""
     for name, value in flags.items():
-        if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral) and value in (0, 1))):
+        if type(value) is bool:  # the everyday call, first and cheap
+            continue
+        if not (isinstance(value, np.bool_) or (isinstance(value, numbers.Integral) and value in (0, 1))):
             raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
 
 

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 from . import _core
 from ._api import dense_backward_checked, dense_forward_checked
 from ._api import dropout as _np_dropout
+from ._checks import U64
 from ._checks import scale as _scale
 from ._checks import threshold as _threshold
 
@@ -49,13 +50,10 @@ def make_state(seed: int, offset: int) -> torch.Tensor:
     return torch.from_numpy(np.array([seed, offset], dtype=np.uint64).view(np.int64))
 
 
-_U64 = (1 << 64) - 1
-
-
 def read_state(state: torch.Tensor) -> Tuple[int, int]:
     """(seed, offset) of a state tensor, as 64-bit unsigned integers."""
     seed, offset = state.tolist()
-    return seed & _U64, offset & _U64
+    return seed % U64, offset % U64
 
 
 def _draw_seed() -> int:
@@ -74,20 +72,31 @@ _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 _CPU = torch._C.DispatchKey.CPU
 
 
+def _fresh_state(impl):
+    """The implementation as an op body: an op's outputs may not alias its inputs."""
+    @functools.wraps(impl)  # (the schema is inferred from impl's signature)
+    def body(*args):
+        out = impl(*args)
+        return out[:-1] + (out[-1].clone(),) if any(out[-1] is a for a in args) else out
+    return body
+
+
 class _Op:
     """A functional custom operator ``fastdropout::<name>``: the schema inferred from
     `impl`'s annotations (``torch.library.infer_schema``), `impl` as its CPU kernel, and
-    ``register_fake`` / ``register_autograd`` / ``register_vmap`` as on
-    ``torch.library.custom_op``'s ops.  The difference is the cost of a call: custom_op
-    routes each call through Python wrappers (the autograd layer, a redispatch, a
-    backend wrapper checking aliasing) that cost ~65 us a call here, paid by every op
-    in a torch.compile'd graph; this registers the CPU kernel and a lean autograd kernel
-    with torch.library.Library directly, whose autograd kernel calls the CPU kernel
-itself when that is all the dispatcher would reach (~15 us; torch 2.13).  `impl` must return fresh
-    tensors (no output aliases an input: _fresh_state)."""
+    ``register_fake`` / ``register_autograd`` / ``register_vmap`` / ``register_autocast``
+    as on ``torch.library.custom_op``'s ops.  The difference is the cost of a call:
+    custom_op routes each call through Python wrappers (the autograd layer, a redispatch,
+    a backend wrapper checking aliasing) that cost ~65 us a call here, paid by every op in
+    a torch.compile'd graph; this registers the CPU kernel and a lean autograd kernel with
+    torch.library.Library directly, and the autograd kernel calls the CPU kernel itself
+    when that is all the dispatcher would reach (~15 us; torch 2.13).  A `seeded` op
+    (it draws from the stream when its state is None) is tagged nondeterministic_seeded
+    and returns a fresh state tensor (_fresh_state): no output of an op aliases an input."""
 
-    def __init__(self, name: str, impl, tags=()):
-        _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()), tags=tags)
+    def __init__(self, name: str, impl, seeded: bool = False):
+        impl = _fresh_state(impl) if seeded else impl
+        _LIB.define(name + torch.library.infer_schema(impl, mutates_args=()), tags=_SEEDED if seeded else ())
         _LIB.impl(name, impl, "CPU")
         self.name = name
         self.impl = impl
@@ -153,7 +162,7 @@ itself when that is all the dispatcher would reach (~15 us; torch 2.13).  `impl`
                 return overload(*cast)
 
         overload.py_impl(autocast)(run)
-        _LIB.impl(self.name, lambda keyset, *args: run(*args), "AutocastCPU", with_keyset=True)
+        _LIB.impl(self.name, run, "AutocastCPU")
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -210,16 +219,7 @@ def _dropout_impl(x: torch.Tensor, p: float, state: Optional[torch.Tensor]) -> T
     return y, state
 
 
-def _fresh_state(impl):
-    """The implementation as an op body: an op's outputs may not alias its inputs."""
-    @functools.wraps(impl)  # (the schema is inferred from impl's signature)
-    def body(*args):
-        out = impl(*args)
-        return out[:-1] + (out[-1].clone(),) if any(out[-1] is a for a in args) else out
-    return body
-
-
-dropout_op = _Op("dropout", _fresh_state(_dropout_impl), tags=_SEEDED)
+dropout_op = _Op("dropout", _dropout_impl, seeded=True)
 
 
 @dropout_op.register_fake
@@ -354,6 +354,12 @@ def _keeps_z(activation: int, dtype: torch.dtype) -> bool:
     return activation == 2 or (activation == 1 and dtype != torch.float32)
 
 
+def _backward_z(activation: int, dtype: torch.dtype, y, z):
+    """What dropout_linear's backward reads as z: ReLU's output y where z is not kept
+    (_keeps_z), else z (None or empty without an activation)."""
+    return y if activation and not _keeps_z(activation, dtype) else z
+
+
 def _linear_tensors(
     x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], p: float, seed: int, offset: int,
     activation: int, train: bool, on_weight: bool, keep_z: bool,
@@ -377,7 +383,7 @@ def _dropout_linear_impl(
     return _linear_impl(x, weight, bias, p, state, activation, train, False)
 
 
-dropout_linear_op = _Op("dropout_linear", _fresh_state(_dropout_linear_impl), tags=_SEEDED)
+dropout_linear_op = _Op("dropout_linear", _dropout_linear_impl, seeded=True)
 
 
 @dropout_linear_op.register_fake
@@ -429,8 +435,7 @@ def _linear_setup(ctx, inputs, output):
     x, weight, bias, p, _, activation, train = inputs
     ctx.options = (p, activation, train, bias is not None)
     ctx.mark_non_differentiable(output[1], output[2])
-    z = output[0] if activation and not _keeps_z(activation, x.dtype) else output[1]  # ReLU's y serves as z
-    ctx.save_for_backward(_savable(x), weight, bias, z, output[2])
+    ctx.save_for_backward(_savable(x), weight, bias, _backward_z(activation, x.dtype, output[0], output[1]), output[2])
 
 
 def _activation_grad(z: torch.Tensor, activation: int) -> torch.Tensor:
@@ -571,7 +576,7 @@ class _EagerDropoutLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, p, seed, offset, activation, train):  # type: ignore[override]
         y, z = _linear_tensors(x, weight, bias, p, seed, offset, activation, train, False,
                                _keeps_z(activation, x.dtype))
-        ctx.save_for_backward(_savable(x), weight, bias, y if activation and z is None else z)  # ReLU: y as z
+        ctx.save_for_backward(_savable(x), weight, bias, _backward_z(activation, x.dtype, y, z))
         ctx.options = (p, seed, offset, activation, train)
         return y
 
@@ -676,7 +681,7 @@ def _attention_impl(
     return out_t, _from_numpy(lse, pl.batch_shape + (pl.Lq,)), state
 
 
-attention_op = _Op("attention", _fresh_state(_attention_impl), tags=_SEEDED)
+attention_op = _Op("attention", _attention_impl, seeded=True)
 
 
 def _attention_batch(q, k, v, attn_mask, enable_gqa):
@@ -826,7 +831,7 @@ def _family_impl(x: torch.Tensor, p: float, kind: int, noise_shape: Optional[Lis
     return _family_tensor(x, p, kind, noise_shape, seed, offset, False), state
 
 
-family_op = _Op("dropout_family", _fresh_state(_family_impl), tags=_SEEDED)
+family_op = _Op("dropout_family", _family_impl, seeded=True)
 
 
 @family_op.register_fake
@@ -904,7 +909,7 @@ def _dropconnect_linear_impl(
     return _linear_impl(x, weight, bias, p, state, activation, train, True)
 
 
-dropconnect_linear_op = _Op("dropconnect_linear", _fresh_state(_dropconnect_linear_impl), tags=_SEEDED)
+dropconnect_linear_op = _Op("dropconnect_linear", _dropconnect_linear_impl, seeded=True)
 
 
 @dropconnect_linear_op.register_fake
@@ -969,7 +974,7 @@ def _add_norm_impl(
     return torch.from_numpy(y), state
 
 
-add_norm_op = _Op("dropout_add_layer_norm", _fresh_state(_add_norm_impl), tags=_SEEDED)
+add_norm_op = _Op("dropout_add_layer_norm", _add_norm_impl, seeded=True)
 
 
 @add_norm_op.register_fake

@@ -18,8 +18,8 @@ Supported inputs: dense CPU tensors.  :class:`Dropout` and :func:`dropout`: floa
 float64, float16 and bfloat16 (a kept value is ``x * s`` in float32, rounded once).
 :class:`DropoutLinear` and :func:`dropout_linear`: float32, bfloat16 and float16,
 computed in float32 (inputs and parameters of one dtype, as ``torch.nn.Linear``
-requires); under ``torch.autocast("cpu", dtype=torch.bfloat16)`` they take bfloat16
-as ``nn.Linear`` does.  Anything else (a CUDA tensor, an integer dtype, a sparse
+requires); under ``torch.autocast("cpu", dtype=d)`` (bfloat16 or float16) they take
+and return d as ``nn.Linear`` does.  Anything else (a CUDA tensor, an integer dtype, a sparse
 tensor, ...) raises ``TypeError``: there is no silent fallback.
 
 Example::
@@ -139,8 +139,7 @@ def dropout(
     x = input
     _check_tensor(x, "x", _DROPOUT_DTYPES)
     p = check_p(p)
-    if type(training) is not bool or type(inplace) is not bool:
-        check_flags(training=training, inplace=inplace)
+    check_flags(training=training, inplace=inplace)
     state = _fixed_state(seed, offset)
     if not training or p == 0.0:  # x itself, no draw (as torch's dropout)
         return x
@@ -196,8 +195,7 @@ def dropout_linear(
     if seed is not None or offset != 0:
         offset = check_u64(offset, "offset")
         seed = None if seed is None else check_u64(seed, "seed")
-    if type(training) is not bool:
-        check_flags(training=training)
+    check_flags(training=training)
     masked = bool(training) and p > 0.0
     return _ops.dropout_linear(x, weight, bias, p, seed, offset, ACTIVATIONS[activation], masked)
 
@@ -294,8 +292,8 @@ class DropoutLinear(torch.nn.Module):
     (computed in float32); ``device`` the CPU or meta.  Anything else raises
     ``TypeError`` here, at construction.  ``p`` assigned after construction is
     checked at the next call (ValueError).  The input has shape ``(..., in_features)``, the
-    output ``(..., out_features)`` and the input's dtype (bfloat16 under
-    ``torch.autocast("cpu", dtype=torch.bfloat16)``, as ``nn.Linear``'s).
+    output ``(..., out_features)`` and the input's dtype (autocast's under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` or ``float16``, as ``nn.Linear``'s).
 
     For the backward the layer keeps its input (the mask is regenerated, not stored) and,
     with GELU, the pre-activation; with ReLU and a float32 output it keeps the output, as
@@ -633,8 +631,7 @@ def _family(x: torch.Tensor, p: float, training: bool, inplace: bool, kind: int,
     mode), then ``x`` itself when not training or p = 0, else the op (into ``x`` with inplace)."""
     _check_tensor(x, "input", _FAMILY_DTYPES)
     p = check_p(p)
-    if type(training) is not bool or type(inplace) is not bool:
-        check_flags(training=training, inplace=inplace)
+    check_flags(training=training, inplace=inplace)
     noise = noise_shape(x)
     if not training or p == 0.0:
         return x
