@@ -1,6 +1,7 @@
 #include "dispatch.hpp"
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -214,13 +215,14 @@ GemmPathChoice decide_gemm_path(const CpuId& cpu, bool backend_has_sparse, const
     throw std::invalid_argument("GEMM path '" + setting + "' (FASTDROPOUT_GEMM_PATH): expected auto, dense or sparse");
   if (!backend_has_sparse) return {false, "dense: this backend has no sparse path"};
   if (setting == "dense") return {false, "dense: forced (FASTDROPOUT_GEMM_PATH or set_gemm_path)"};
-  if (setting == "sparse") return {true, "sparse for p >= 0.3: forced (FASTDROPOUT_GEMM_PATH or set_gemm_path)"};
-  // Measured, interleaved against the dense kernel at p = 0.3-0.5: 6-23% faster on AMD
-  // Zen 4 (family 19h), 1.1-1.6x slower on an Intel Xeon (family 6, model 207), whose
-  // 512-bit permutes share a port with its FMAs.  A CPU not measured gets the dense
-  // path, which is never the slower one.
+  if (setting == "sparse") return {true, "sparse: forced (FASTDROPOUT_GEMM_PATH or set_gemm_path)"};
+  // Measured, interleaved against the dense kernel: avx512 at p = 0.3-0.5 6-23% faster on
+  // AMD Zen 4 (family 19h model 11h), 1.1-1.6x slower on an Intel Xeon (family 6, model
+  // 207), whose 512-bit permutes share a port with its FMAs; avx2 at p = 0.5-0.6 9-28%
+  // faster on Zen 3 (family 19h model 1).  A CPU not measured gets the dense path,
+  // which is never the slower one.
   if (cpu.vendor == "AuthenticAMD" && cpu.family >= 0x19)
-    return {true, "sparse for p >= 0.3: AMD family 19h or later (measured faster on Zen 4)"};
+    return {true, "sparse: AMD family 19h or later (measured faster on Zen 3 with avx2, Zen 4 with avx512)"};
   if (cpu.vendor == "GenuineIntel")
     return {false, "dense: Intel (the sparse path measured 1.1-1.6x slower on a Xeon, family 6 model 207)"};
   return {false, "dense: the sparse path was not measured faster on this CPU"};
@@ -258,7 +260,20 @@ bool sparse_choice() {
 }  // namespace
 
 GemmPathChoice gemm_path() {
-  return decide_gemm_path(cpu_id(), active_kernels().blocking.sparse, gemm_path_setting());
+  const Kernels& k = active_kernels();
+  GemmPathChoice c = decide_gemm_path(cpu_id(), k.blocking.sparse, gemm_path_setting());
+  if (c.sparse) {  // from which p, on this backend
+    auto p = [](uint64_t t) {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "p >= %.3g", static_cast<double>(t) / 4294967296.0);
+      return std::string(buf);
+    };
+    const GemmBlocking& b = k.blocking;
+    c.why += std::string("; on ") + k.name + " for masks with " + p(b.sparse_min) + " in the forward, " +
+             (b.sparse_grad_min > kDropAll ? std::string("never for grad_weight")
+                                           : p(b.sparse_grad_min) + " for grad_weight from a batch of 256");
+  }
+  return c;
 }
 
 void set_gemm_path(const std::string& setting) {

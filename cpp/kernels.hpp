@@ -68,30 +68,23 @@ struct GemmBlocking {
   int64_t snr;  ///< its panel width (a multiple of nr dividing nc; nr where there is none)
   int64_t skc, snc;  ///< its depth and column blocking (kc, nc where there is none)
   int64_t smc;       ///< its row blocking (mc where there is none)
+  int64_t spr;       ///< rows of sums it keeps aside (its `part`; 0 where there is none)
+  /// Masks with at least this threshold (p * 2**32) take it, in the forward form and in
+  /// grad_weight's (above kDropAll: never); measured per backend, see its isa header.
+  uint64_t sparse_min, sparse_grad_min;
   int64_t direct_rows;  ///< ranges of at most this many rows take the direct path (0: none)
 };
 
 /// Floats of the row buffer that the sparse path's build_rows uses for the segments
 /// it transposes.
 constexpr int64_t kSparseSegment = 1024;
-/// Rows of sums the sparse path keeps aside (its `part`: edge tiles, transposed C).
+/// Rows of sums the AVX-512 sparse path keeps aside (its `part`: edge tiles, transposed C).
 constexpr int64_t kSparsePartRows = 64;
 
-/// Masks that drop at least this fraction of the elements (p >= 0.3) take the
-/// sparse path on backends that have one (avx512): op(A) is masked, and only its
-/// kept elements are multiplied.  Below it, or on avx2 and scalar (measured), the
-/// dense micro-kernel is faster than skipping: at p = 0.3 the sparse forward measured
-/// 6-12% faster from 32x512x512 to 1024x2048x2048, at p = 0.25 between 6% faster and
-/// 1% slower.
-constexpr uint64_t kSparseMinThreshold = 1288490189;  // round(0.3 * 2**32)
-/// grad_weight's sparse form (its depth is the batch) from p >= 0.375: at p = 0.3 it
-/// measured 5% slower than the dense kernel at 256x1024x1024, at 0.35 as fast.
-constexpr uint64_t kSparseGradMinThreshold = uint64_t{3} << 29;  // 0.375 * 2**32
-
-/// Whether a mask is sparse enough for the sparse path (of the forward, by default).
-static inline bool sparse_mask(const MaskSpec& m, const GemmBlocking& b,
-                               uint64_t min_threshold = kSparseMinThreshold) {
-  return b.sparse && m.enabled && m.threshold >= min_threshold;
+/// Whether a mask is sparse enough for the backend's sparse path: in the forward form
+/// (op(A) is the masked input), or in grad_weight's (its depth is the batch).
+static inline bool sparse_mask(const MaskSpec& m, const GemmBlocking& b, bool grad_weight = false) {
+  return b.sparse && m.enabled && m.threshold >= (grad_weight ? b.sparse_grad_min : b.sparse_min);
 }
 
 /// Whether gemm_tile computes `g` on the sparse path.
@@ -290,7 +283,7 @@ struct Kernels {
 /// B, a row buffer and an edge tile, then (on a backend with the sparse path) its
 /// rows: values by depth and the same compacted (each chunk's kept values first), 64
 /// floats per 64-depth chunk each, one 64-bit word of keep bits per chunk, the
-/// all-kept words and the sums of a block of kSparsePartRows rows.  Each part starts
+/// all-kept words and the sums of a block of b.spr rows.  Each part starts
 /// on a 64-byte boundary.
 struct GemmWork {
   int64_t a_pack, b_pack, buf, tile, s_vals, s_kept, s_bits, s_all, s_part, total;  // in floats
@@ -325,7 +318,7 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   w.s_bits = round_up(w.s_kept + rows * words * 64, 16);
   w.s_all = round_up(w.s_bits + rows * words * 2, 16);
   w.s_part = round_up(w.s_all + words * 2, 16);
-  w.total = round_up(w.s_part + (b.sparse ? kSparsePartRows * b.snr : 0), 16);
+  w.total = round_up(w.s_part + (b.sparse ? b.spr * b.snr : 0), 16);
   return w;
 }
 

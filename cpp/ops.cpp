@@ -490,10 +490,11 @@ void dense_backward(const DenseBackward& a) {
     const Mat xd{a.x, a.M, a.K, nullptr, Activation::none, a.mask, a.xh};
     // On the sparse path: grad_w.T = dropout(x).T @ dz, stored transposed, so that the
     // masked operand is on the left, where the sparse path skips its dropped elements.
-    // Its depth is the batch: from 256 rows it measured faster than the dense kernel
-    // (23% at 256x1024x1024, p = 0.5; 15% at 300x300x300, p = 0.375), below 128 slower
-    // (up to 2.7x at a batch of 8); in between it depends on p.
-    const bool sparse = sparse_path_enabled() && sparse_mask(a.mask, active_kernels().blocking, kSparseGradMinThreshold) &&
+    // Its depth is the batch: on avx512 (Zen 4) from 256 rows it measured faster than the
+    // dense kernel (23% at 256x1024x1024, p = 0.5; 15% at 300x300x300, p = 0.375), below
+    // 128 slower (up to 2.7x at a batch of 8); in between it depends on p.  The backend's
+    // sparse_grad_min says from which p, if any.
+    const bool sparse = sparse_path_enabled() && sparse_mask(a.mask, active_kernels().blocking, true) &&
                         a.M >= 256;
     g.M = sparse ? a.K : a.N;
     g.N = sparse ? a.N : a.K;

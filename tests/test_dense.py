@@ -912,6 +912,30 @@ def test_sparse_path_keeps_nan_of_zero_times_inf(backend, gemm_path, p):
     assert np.isnan(gw[11]).all() and not np.isnan(np.delete(gw, 11, axis=0)).any()
 
 
+@pytest.mark.parametrize("m,k,n", [(600, 300, 200), (40, 1100, 200), (7, 64, 96)])
+@pytest.mark.parametrize("p", [0.45, 0.5, 0.9, 1.0])
+def test_sparse_forward_is_dense_of_dropout(backend, gemm_path, threads, m, k, n, p):
+    # The forward's sparse path (avx512 from p >= 0.3, avx2 from p >= 0.45) through every
+    # block it can meet: two row blocks (600 > 512 rows), depth blocks past 256 and 512
+    # with a partial last chunk (300, 1100), whole column panels and an edge one (200 =
+    # 2 x 96 + 8 on avx2, 3 x 64 + 8 on avx512; 96: one whole panel), panels whose weight
+    # holds an inf (every entry multiplied: 0 * inf is NaN) beside one that skips, and a
+    # thread split by rows (600) or by columns (40, 7).  Bit for bit dense(dropout(x)).
+    x, weight, bias, _ = _problem((m,), k, n, seed=m + k)
+    weight[5, k // 2] = np.inf  # the first panel
+    weight[n - 3, 3] = -np.inf  # the last one
+    for seed, offset in [(3, 0), (2**64 - 1, 2**64 - 5)]:
+        dropped = fd.dropout(x, p, seed=seed, offset=offset)
+        with np.errstate(invalid="ignore"):
+            y, z = fd.dropout_dense(x, weight, bias, p, seed=seed, offset=offset, activation="relu",
+                                    return_preactivation=True)
+            z0 = fd.dense(dropped, weight, bias)
+            y0 = fd.dense(dropped, weight, bias, activation="relu")
+        assert_bits_equal(z, z0)
+        assert_bits_equal(y, y0)
+        assert not np.isfinite(z[:, [5, n - 3]]).any() and np.isfinite(np.delete(z, [5, n - 3], axis=1)).all()
+
+
 @pytest.mark.parametrize("output_mask", [(a, b, c) for a in (True, False) for b in (True, False) for c in (True, False)])
 def test_output_mask_computes_only_what_is_asked(backend, gemm_path, threads, output_mask):
     x, weight, bias, grad = _problem((300,), 70, 45, seed=4)  # grad_weight's sparse form from a batch of 256
