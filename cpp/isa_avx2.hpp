@@ -610,6 +610,10 @@ constexpr uint64_t kSparseMin = 1932735283;  // round(0.45 * 2**32)
 // grad_weight's form never: its transposed rows and C measured 0.89-0.97x the dense
 // kernel at p = 0.45-0.5 (batch 256 and 1024, 1024 x 1024).
 constexpr uint64_t kSparseGradMin = ~uint64_t{0};
+// From 64 output columns (at 256x1024xN, p = 0.5, against the dense kernel: 0.77x at 16
+// columns, 0.90x at 32, 0.97x at 48, 1.08x at 64, 1.02-1.22x from 128 to 1024), each
+// thread's columns a multiple of the dense tile's 16: an edge panel takes a narrower kernel.
+constexpr int64_t kSparseMinN = 64, kSparseSplit = kNR;
 
 /// Bit j set where v[j] != 0 (NaN included), for j < 64.
 inline uint64_t nonzero_bits64(const float* v) {
@@ -660,53 +664,43 @@ inline void compact64(const float* v, uint64_t m, float* out) {
   }
 }
 
-/// One row of a sparse-operand GEMM over one 64-depth chunk:
-///   sums[0 : kSNR] = (carry ? sums : 0) + sum over the set bits d of m, in order, of kept[n] * b[d * kSNR + 0 : kSNR]
+/// One row of a sparse-operand GEMM over one 64-depth chunk, V vectors (8 V columns) wide:
+///   sums[0 : 8 V] = (carry ? sums : 0) + sum over the set bits d of m, in order, of kept[n] * b[d * kSNR + 0 : 8 V]
 /// as one FMA chain per column, where kept[n] is the row's n-th kept value of the chunk
 /// (compact64's output; the values by depth where every bit is set) and b the chunk of
 /// a packed B panel.  Carrying the sums through memory between chunks never changes a
 /// bit: the chain is the dense micro-kernel's, less its zero terms (the sums start at
 /// +0 and never become -0, so adding a zero product changes nothing).  With c, the sums
-/// go there instead, added to what it holds if add: c[0 : kSNR] (+)= sums, as the dense
-/// micro-kernel ends a depth block.  sums is 32-byte aligned.
-inline void sparse_row_chunk(uint64_t m, const float* kept, const float* b, float* sums, bool carry, float* c, bool add) {
-  __m256 s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11;
-  if (carry) {
-    s0 = _mm256_load_ps(sums), s1 = _mm256_load_ps(sums + 8), s2 = _mm256_load_ps(sums + 16);
-    s3 = _mm256_load_ps(sums + 24), s4 = _mm256_load_ps(sums + 32), s5 = _mm256_load_ps(sums + 40);
-    s6 = _mm256_load_ps(sums + 48), s7 = _mm256_load_ps(sums + 56), s8 = _mm256_load_ps(sums + 64);
-    s9 = _mm256_load_ps(sums + 72), s10 = _mm256_load_ps(sums + 80), s11 = _mm256_load_ps(sums + 88);
-  } else {
-    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = s8 = s9 = s10 = s11 = _mm256_setzero_ps();
-  }
+/// go there instead, added to what it holds if add: c[0 : 8 V] (+)= sums, as the dense
+/// micro-kernel ends a depth block.  sums is 32-byte aligned.  V = 12 fills a panel; an
+/// edge panel takes the fewest vectors that cover its columns.
+template <int V>
+inline void sparse_row_chunk(uint64_t m, const float* kept, const float* b, float* sums, bool carry, float* c,
+                             bool add) {
+  static_assert(V >= 1 && 8 * V <= kSNR, "a panel holds the columns");
+  __m256 s[V];
+  FD_UNROLL_ALL for (int j = 0; j < V; ++j) s[j] = carry ? _mm256_load_ps(sums + 8 * j) : _mm256_setzero_ps();
   for (; m != 0; m = _blsr_u64(m)) {
     const float* p = b + static_cast<int64_t>(_tzcnt_u64(m)) * kSNR;
     const __m256 u = _mm256_broadcast_ss(kept++);
-    s0 = _mm256_fmadd_ps(u, _mm256_load_ps(p), s0);
-    s1 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 8), s1);
-    s2 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 16), s2);
-    s3 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 24), s3);
-    s4 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 32), s4);
-    s5 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 40), s5);
-    s6 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 48), s6);
-    s7 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 56), s7);
-    s8 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 64), s8);
-    s9 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 72), s9);
-    s10 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 80), s10);
-    s11 = _mm256_fmadd_ps(u, _mm256_load_ps(p + 88), s11);
+    FD_UNROLL_ALL for (int j = 0; j < V; ++j) s[j] = _mm256_fmadd_ps(u, _mm256_load_ps(p + 8 * j), s[j]);
   }
   if (c == nullptr) {
-    _mm256_store_ps(sums, s0), _mm256_store_ps(sums + 8, s1), _mm256_store_ps(sums + 16, s2);
-    _mm256_store_ps(sums + 24, s3), _mm256_store_ps(sums + 32, s4), _mm256_store_ps(sums + 40, s5);
-    _mm256_store_ps(sums + 48, s6), _mm256_store_ps(sums + 56, s7), _mm256_store_ps(sums + 64, s8);
-    _mm256_store_ps(sums + 72, s9), _mm256_store_ps(sums + 80, s10), _mm256_store_ps(sums + 88, s11);
+    FD_UNROLL_ALL for (int j = 0; j < V; ++j) _mm256_store_ps(sums + 8 * j, s[j]);
     return;
   }
-  auto put = [c, add](int64_t at, __m256 v) {
-    _mm256_storeu_ps(c + at, add ? _mm256_add_ps(_mm256_loadu_ps(c + at), v) : v);
-  };
-  put(0, s0), put(8, s1), put(16, s2), put(24, s3), put(32, s4), put(40, s5);
-  put(48, s6), put(56, s7), put(64, s8), put(72, s9), put(80, s10), put(88, s11);
+  FD_UNROLL_ALL for (int j = 0; j < V; ++j)
+    _mm256_storeu_ps(c + 8 * j, add ? _mm256_add_ps(_mm256_loadu_ps(c + 8 * j), s[j]) : s[j]);
+}
+
+/// sparse_row_chunk<V> for the V that covers nr columns (1 <= nr <= kSNR).
+using SparseRowChunk = void (*)(uint64_t, const float*, const float*, float*, bool, float*, bool);
+inline SparseRowChunk sparse_row_chunk_for(int64_t nr) {
+  static constexpr SparseRowChunk table[12] = {
+      sparse_row_chunk<1>, sparse_row_chunk<2>, sparse_row_chunk<3>,  sparse_row_chunk<4>,
+      sparse_row_chunk<5>, sparse_row_chunk<6>, sparse_row_chunk<7>,  sparse_row_chunk<8>,
+      sparse_row_chunk<9>, sparse_row_chunk<10>, sparse_row_chunk<11>, sparse_row_chunk<12>};
+  return table[(nr + 7) / 8 - 1];
 }
 
 #include "half_x86.hpp"

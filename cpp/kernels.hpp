@@ -72,6 +72,8 @@ struct GemmBlocking {
   /// Masks with at least this threshold (p * 2**32) take it, in the forward form and in
   /// grad_weight's (above kDropAll: never); measured per backend, see its isa header.
   uint64_t sparse_min, sparse_grad_min;
+  int64_t sparse_min_n;  ///< the forward form from this many output columns (measured)
+  int64_t sparse_split;  ///< a thread's share of the columns on it is a multiple of this
   int64_t direct_rows;  ///< ranges of at most this many rows take the direct path (0: none)
 };
 
@@ -89,7 +91,7 @@ static inline bool sparse_mask(const MaskSpec& m, const GemmBlocking& b, bool gr
 
 /// Whether gemm_tile computes `g` on the sparse path.
 static inline bool sparse_path(const GemmProblem& g, const GemmBlocking& b) {
-  return g.c_trans || (g.allow_sparse && sparse_mask(g.a.mask, b));
+  return g.c_trans || (g.allow_sparse && sparse_mask(g.a.mask, b) && g.N >= b.sparse_min_n);
 }
 
 /// Scaled dot-product attention with dropout on the probabilities (the contract's

@@ -50,10 +50,10 @@ constexpr int64_t kRowBlock = 16, kRowBlockTrans = kSparsePartRows, kSparsePart 
 #endif
 #if defined(FD_ISA_SPARSE)
 constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR, kSKC, kSNC, kSMC, kSparsePart,
-                                 kSparseMin, kSparseGradMin, kDirectRows};
+                                 kSparseMin, kSparseGradMin, kSparseMinN, kSparseSplit, kDirectRows};
 #else
 constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR, kKC, kNC, kMC, 0, ~uint64_t{0}, ~uint64_t{0},
-                                 kDirectRows};
+                                 0, kNR, kDirectRows};
 #endif
 
 #if !defined(FD_ISA_TRANSPOSE)
@@ -539,12 +539,14 @@ bool has_non_finite(const float* p, int64_t n) {
 /// Rows [ib, ie) of an (ic, pc) block against the panel at bp (nr of its kSNR columns
 /// are C's columns c0 ..), one row at a time per 64-depth chunk (sparse_row_chunk), the
 /// chunks of each of the dense path's depth blocks (kKC) carried in s.part and added to
-/// C as the block ends, as the dense micro-kernel adds its sums: the same bits.  A
-/// whole panel's last chunk adds its sums to C itself; an edge panel's go through part.
+/// C as the block ends, as the dense micro-kernel adds its sums: the same bits.  An edge
+/// panel takes the narrowest kernel that covers it; where that is whole vectors of C's
+/// columns, the last chunk adds its sums to C itself, else they go through part.
 /// (Never a transposed C: this backend's sparse_grad_min keeps grad_weight dense.)
 void sparse_rows_by_chunk(const GemmProblem& g, SparseRows& s, int64_t ic, int64_t ib, int64_t ie, int64_t c0,
                           int64_t nr, const float* bp, bool every, int64_t kc, bool accumulate) {
-  const bool whole = nr == kSNR;
+  const bool whole = nr % 8 == 0;  // the sums of whole vectors go straight to C
+  const SparseRowChunk chunk = sparse_row_chunk_for(nr);
   for (int64_t sub = 0; sub < kc; sub += kKC) {
     const int64_t w0 = sub / 64, w1 = min64(s.words, (sub + kKC) / 64);
     const bool add = accumulate || sub > 0;
@@ -552,8 +554,8 @@ void sparse_rows_by_chunk(const GemmProblem& g, SparseRows& s, int64_t ic, int64
       const float* bw = bp + w * 64 * kSNR;
       const bool to_c = whole && w + 1 == w1;
       for (int64_t i = ib; i < ie; ++i)
-        sparse_row_chunk(every ? s.all[w] : s.bits[i * s.words + w], (every ? s.vals : s.kept) + i * s.vld + w * 64,
-                         bw, s.part + (i - ib) * kSNR, w > w0, to_c ? g.c + (ic + i) * g.N + c0 : nullptr, add);
+        chunk(every ? s.all[w] : s.bits[i * s.words + w], (every ? s.vals : s.kept) + i * s.vld + w * 64, bw,
+              s.part + (i - ib) * kSNR, w > w0, to_c ? g.c + (ic + i) * g.N + c0 : nullptr, add);
     }
     if (whole) continue;
     for (int64_t i = ib; i < ie; ++i) {

@@ -402,7 +402,7 @@ void gemm(const GemmProblem& problem) {
   const int64_t flops = 2 * g.M * g.N * max64(g.K, 1);
   Team team = team_for(flops, kFlopGrain, kFlops);
   int& threads = team.threads;
-  const int64_t nr = sparse_path(g, b) ? b.snr : b.nr;  // the panel width of the path taken
+  const int64_t nr = sparse_path(g, b) ? b.sparse_split : b.nr;  // the column unit of the path taken
   const bool split_n = g.M < int64_t{threads} * 128 && (g.N >= int64_t{threads} * nr * 4 || g.N >= g.M);
   const int64_t extent = split_n ? g.N : g.M;
   const int64_t unit = split_n ? nr : b.mr;
