@@ -218,7 +218,7 @@ GemmPathChoice decide_gemm_path(const CpuId& cpu, bool backend_has_sparse, const
   if (setting == "sparse") return {true, "sparse: forced (FASTDROPOUT_GEMM_PATH or set_gemm_path)"};
   // Measured, interleaved against the dense kernel: avx512 at p = 0.3-0.5 6-23% faster on
   // AMD Zen 4 (family 19h model 11h), 1.1-1.6x slower on an Intel Xeon (family 6, model
-  // 207), whose 512-bit permutes share a port with its FMAs; avx2 at p = 0.5-0.6 9-28%
+  // 207), whose 512-bit permutes share a port with its FMAs; avx2 at p = 0.35-0.6 6-53%
   // faster on Zen 3 (family 19h model 1).  A CPU not measured gets the dense path,
   // which is never the slower one.
   if (cpu.vendor == "AuthenticAMD" && cpu.family >= 0x19)

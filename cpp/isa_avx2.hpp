@@ -603,10 +603,11 @@ constexpr int64_t kSNR = 96;
 constexpr int64_t kSKC = 512, kSNC = 96, kSMC = 512;
 #define FD_ISA_SPARSE 1         // this backend has the sparse path
 #define FD_ISA_SPARSE_CHUNKS 1  // in its one-row-per-chunk form (sparse_row_chunk)
-// The forward form from p >= 0.45: against the dense kernel, interleaved, 2 threads, at
-// 256x1024x1024 and 512x2048x2048 it measured 0.95x and 0.99x at p = 0.4, 1.02x and
-// 1.01x at 0.45, 1.09x and 1.10x at 0.5, 1.21x and 1.28x at 0.6 (0.85x at 0.3).
-constexpr uint64_t kSparseMin = 1932735283;  // round(0.45 * 2**32)
+// The forward form from p >= 0.375: against the dense kernel, one process, interleaved,
+// 2 threads, medians of 15 (bench/experiments/gemm_paths.py) at 64x784x512, 256x1024x1024
+// and 512x2048x2048 it measured 1.02x, 0.93x and 0.91x at p = 0.3, 1.09x, 1.06x and 1.09x
+// at 0.35, 1.10-1.12x at 0.4; 1.20-1.28x at 0.5 and 1.36-1.53x at 0.6 (with 1024x4096x4096).
+constexpr uint64_t kSparseMin = uint64_t{3} << 29;  // 0.375 * 2**32
 // grad_weight's form never: its transposed rows and C measured 0.89-0.97x the dense
 // kernel at p = 0.45-0.5 (batch 256 and 1024, 1024 x 1024).
 constexpr uint64_t kSparseGradMin = ~uint64_t{0};

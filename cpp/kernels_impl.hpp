@@ -9,8 +9,10 @@
 //   bits_to_bytes64, microkernel
 // and optionally
 //   kT, transpose_block (FD_ISA_TRANSPOSE; a portable one otherwise)
-//   kSNR, kSKC, kSNC, kSMC, nonzero_bits64, compact64, sparse_rows
-//   (FD_ISA_SPARSE: the sparse path)
+//   kSNR, kSKC, kSNC, kSMC, kSparseMin, kSparseGradMin, kSparseMinN, kSparseSplit,
+//   nonzero_bits64, compact64 and sparse_rows (FD_ISA_SPARSE: the sparse path, four rows
+//   in lockstep), or sparse_row_chunk_for instead of sparse_rows (FD_ISA_SPARSE_CHUNKS:
+//   one row per 64-depth chunk)
 //   microkernel_direct (FD_ISA_DIRECT: the direct path for a batch of one to four rows)
 #ifndef FD_ISA
 #error "define FD_ISA before including kernels_impl.hpp"
