@@ -61,8 +61,9 @@ def test_bf16_forward_and_backward(backend, threads, gemm_path, shape, p, activa
 
 
 @pytest.mark.parametrize("p", [0.0, 0.5])
-def test_bf16_path_is_the_float32_path_on_widened_operands(backend, p):
-    x, w, b = operands(96, 520, 40, seed=1)
+@pytest.mark.parametrize("n", [40, 100])  # 100 columns: the sparse path at p = 0.5 on avx2 too
+def test_bf16_path_is_the_float32_path_on_widened_operands(backend, gemm_path, p, n):
+    x, w, b = operands(96, 520, n, seed=1)
     y = fd.dropout_dense(x, w, b, p, seed=7)
     y32 = fd.dropout_dense(x.astype(np.float32), w.astype(np.float32), b, p, seed=7)
     assert np.array_equal(y.view(np.uint16), y32.astype(BF16).view(np.uint16))
