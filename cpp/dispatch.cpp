@@ -214,8 +214,8 @@ GemmPathChoice decide_gemm_path(const CpuId& cpu, bool backend_has_sparse, const
   if (!setting.empty() && setting != "auto" && setting != "dense" && setting != "sparse")
     throw std::invalid_argument("GEMM path '" + setting + "' (FASTDROPOUT_GEMM_PATH): expected auto, dense or sparse");
   if (!backend_has_sparse) return {false, "dense: this backend has no sparse path"};
-  if (setting == "dense") return {false, "dense: forced (FASTDROPOUT_GEMM_PATH or set_gemm_path)"};
-  if (setting == "sparse") return {true, "sparse: forced (FASTDROPOUT_GEMM_PATH or set_gemm_path)"};
+  if (setting == "dense") return {false, "dense: forced (FASTDROPOUT_GEMM_PATH)"};
+  if (setting == "sparse") return {true, "sparse: forced (FASTDROPOUT_GEMM_PATH)"};
   // Measured, interleaved against the dense kernel: avx512 at p = 0.3-0.5 6-23% faster on
   // AMD Zen 4 (family 19h model 11h), 1.1-1.6x slower on an Intel Xeon (family 6, model
   // 207), whose 512-bit permutes share a port with its FMAs; avx2 at p = 0.35-0.6 6-53%
@@ -269,7 +269,10 @@ GemmPathChoice gemm_path() {
       return std::string(buf);
     };
     const GemmBlocking& b = k.blocking;
-    c.why += std::string("; on ") + k.name + " for masks with " + p(b.sparse_min) + " in the forward, " +
+    std::string where = "a batch of more than " + std::to_string(b.direct_rows) + " rows";
+    if (b.sparse_min_n > 0) where += " and " + std::to_string(b.sparse_min_n) + " output columns or more";
+    c.why += std::string("; on ") + k.name + " for masks with " + p(b.sparse_min) + " in the forward (" + where +
+             "), " +
              (b.sparse_grad_min > kDropAll ? std::string("never for grad_weight")
                                            : p(b.sparse_grad_min) + " for grad_weight from a batch of 256");
   }

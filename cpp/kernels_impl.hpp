@@ -540,33 +540,37 @@ bool has_non_finite(const float* p, int64_t n) {
 #if defined(FD_ISA_SPARSE_CHUNKS)
 /// Rows [ib, ie) of an (ic, pc) block against the panel at bp (nr of its kSNR columns
 /// are C's columns c0 ..), one row at a time per 64-depth chunk (sparse_row_chunk), the
-/// chunks of each of the dense path's depth blocks (kKC) carried in s.part and added to
-/// C as the block ends, as the dense micro-kernel adds its sums: the same bits.  An edge
-/// panel takes the narrowest kernel that covers it; where that is whole vectors of C's
-/// columns, the last chunk adds its sums to C itself, else they go through part.
+/// chunks of each of the dense path's depth blocks (kKC) carried in s.part; the block's
+/// last chunk adds the sums to C, as the dense micro-kernel ends a block (the same
+/// bits).  An edge panel takes the narrowest kernel that covers it; where its columns are
+/// not whole vectors, their C values go through a copy padded to whole vectors, so that
+/// they meet the same vector add as everywhere else (as the dense path's edge tiles do:
+/// which of two NaNs an add returns depends on its operand order).
 /// (Never a transposed C: this backend's sparse_grad_min keeps grad_weight dense.)
 void sparse_rows_by_chunk(const GemmProblem& g, SparseRows& s, int64_t ic, int64_t ib, int64_t ie, int64_t c0,
                           int64_t nr, const float* bp, bool every, int64_t kc, bool accumulate) {
-  const bool whole = nr % 8 == 0;  // the sums of whole vectors go straight to C
+  const bool whole = nr % 8 == 0;
   const SparseRowChunk chunk = sparse_row_chunk_for(nr);
+  alignas(32) float row[kSNR];
   for (int64_t sub = 0; sub < kc; sub += kKC) {
     const int64_t w0 = sub / 64, w1 = min64(s.words, (sub + kKC) / 64);
     const bool add = accumulate || sub > 0;
     for (int64_t w = w0; w < w1; ++w) {
       const float* bw = bp + w * 64 * kSNR;
-      const bool to_c = whole && w + 1 == w1;
-      for (int64_t i = ib; i < ie; ++i)
+      const bool last = w + 1 == w1;
+      if (!last || whole) {
+        for (int64_t i = ib; i < ie; ++i)
+          chunk(every ? s.all[w] : s.bits[i * s.words + w], (every ? s.vals : s.kept) + i * s.vld + w * 64, bw,
+                s.part + (i - ib) * kSNR, w > w0, last ? g.c + (ic + i) * g.N + c0 : nullptr, add);
+        continue;
+      }
+      for (int64_t i = ib; i < ie; ++i) {
+        float* c = g.c + (ic + i) * g.N + c0;
+        if (add) std::memcpy(row, c, static_cast<size_t>(nr) * sizeof(float));
         chunk(every ? s.all[w] : s.bits[i * s.words + w], (every ? s.vals : s.kept) + i * s.vld + w * 64, bw,
-              s.part + (i - ib) * kSNR, w > w0, to_c ? g.c + (ic + i) * g.N + c0 : nullptr, add);
-    }
-    if (whole) continue;
-    for (int64_t i = ib; i < ie; ++i) {
-      float* c = g.c + (ic + i) * g.N + c0;
-      const float* v = s.part + (i - ib) * kSNR;
-      if (add)
-        for (int64_t n = 0; n < nr; ++n) c[n] += v[n];
-      else
-        std::memcpy(c, v, static_cast<size_t>(nr) * sizeof(float));
+              s.part + (i - ib) * kSNR, w > w0, row, add);
+        std::memcpy(c, row, static_cast<size_t>(nr) * sizeof(float));
+      }
     }
   }
 }

@@ -937,6 +937,29 @@ def test_sparse_forward_is_dense_of_dropout(backend, gemm_path, threads, m, k, n
         assert not np.isfinite(z[:, [5, n - 3]]).any() and np.isfinite(np.delete(z, [5, n - 3], axis=1)).all()
 
 
+@pytest.mark.parametrize("n", [65, 100, 203])
+@pytest.mark.parametrize("m", [3, 8])
+def test_nan_signs_meet_as_in_the_dense_product(backend, gemm_path, threads, m, n):
+    # A +NaN kept in x beyond depth 256 and a -NaN in the weight before it reach one output
+    # from two of the dense path's 256-deep blocks; which NaN an add returns depends on its
+    # operand order, so both paths, edge columns included (65, 203: not whole vectors),
+    # must add the blocks as the dense micro-kernel does.  (A new user's find: the sparse
+    # path's edge columns returned the other NaN.)
+    k, p = 300, 0.5
+    keep = ref.dropout_mask((m, k), p, seed=3)
+    row = int(np.flatnonzero(keep[:, 260])[0])
+    x = np.ones((m, k), np.float32)
+    x[row, 260] = np.nan
+    weight = np.ones((n, k), np.float32)
+    weight[n - 1, 0] = -np.nan
+    weight[0, 0] = -np.nan
+    with np.errstate(invalid="ignore"):
+        y = fd.dropout_dense(x, weight, None, p, seed=3)
+        want = fd.dense(fd.dropout(x, p, seed=3), weight)
+    assert np.isnan(y[row, [0, n - 1]]).all()
+    assert_bits_equal(y, want)
+
+
 @pytest.mark.parametrize("output_mask", [(a, b, c) for a in (True, False) for b in (True, False) for c in (True, False)])
 def test_output_mask_computes_only_what_is_asked(backend, gemm_path, threads, output_mask):
     x, weight, bias, grad = _problem((300,), 70, 45, seed=4)  # grad_weight's sparse form from a batch of 256
@@ -957,7 +980,7 @@ def test_output_mask_must_be_three_bools(bad):
         fd.dropout_dense_backward(grad, x, weight, 0.5, seed=1, output_mask=bad)
 
 
-# --- which path runs: chosen per CPU, forced by FASTDROPOUT_GEMM_PATH or set_gemm_path -------
+# --- which path runs: chosen per CPU, forced by FASTDROPOUT_GEMM_PATH (or _core.set_gemm_path) ---
 
 
 @pytest.mark.parametrize("m,k,n", [(300, 130, 70), (37, 1100, 45)])

@@ -6,7 +6,8 @@ call at p = 0 (the plain dense kernel), timed in turn in a new order each round,
 N samples; the two paths' outputs are asserted bit-identical.  Nothing else runs in the
 process, so no other library's threads take our cores: this is the engine's own speed.
 The dense path is what the avx2 backend ran for every p before it had a sparse path.  Below
-the backend's threshold (`python -m fastdropout info`: p >= 0.375 on avx2, 0.3 on avx512) the
+the backend's threshold (`python -m fastdropout info`: p >= 0.375 on avx2, 0.3 on avx512), for
+fewer than 64 output columns on avx2 and for a batch of 1-4 rows (the direct path) the
 "sparse" case runs the dense path too.
 
 Usage: python bench/experiments/gemm_paths.py [N] [p,p,...] [MxKxN,...]
