@@ -551,7 +551,7 @@ void sparse_rows_by_chunk(const GemmProblem& g, SparseRows& s, int64_t ic, int64
                           int64_t nr, const float* bp, bool every, int64_t kc, bool accumulate) {
   const bool whole = nr % 8 == 0;
   const SparseRowChunk chunk = sparse_row_chunk_for(nr);
-  alignas(32) float row[kSNR];
+  alignas(32) float row[kSNR] = {};  // the columns past nr: added and dropped, never read uninitialized
   for (int64_t sub = 0; sub < kc; sub += kKC) {
     const int64_t w0 = sub / 64, w1 = min64(s.words, (sub + kKC) / 64);
     const bool add = accumulate || sub > 0;
