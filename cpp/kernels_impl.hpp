@@ -557,19 +557,13 @@ void sparse_rows_by_chunk(const GemmProblem& g, SparseRows& s, int64_t ic, int64
     const bool add = accumulate || sub > 0;
     for (int64_t w = w0; w < w1; ++w) {
       const float* bw = bp + w * 64 * kSNR;
-      const bool last = w + 1 == w1;
-      if (!last || whole) {
-        for (int64_t i = ib; i < ie; ++i)
-          chunk(every ? s.all[w] : s.bits[i * s.words + w], (every ? s.vals : s.kept) + i * s.vld + w * 64, bw,
-                s.part + (i - ib) * kSNR, w > w0, last ? g.c + (ic + i) * g.N + c0 : nullptr, add);
-        continue;
-      }
+      const bool last = w + 1 == w1, padded = last && !whole;  // padded: C's row through `row`
       for (int64_t i = ib; i < ie; ++i) {
         float* c = g.c + (ic + i) * g.N + c0;
-        if (add) std::memcpy(row, c, static_cast<size_t>(nr) * sizeof(float));
+        if (padded && add) std::memcpy(row, c, static_cast<size_t>(nr) * sizeof(float));
         chunk(every ? s.all[w] : s.bits[i * s.words + w], (every ? s.vals : s.kept) + i * s.vld + w * 64, bw,
-              s.part + (i - ib) * kSNR, w > w0, row, add);
-        std::memcpy(c, row, static_cast<size_t>(nr) * sizeof(float));
+              s.part + (i - ib) * kSNR, w > w0, !last ? nullptr : padded ? row : c, add);
+        if (padded) std::memcpy(c, row, static_cast<size_t>(nr) * sizeof(float));
       }
     }
   }
