@@ -149,8 +149,9 @@ int main(int argc, char** argv) {
   const uint64_t seed = 1234, threshold = 1ull << 31;  // p = 0.5
   const float scale = 2.0f;
 
-  std::printf("fastdropout_bench: cpu features: %s; OpenMP: %s; repeats: %d\n",
-              fd::cpu_features().c_str(), fd::has_openmp() ? "yes" : "no", opt.repeats);
+  std::printf("fastdropout_bench: cpu: %s; features: %s; OpenMP: %s; repeats: %d\n",
+              fd::cpu_description(fd::cpu_id()).c_str(), fd::cpu_features().c_str(),
+              fd::has_openmp() ? "yes" : "no", opt.repeats);
   std::printf("p = 0.5, float32; times per call; rate: elements or FLOPs per second; GB/s: the bytes the call\n"
               "reads and writes per second (elementwise kernels; '-' for the GEMMs, which are compute-bound)\n");
   std::printf("%-8s %-24s %-16s %7s %12s %12s %12s %10s %9s\n", "backend", "kernel", "size",
@@ -227,8 +228,9 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "fastdropout_bench: cannot write %s\n", opt.json.c_str());
       return 1;
     }
-    std::fprintf(fh, "{\"schema\": 1, \"cpu_features\": \"%s\", \"repeats\": %d, \"results\": [\n",
-                 json_escape(fd::cpu_features()).c_str(), opt.repeats);
+    std::fprintf(fh, "{\"schema\": 1, \"cpu\": \"%s\", \"cpu_features\": \"%s\", \"repeats\": %d, \"results\": [\n",
+                 json_escape(fd::cpu_description(fd::cpu_id())).c_str(), json_escape(fd::cpu_features()).c_str(),
+                 opt.repeats);
     for (size_t i = 0; i < rows.size(); ++i) {
       const Row& r = rows[i];
       std::fprintf(fh,

@@ -67,6 +67,17 @@ CpuId detect_id() {
     id.family = base_family == 0xf ? base_family + ((r[0] >> 20) & 0xff) : base_family;
     id.model = base_family == 0x6 || base_family == 0xf ? (((r[0] >> 16) & 0xf) << 4) | base_model : base_model;
   }
+  cpuid(0x80000000u, 0, r);
+  if (r[0] >= 0x80000004u) {
+    char brand[49] = {};
+    for (unsigned leaf = 0; leaf < 3; ++leaf) {
+      cpuid(0x80000002u + leaf, 0, r);
+      std::memcpy(brand + 16 * leaf, r, 16);
+    }
+    std::string b = brand;
+    const size_t first = b.find_first_not_of(' '), last = b.find_last_not_of(' ');
+    id.brand = first == std::string::npos ? "" : b.substr(first, last - first + 1);
+  }
   return id;
 }
 
@@ -208,6 +219,13 @@ std::string cpu_features() {
 const CpuId& cpu_id() {
   static const CpuId id = detect_id();
   return id;
+}
+
+std::string cpu_description(const CpuId& cpu) {
+  if (cpu.vendor.empty()) return "unknown";
+  char ids[96];
+  std::snprintf(ids, sizeof ids, "%s family 0x%x model 0x%x", cpu.vendor.c_str(), cpu.family, cpu.model);
+  return cpu.brand.empty() ? std::string(ids) : cpu.brand + " (" + ids + ")";
 }
 
 GemmPathChoice decide_gemm_path(const CpuId& cpu, bool backend_has_sparse, const std::string& setting) {

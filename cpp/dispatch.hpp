@@ -21,11 +21,15 @@ const Kernels& active_kernels();
 void set_backend(const std::string& name);
 
 /// The CPU as cpuid reports it: vendor string ("GenuineIntel", "AuthenticAMD", ...),
-/// display family and model.
+/// display family and model, and the brand string ("AMD EPYC 7B13 ...", empty where the
+/// CPU has none).
 struct CpuId {
   std::string vendor;
   unsigned family = 0, model = 0;
+  std::string brand;
 };
+/// "<brand> (<vendor> family 0x.. model 0x..)", or "unknown" without cpuid.
+std::string cpu_description(const CpuId& cpu);
 const CpuId& cpu_id();
 
 /// Whether masks sparse enough may take the sparse GEMM path (on a backend that has
