@@ -5,12 +5,15 @@
    compiled graph) against the NumPy API's fd.dropout_dense on the same data (the kernels
    called directly), and
    the same for forward + backward (autograd through the op against fd.dropout_dense
-   + fd.dropout_dense_backward), at 64x784x512 and p = 0.5; and the DropoutLinear module
+   + fd.dropout_dense_backward, and against those calls inside a bare autograd.Function: the
+   cost of torch's autograd engine that any layer pays), at 64x784x512 and p = 0.5; and the DropoutLinear module
    (nn.Parameter weights, a seed drawn from torch's generator per call).
 2. One SGD step of the 784-1024-1024-10 MLP of fastdropout.torch.DropoutLinear layers:
    eager against torch.compile(model, fullgraph=True), batch 64 and 256.
 
-Timed in turn (A B A B ...), no sleeps; medians and ranges of N samples.
+Timed in turn (A B A B ...), no sleeps; medians and ranges of N samples, and the median (with
+the quartiles) of the per-round ratios: each round times every variant once, next to each
+other, so a ratio of one round is not moved by the host's drift between rounds.
 Usage: python bench/experiments/torch_op_overhead.py [N]
 """
 import statistics
@@ -37,13 +40,16 @@ def interleaved(fns, samples=N, inner=20):
             for _ in range(inner):
                 f()
             times[k].append((time.perf_counter() - t0) / inner)
-    return {k: (statistics.median(v), min(v), max(v)) for k, v in times.items()}
+    return {k: (statistics.median(v), min(v), max(v), v) for k, v in times.items()}
 
 
 def show(title, res, base):
     print(title)
-    for k, (med, lo, hi) in res.items():
-        print(f"  {k:42s} {med * 1e3:8.3f} ms  ({lo * 1e3:.3f}-{hi * 1e3:.3f})  {med / res[base][0]:.3f}x of {base}")
+    for k, (med, lo, hi, samples) in res.items():
+        ratios = [a / b for a, b in zip(samples, res[base][3])]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4)
+        print(f"  {k:42s} {med * 1e3:8.3f} ms  ({lo * 1e3:.3f}-{hi * 1e3:.3f})  {med / res[base][0]:.3f}x of {base};"
+              f" per round {q2:.3f}x ({q1:.3f}-{q3:.3f})")
 
 
 m, k, n = 64, 784, 512
@@ -59,6 +65,25 @@ txg, twg, tbg = (t.clone().requires_grad_() for t in (tx, tw, tb))
 def direct_fwd_bwd():
     fd.dropout_dense(x, w, b, 0.5, seed=3)
     fd.dropout_dense_backward(dy, x, w, 0.5, seed=3)
+
+
+class _KernelsInAutograd(torch.autograd.Function):
+    """The kernels called directly inside the least autograd.Function there is: what any
+    layer pays for torch's autograd engine (the graph, backward(), AccumulateGrad), so that
+    the op layer's own cost is its time beyond this."""
+
+    @staticmethod
+    def forward(ctx, xt, wt, bt):  # type: ignore[override]
+        return torch.from_numpy(fd.dropout_dense(x, w, b, 0.5, seed=3))
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        return tuple(torch.from_numpy(a) for a in fd.dropout_dense_backward(g.numpy(), x, w, 0.5, seed=3))
+
+
+def engine_fwd_bwd():
+    _KernelsInAutograd.apply(txg, twg, tbg).backward(tdy)
+    txg.grad = twg.grad = tbg.grad = None
 
 
 def op_fwd_bwd():
@@ -81,7 +106,8 @@ with torch.no_grad():
                        "registered op (torch.ops.fastdropout)": lambda: op(tx, tw, tb, 0.5, state, 0, True),
                        "module (DropoutLinear, seed drawn)": lambda: layer(tx)})
 show(f"forward {m}x{k}x{n}, p=0.5", res, "kernels (fd.dropout_dense)")
-res = interleaved({"kernels (forward + backward)": direct_fwd_bwd, "functional + autograd": op_fwd_bwd,
+res = interleaved({"kernels (forward + backward)": direct_fwd_bwd,
+                   "kernels in a bare autograd.Function": engine_fwd_bwd, "functional + autograd": op_fwd_bwd,
                    "module + autograd": module_fwd_bwd})
 show(f"forward+backward {m}x{k}x{n}, p=0.5", res, "kernels (forward + backward)")
 
