@@ -166,8 +166,10 @@ class _Op:
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor's data (no copy; strides are kept)."""
-    t = t.detach()
+    """A NumPy view of a CPU tensor's data (no copy; strides are kept).  (Detached only when
+    it requires grad: each step here is paid on every call of a layer.)"""
+    if t.requires_grad:
+        t = t.detach()
     return (t.resolve_neg() if t.is_neg() else t).numpy()
 
 
@@ -324,9 +326,11 @@ def _as_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 def _operand(t: torch.Tensor) -> np.ndarray:
     """A GEMM operand for the core: bfloat16 as its uint16 bits (widened while packed, no
     float32 copy), float32 as is, float16 converted to float32."""
+    if t.dtype is torch.float32:
+        return _numpy(t)
     if t.dtype == torch.bfloat16:
         return _numpy(t.contiguous().view(torch.int16)).view(np.uint16)
-    return _numpy(_as_f32(t))
+    return _numpy(t.float())
 
 
 def _linear_impl(
@@ -365,7 +369,7 @@ def _linear_tensors(
     activation: int, train: bool, on_weight: bool, keep_z: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(y, z) of _linear_impl under the stream (seed, offset); z None unless `keep_z`."""
-    w, b = _operand(weight), None if bias is None else _numpy(_as_f32(bias))
+    w, b = _operand(weight), None if bias is None else _numpy(bias if bias.dtype is torch.float32 else bias.float())
     y2, z2 = dense_forward_checked(_operand(x), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
                                    p, seed, offset, activation, train, keep_z, on_weight)
     out_shape = x.shape[:-1] + (weight.shape[0],)
@@ -533,9 +537,11 @@ def _route(*tensors) -> str:
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "func"
     if (torch.is_autocast_enabled("cpu") or torch._C._is_torch_function_mode_enabled()
-            or _get_current_dispatch_mode() is not None
-            or not all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)):
-        return "op"  # (meta tensors: the ops' fake kernels give the shapes)
+            or _get_current_dispatch_mode() is not None):
+        return "op"
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return "op"  # (meta tensors: the ops' fake kernels give the shapes)
     return "fast"
 
 

@@ -195,7 +195,8 @@ def dropout_linear(
     if seed is not None or offset != 0:
         offset = check_u64(offset, "offset")
         seed = None if seed is None else check_u64(seed, "seed")
-    check_flags(training=training)
+    if type(training) is not bool:
+        check_flags(training=training)
     masked = bool(training) and p > 0.0
     return _ops.dropout_linear(x, weight, bias, p, seed, offset, ACTIVATIONS[activation], masked)
 
