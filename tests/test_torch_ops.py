@@ -475,9 +475,11 @@ def test_p_assigned_later_is_checked_when_used():
     ({"dtype": torch.int32}, "supports dtype"),
     ({"device": "cuda"}, "CPU only"),
 ])
-def test_unsupported_factory_arguments_fail_at_construction(kwargs, match):
-    with pytest.raises(TypeError, match=match):
-        fdt.DropoutLinear(8, 3, **kwargs)
+@pytest.mark.parametrize("cls", [fdt.DropoutLinear, fdt.DropConnectLinear])
+def test_unsupported_factory_arguments_fail_at_construction(cls, kwargs, match):
+    with pytest.raises(TypeError, match=match) as info:
+        cls(8, 3, **kwargs)
+    assert str(info.value).startswith(cls.__name__ + " ")  # the class the user constructed
 
 
 # --------------------------------------------------------------------------- outputs are not views

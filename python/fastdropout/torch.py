@@ -329,7 +329,7 @@ class DropoutLinear(torch.nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        _check_factory(device, dtype, _LINEAR_DTYPES, "DropoutLinear")
+        _check_factory(device, dtype, _LINEAR_DTYPES, type(self).__name__)
         self.in_features = in_features
         self.out_features = out_features
         self.p = check_p(p)
