@@ -580,10 +580,21 @@ def test_jit_trace_records_the_ops(backend, name, grad_mode):
     shape = {"Dropout2d": (2, 4, 3, 3), "scaled_dot_product_attention": (1, 2, 3, 4)}.get(name, (2, 4))
     for train in (True, False):
         net = Net().train(train)
-        with torch.set_grad_enabled(grad_mode), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's own warnings
+        with torch.set_grad_enabled(grad_mode), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             traced = torch.jit.trace(net, (torch.randn(*shape),), check_trace=False)
+        # torch.jit.trace's deprecation notice is torch's; a TracerWarning would be ours (a Python
+        # bool taken of a traced value: torch.nn's modules raise none)
+        tracer = [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
+        assert not tracer, tracer
         x = torch.randn(*shape) + 2.0
+        if train and name in ("Dropout", "Dropout2d", "AlphaDropout"):
+            # a trace follows the input's shape (the channel mask's too): the eager masks, same seed
+            other = torch.randn(*(d + 1 for d in shape)) + 2.0
+            torch.manual_seed(2)
+            traced_other = traced(other)
+            torch.manual_seed(2)
+            assert torch.equal(traced_other, net(other))
         if train:
             torch.manual_seed(1)
             first = traced(x)

@@ -801,7 +801,10 @@ def _family_numpy(x: np.ndarray, p: float, kind: int, noise: Optional[Sequence[i
                   backward: bool, out: Optional[np.ndarray] = None) -> np.ndarray:
     from ._family import alpha_dropout, alpha_dropout_backward, gaussian_dropout, gaussian_dropout_backward
 
-    noise = None if noise is None or len(noise) == 0 else tuple(noise)
+    if noise is None or len(noise) == 0:
+        noise = None
+    else:  # -1: x's size along that dimension, read here, at each call (see _FamilyDropout.noise_shape)
+        noise = tuple(x.shape[i] if d == -1 and len(noise) == x.ndim else d for i, d in enumerate(noise))
     if kind == FAMILY_GAUSSIAN:
         if backward:
             return gaussian_dropout_backward(x, p, seed=seed, offset=offset, out=out)

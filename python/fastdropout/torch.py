@@ -33,7 +33,9 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 try:
@@ -201,8 +203,26 @@ def dropout_linear(
     return _ops.dropout_linear(x, weight, bias, p, seed, offset, ACTIVATIONS[activation], masked)
 
 
+@contextlib.contextmanager
+def _quiet_tracer():
+    """Around an argument check that compares shapes while torch.jit.trace records: those are
+    the example input's, and the tracer warns that a Python bool of them will not follow other
+    inputs.  The check guards this call only, and the traced graph calls the op, whose kernel
+    checks the shapes of each call again, so the warnings are dropped."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
 def _check_linear(x, weight, bias, p, activation) -> float:
     """The arguments of a fused linear layer, checked (the common case in one go); returns p."""
+    if torch.jit.is_tracing():
+        with _quiet_tracer():
+            return _check_linear_args(x, weight, bias, p, activation)
+    return _check_linear_args(x, weight, bias, p, activation)
+
+
+def _check_linear_args(x, weight, bias, p, activation) -> float:
     if _usual_linear_call(x, weight, bias, p, activation):
         return p
     _check_tensor(x, "x", _LINEAR_DTYPES)
@@ -617,6 +637,9 @@ class _FamilyDropout(torch.nn.Module):
         self.inplace = bool(inplace)
 
     def noise_shape(self, x: torch.Tensor) -> Optional[List[int]]:
+        """The mask's shape for x (None: x's own): 1 where one mask value is shared along a
+        dimension, -1 where the mask follows x's size there.  The op reads x's sizes when it
+        runs, so a torch.jit.trace of the module follows the shape of each input."""
         return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -642,17 +665,11 @@ def _family(x: torch.Tensor, p: float, training: bool, inplace: bool, kind: int,
     return x.copy_(y) if inplace else y
 
 
-def _dims(shape) -> List[int]:
-    """Sizes as Python ints (torch.jit.trace hands them out as tensors: the trace then keeps
-    this shape, and a call of another shape raises ValueError)."""
-    return [int(d) for d in shape]
-
-
 def _channel_noise(x: torch.Tensor, spatial: int, name: str) -> List[int]:
     ranks = (spatial + 1, spatial + 2)
     if x.dim() not in ranks:
         raise ValueError(f"{name}: expected a {ranks[0]}-D (unbatched) or {ranks[1]}-D input, got shape {tuple(x.shape)}")
-    return _dims(x.shape[:x.dim() - spatial]) + [1] * spatial
+    return [-1] * (x.dim() - spatial) + [1] * spatial
 
 
 def _noise_2d(x: torch.Tensor, name: str) -> List[int]:
@@ -661,14 +678,14 @@ def _noise_2d(x: torch.Tensor, name: str) -> List[int]:
 
         warnings.warn(f"{name}: a 3-D input is taken as (N, C, L) (channel-wise 1-D dropout), as torch's "
                       f"{name} does; use {name.replace('2', '1')} for that", UserWarning, stacklevel=5)
-        return _dims(x.shape[:2]) + [1]
+        return [-1, -1, 1]
     return _channel_noise(x, 2, name)
 
 
 def _feature_noise(x: torch.Tensor, name: str) -> List[int]:
     if x.dim() < 2:
         raise ValueError(f"{name}: expected at least 2 dimensions, got shape {tuple(x.shape)}")
-    return _dims(x.shape[:2]) + [1] * (x.dim() - 2)
+    return [-1, -1] + [1] * (x.dim() - 2)
 
 
 class Dropout1d(_FamilyDropout):
@@ -715,7 +732,7 @@ class LockedDropout(_FamilyDropout):
     def noise_shape(self, x):
         if not -x.dim() <= self.dim < x.dim():
             raise ValueError(f"LockedDropout: dim {self.dim} out of range for shape {tuple(x.shape)}")
-        shape = _dims(x.shape)
+        shape = [-1] * x.dim()
         shape[self.dim % x.dim()] = 1
         return shape
 
@@ -818,11 +835,11 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         _check_tensor(x, "x", _FAMILY_DTYPES)
         _check_tensor(residual, "residual", _FAMILY_DTYPES)
-        if x.shape[-1:] != self.normalized_shape or not _broadcasts_to(residual, x):
-            raise ValueError(f"x must have shape (..., {self.normalized_shape[0]}) and residual x's shape or one "
-                             f"that broadcasts to it, got {tuple(x.shape)} and {tuple(residual.shape)}")
-        if residual.shape != x.shape:  # residual + dropout(x) broadcasts the residual, as torch's add
-            residual = residual.expand(x.shape)
+        with _quiet_tracer() if torch.jit.is_tracing() else contextlib.nullcontext():
+            if x.shape[-1:] != self.normalized_shape or not _broadcasts_to(residual, x):
+                raise ValueError(f"x must have shape (..., {self.normalized_shape[0]}) and residual x's shape or "
+                                 f"one that broadcasts to it, got {tuple(x.shape)} and {tuple(residual.shape)}")
+        residual = residual.expand(x.shape)  # residual + dropout(x) broadcasts it, as torch's add (x's shape: itself)
         p = check_p(self.p)
         out = torch.promote_types(x.dtype, residual.dtype)
         work = torch.float64 if out == torch.float64 else torch.float32  # (.to is a no-op where it matches)
