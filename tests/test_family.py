@@ -152,6 +152,36 @@ def test_dropout_add_layer_norm_matches_reference(backend, threads, dtype, norm,
         norm_close(g, e)
 
 
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("r_shape", [(16,), (1, 16), (5, 1, 16), (1, 3, 1)], ids=lambda s: "x".join(map(str, s)))
+def test_dropout_add_layer_norm_broadcasts_the_residual(backend, threads, norm, r_shape):
+    """residual + dropout(x) broadcasts the residual as NumPy's + does: the output is the one of
+    the residual broadcast by hand (bit for bit), grad_residual is dL/ds summed over the
+    broadcast dimensions into the residual's shape (as autograd), the reference agrees."""
+    shape = (5, 3, 16)
+    x, r = values(shape), values(r_shape, seed=1)
+    w, b = values(16, seed=2), (values(16, seed=3) if norm == "layer" else None)
+    full = np.ascontiguousarray(np.broadcast_to(r, shape))
+    y = fd.dropout_add_layer_norm(x, r, w, b, 0.3, seed=7, norm=norm)
+    bits_equal(y, fd.dropout_add_layer_norm(x, full, w, b, 0.3, seed=7, norm=norm))
+    norm_close(y, ref.dropout_add_layer_norm(x, r, w, b, 0.3, seed=7, norm=norm))
+    dy = values(shape, seed=4)
+    got = fd.dropout_add_layer_norm_backward(dy, x, r, w, b, 0.3, seed=7, norm=norm)
+    by_hand = fd.dropout_add_layer_norm_backward(dy, x, full, w, b, 0.3, seed=7, norm=norm)
+    want = ref.dropout_add_layer_norm_backward(dy, x, r, w, b, 0.3, seed=7, norm=norm)
+    assert got[1].shape == r_shape and got[1].dtype == np.float32 and want[1].shape == r_shape
+    bits_equal(got[0], by_hand[0])
+    lead = len(shape) - len(r_shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(r_shape) if n == 1)
+    bits_equal(got[1], by_hand[1].sum(axis=axes, dtype=np.float64).reshape(r_shape).astype(np.float32))
+    for g, e in zip(got, want):
+        norm_close(g, e)
+    with pytest.raises(ValueError, match="broadcasts"):
+        fd.dropout_add_layer_norm(x, values((2, 16), seed=1), w, b, 0.3, seed=7, norm=norm)
+    with pytest.raises(ValueError, match="broadcasts"):
+        fd.dropout_add_layer_norm(x, values((1, 5, 3, 16), seed=1), w, b, 0.3, seed=7, norm=norm)
+
+
 def test_dropout_add_layer_norm_without_affine_and_eval(backend):
     x, r = values((4, 9)), values((4, 9), seed=1)
     y = fd.dropout_add_layer_norm(x, r, None, None, 0.3, seed=2, training=False)

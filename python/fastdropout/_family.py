@@ -334,13 +334,13 @@ def _check_eps(eps: Any) -> float:
 
 def _add_norm_inputs(x, residual, weight, bias, p, norm, eps, seed, offset):
     """The checked arguments of the add + norm functions: ``(x, x2, r2, weight, bias, p, eps,
-    seed, offset)`` with x and the residual as C-contiguous (rows, D) arrays."""
+    seed, offset)`` with x and the residual as C-contiguous (rows, D) arrays (a residual that
+    broadcasts to x's shape, broadcast)."""
     x = check_float_array(x, "x")
     residual = check_float_array(residual, "residual")
     if residual.dtype != x.dtype:
         raise TypeError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
-    if residual.shape != x.shape:
-        raise ValueError(f"residual must have x's shape {x.shape}, got {residual.shape}")
+    residual = _broadcast_residual(residual, x.shape)
     if x.ndim < 1:
         raise ValueError("x must have at least one dimension (the normalized one)")
     if norm not in ("layer", "rms"):
@@ -366,6 +366,25 @@ def _add_norm_inputs(x, residual, weight, bias, p, norm, eps, seed, offset):
     return x, x2, r2, params[0], params[1], p, eps, seed, offset
 
 
+def _broadcast_residual(residual: np.ndarray, shape) -> np.ndarray:
+    """``residual`` as an array of ``shape`` (a view), as ``residual + dropout(x)`` broadcasts it."""
+    if residual.shape == shape:
+        return residual
+    if residual.ndim <= len(shape) and all(r in (1, n) for r, n in zip(residual.shape[::-1], shape[::-1])):
+        return np.broadcast_to(residual, shape)
+    raise ValueError(f"residual must have x's shape {shape} or one that broadcasts to it, got {residual.shape}")
+
+
+def _reduce_to(grad: np.ndarray, shape) -> np.ndarray:
+    """dL/ds of x's shape summed over the dimensions a residual of `shape` was broadcast along
+    (in float64, then the dtype), as autograd returns a broadcast operand's gradient."""
+    if grad.shape == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1)
+    return grad.sum(axis=axes, dtype=np.float64).reshape(shape).astype(grad.dtype)
+
+
 def dropout_add_layer_norm(
     x: np.ndarray,
     residual: np.ndarray,
@@ -389,7 +408,8 @@ def dropout_add_layer_norm(
 
     Parameters
     ----------
-    x, residual : float32 or float64 arrays of one shape ``(..., D)`` and dtype.
+    x, residual : float32 or float64 arrays of one dtype; x of shape ``(..., D)``, residual of x's
+        shape or one that broadcasts to it (``residual + dropout(x)`` broadcasts as NumPy's ``+``).
     weight, bias : ``(D,)`` arrays of that dtype, or None (no scale, no shift); RMS takes no bias.
     p, seed, offset, training : the dropout of ``x``.
     eps : added to the variance (mean square for RMS).
@@ -441,9 +461,11 @@ def dropout_add_layer_norm_backward(
 
     Returns ``(grad_x, grad_residual, grad_weight, grad_bias)`` for ``norm="layer"`` and
     ``(grad_x, grad_residual, grad_weight)`` for ``norm="rms"``; ``grad_weight`` (``grad_bias``)
-    is None without a weight (bias).  ``grad_residual`` is dL/ds, ``grad_x`` its dropout
-    backward; ``grad_weight`` and ``grad_bias`` are summed over the rows in float64 in a fixed
-    order (bit-identical for any thread count) and returned in the dtype.
+    is None without a weight (bias).  ``grad_residual`` is dL/ds (for a residual that was
+    broadcast, summed over the broadcast dimensions in float64 into the residual's shape, as
+    autograd does), ``grad_x`` its dropout backward; ``grad_weight`` and ``grad_bias`` are
+    summed over the rows in float64 in a fixed order (bit-identical for any thread count) and
+    returned in the dtype.
 
     Raises
     ------
@@ -465,5 +487,6 @@ def dropout_add_layer_norm_backward(
     masked = p > 0.0
     _core.add_norm_backward(dy, x2, r2, weight, gx, gr, gw, gb, masked, seed, offset, threshold(p),
                             scale(p, x.dtype) if masked else 1.0, norm == "rms", eps)
-    out = (gx.reshape(x.shape), gr.reshape(x.shape), None if gw is None else gw.astype(x.dtype))
+    out = (gx.reshape(x.shape), _reduce_to(gr.reshape(x.shape), np.shape(residual)),
+           None if gw is None else gw.astype(x.dtype))
     return out if norm == "rms" else out + (None if gb is None else gb.astype(x.dtype),)

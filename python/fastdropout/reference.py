@@ -729,8 +729,8 @@ def _add_norm_parts(x, residual, p, seed, offset, training, norm, eps):
     residual = _check_float_array(residual, "residual")
     if norm not in ("layer", "rms"):
         raise ValueError(f"norm must be 'layer' or 'rms', got {norm!r}")
-    if residual.shape != x.shape or residual.dtype != x.dtype:
-        raise ValueError("residual must have x's shape and dtype")
+    if residual.dtype != x.dtype or np.broadcast_shapes(residual.shape, x.shape) != x.shape:
+        raise ValueError("residual must have x's dtype, and x's shape or one that broadcasts to it")
     s = (residual + dropout(x, p, seed=seed, offset=offset, training=training)).astype(np.float64)  # in the dtype
     mean = np.zeros(s.shape[:-1] + (1,)) if norm == "rms" else s.mean(axis=-1, keepdims=True)
     rstd = 1.0 / np.sqrt(((s - mean) ** 2).mean(axis=-1, keepdims=True) + eps)
@@ -766,4 +766,7 @@ def dropout_add_layer_norm_backward(grad_out, x, residual, weight, bias, p, *, e
     lead = tuple(range(dy.ndim - 1))
     grad_weight = (dy * xhat).sum(axis=lead) if weight is not None else None
     grad_bias = dy.sum(axis=lead) if bias is not None else None
-    return grad_x, ds, grad_weight, grad_bias
+    r = np.shape(residual)  # a broadcast residual's gradient: ds summed over the broadcast dimensions
+    grad_residual = ds.sum(axis=tuple(range(ds.ndim - len(r))) + tuple(
+        ds.ndim - len(r) + i for i, n in enumerate(r) if n == 1 and ds.shape[ds.ndim - len(r) + i] != 1))
+    return grad_x, ds if r == ds.shape else grad_residual.reshape(r), grad_weight, grad_bias
