@@ -33,7 +33,7 @@ namespace {
 
 struct Options {
   bool quick = false;
-  int repeats = 7;
+  int repeats = 0;  // 0: the default (7, or 3 with --quick)
   int max_threads = 0;  // 0: all
   std::string backend;  // empty: every available one
   std::string json;
@@ -80,6 +80,28 @@ std::vector<float> random_floats(size_t n, unsigned seed) {
   return v;
 }
 
+/// A whole number >= 1 from an option's value; std::invalid_argument otherwise.
+int positive(const std::string& name, const std::string& v) {
+  size_t used = 0;
+  long n = 0;
+  try {
+    n = std::stol(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != v.size() || n < 1 || n > 1000000)
+    throw std::invalid_argument(name + " needs a whole number >= 1, got '" + v + "'");
+  return static_cast<int>(n);
+}
+
+const char* kUsage =
+    "usage: fastdropout_bench [--quick] [--json PATH] [--repeats R] [--threads N] [--backend NAME]\n"
+    "  --quick       2**22 elements instead of 2**24, no 1024x4096x4096 shape, 3 repeats by default\n"
+    "  --json PATH   also write the rows to PATH (checked before the run)\n"
+    "  --repeats R   timed repeats per row (default 7; 3 with --quick); median, min and max\n"
+    "  --threads N   run each kernel on 1, 2, ..., N threads (default: all the runtime's)\n"
+    "  --backend B   one backend (scalar, avx2, avx512 or neon, where the CPU runs it); default: each\n";
+
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -93,21 +115,19 @@ Options parse(int argc, char** argv) {
     else if (a == "--json")
       o.json = value("--json");
     else if (a == "--repeats")
-      o.repeats = std::max(1, std::atoi(value("--repeats").c_str()));
+      o.repeats = positive("--repeats", value("--repeats"));
     else if (a == "--threads")
-      o.max_threads = std::max(1, std::atoi(value("--threads").c_str()));
+      o.max_threads = positive("--threads", value("--threads"));
     else if (a == "--backend")
       o.backend = value("--backend");
     else if (a == "-h" || a == "--help") {
-      std::puts(
-          "usage: fastdropout_bench [--quick] [--json PATH] [--repeats R] [--threads N] "
-          "[--backend scalar|avx2|avx512]");
+      std::fputs(kUsage, stdout);
       std::exit(0);
     } else {
       throw std::invalid_argument("unknown option " + a);
     }
   }
-  if (o.quick) o.repeats = std::min(o.repeats, 3);
+  if (o.repeats == 0) o.repeats = o.quick ? 3 : 7;
   return o;
 }
 
@@ -132,8 +152,24 @@ int main(int argc, char** argv) {
   }
   const std::vector<std::string> backends =
       opt.backend.empty() ? fd::available_backends() : std::vector<std::string>{opt.backend};
+  for (const auto& b : backends) {  // a backend this CPU cannot run: refused before any output
+    try {
+      fd::set_backend(b);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "fastdropout_bench: %s\n", e.what());
+      return 2;
+    }
+  }
+  FILE* json_file = nullptr;  // opened now: a path that cannot be written fails before the run
+  if (!opt.json.empty() && !(json_file = std::fopen(opt.json.c_str(), "w"))) {
+    std::fprintf(stderr, "fastdropout_bench: cannot write %s\n", opt.json.c_str());
+    return 1;
+  }
   const int all_threads = fd::get_num_threads();
   const int max_threads = opt.max_threads ? opt.max_threads : all_threads;
+  if (max_threads > all_threads)
+    std::fprintf(stderr, "fastdropout_bench: --threads %d is more than the %d threads the runtime offers here; "
+                 "rows past %d share cores\n", max_threads, all_threads, all_threads);
 
   const int64_t n = opt.quick ? (int64_t{1} << 22) : (int64_t{1} << 24);
   struct Shape {
@@ -153,7 +189,9 @@ int main(int argc, char** argv) {
               fd::cpu_description(fd::cpu_id()).c_str(), fd::cpu_features().c_str(),
               fd::has_openmp() ? "yes" : "no", opt.repeats);
   std::printf("p = 0.5, float32; times per call; rate: elements or FLOPs per second; GB/s: the bytes the call\n"
-              "reads and writes per second (elementwise kernels; '-' for the GEMMs, which are compute-bound)\n");
+              "reads and writes per second (elementwise kernels; '-' for the GEMMs, which are compute-bound);\n"
+              "dropout_dense's FLOPs are the dense product's (2*M*K*N) also where the sparse path skips\n"
+              "dropped inputs (each backend's '#' line says which path its masks take)\n");
   std::printf("%-8s %-24s %-16s %7s %12s %12s %12s %10s %9s\n", "backend", "kernel", "size",
               "threads", "median", "min", "max", "rate", "GB/s");
   std::vector<Row> rows;
@@ -171,12 +209,8 @@ int main(int argc, char** argv) {
   };
 
   for (const auto& b : backends) {
-    try {
-      fd::set_backend(b);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "fastdropout_bench: %s\n", e.what());
-      return 2;
-    }
+    fd::set_backend(b);  // (each was tried before the header)
+    std::printf("# %s: GEMM path %s\n", b.c_str(), fd::gemm_path().why.c_str());
     for (int t = 1; t <= max_threads; ++t) {
       fd::set_num_threads(t);
       const std::string sz = std::to_string(n);
@@ -222,12 +256,8 @@ int main(int argc, char** argv) {
   }
   fd::set_num_threads(all_threads);
 
-  if (!opt.json.empty()) {
-    FILE* fh = std::fopen(opt.json.c_str(), "w");
-    if (!fh) {
-      std::fprintf(stderr, "fastdropout_bench: cannot write %s\n", opt.json.c_str());
-      return 1;
-    }
+  if (json_file) {
+    FILE* fh = json_file;
     std::fprintf(fh, "{\"schema\": 1, \"cpu\": \"%s\", \"cpu_features\": \"%s\", \"repeats\": %d, \"results\": [\n",
                  json_escape(fd::cpu_description(fd::cpu_id())).c_str(), json_escape(fd::cpu_features()).c_str(),
                  opt.repeats);
