@@ -256,8 +256,7 @@ int main(int argc, char** argv) {
   }
   fd::set_num_threads(all_threads);
 
-  if (json_file) {
-    FILE* fh = json_file;
+  if (FILE* fh = json_file) {
     std::fprintf(fh, "{\"schema\": 1, \"cpu\": \"%s\", \"cpu_features\": \"%s\", \"repeats\": %d, \"results\": [\n",
                  json_escape(fd::cpu_description(fd::cpu_id())).c_str(), json_escape(fd::cpu_features()).c_str(),
                  opt.repeats);

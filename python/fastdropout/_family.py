@@ -368,11 +368,11 @@ def _add_norm_inputs(x, residual, weight, bias, p, norm, eps, seed, offset):
 
 def _broadcast_residual(residual: np.ndarray, shape) -> np.ndarray:
     """``residual`` as an array of ``shape`` (a view), as ``residual + dropout(x)`` broadcasts it."""
-    if residual.shape == shape:
-        return residual
-    if residual.ndim <= len(shape) and all(r in (1, n) for r, n in zip(residual.shape[::-1], shape[::-1])):
+    try:
         return np.broadcast_to(residual, shape)
-    raise ValueError(f"residual must have x's shape {shape} or one that broadcasts to it, got {residual.shape}")
+    except ValueError:
+        raise ValueError(f"residual must have x's shape {shape} or one that broadcasts to it, "
+                         f"got {residual.shape}") from None
 
 
 def _reduce_to(grad: np.ndarray, shape) -> np.ndarray:
@@ -381,7 +381,7 @@ def _reduce_to(grad: np.ndarray, shape) -> np.ndarray:
     if grad.shape == shape:
         return grad
     lead = grad.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and grad.shape[lead + i] != 1)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1)
     return grad.sum(axis=axes, dtype=np.float64).reshape(shape).astype(grad.dtype)
 
 

@@ -320,17 +320,15 @@ def dropout(x: torch.Tensor, p: float, seed: Optional[int], offset: int) -> torc
 
 
 def _as_f32(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return None if t is None else (t if t.dtype == torch.float32 else t.float())
+    return None if t is None else (t if t.dtype is torch.float32 else t.float())
 
 
 def _operand(t: torch.Tensor) -> np.ndarray:
     """A GEMM operand for the core: bfloat16 as its uint16 bits (widened while packed, no
     float32 copy), float32 as is, float16 converted to float32."""
-    if t.dtype is torch.float32:
-        return _numpy(t)
     if t.dtype == torch.bfloat16:
         return _numpy(t.contiguous().view(torch.int16)).view(np.uint16)
-    return _numpy(t.float())
+    return _numpy(_as_f32(t))
 
 
 def _linear_impl(
@@ -369,7 +367,7 @@ def _linear_tensors(
     activation: int, train: bool, on_weight: bool, keep_z: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(y, z) of _linear_impl under the stream (seed, offset); z None unless `keep_z`."""
-    w, b = _operand(weight), None if bias is None else _numpy(bias if bias.dtype is torch.float32 else bias.float())
+    w, b = _operand(weight), None if bias is None else _numpy(_as_f32(bias))
     y2, z2 = dense_forward_checked(_operand(x), np.ascontiguousarray(w), None if b is None else np.ascontiguousarray(b),
                                    p, seed, offset, activation, train, keep_z, on_weight)
     out_shape = x.shape[:-1] + (weight.shape[0],)

@@ -767,6 +767,6 @@ def dropout_add_layer_norm_backward(grad_out, x, residual, weight, bias, p, *, e
     grad_weight = (dy * xhat).sum(axis=lead) if weight is not None else None
     grad_bias = dy.sum(axis=lead) if bias is not None else None
     r = np.shape(residual)  # a broadcast residual's gradient: ds summed over the broadcast dimensions
-    grad_residual = ds.sum(axis=tuple(range(ds.ndim - len(r))) + tuple(
-        ds.ndim - len(r) + i for i, n in enumerate(r) if n == 1 and ds.shape[ds.ndim - len(r) + i] != 1))
-    return grad_x, ds if r == ds.shape else grad_residual.reshape(r), grad_weight, grad_bias
+    grad_residual = ds.sum(axis=tuple(range(ds.ndim - len(r))))
+    grad_residual = grad_residual.sum(axis=tuple(i for i, n in enumerate(r) if n == 1), keepdims=True)
+    return grad_x, grad_residual, grad_weight, grad_bias

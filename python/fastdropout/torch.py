@@ -203,26 +203,34 @@ def dropout_linear(
     return _ops.dropout_linear(x, weight, bias, p, seed, offset, ACTIVATIONS[activation], masked)
 
 
-@contextlib.contextmanager
-def _quiet_tracer():
-    """Around an argument check that compares shapes while torch.jit.trace records: those are
-    the example input's, and the tracer warns that a Python bool of them will not follow other
-    inputs.  The check guards this call only, and the traced graph calls the op, whose kernel
-    checks the shapes of each call again, so the warnings are dropped."""
-    with warnings.catch_warnings():
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _shape_checks():
+    """The context of an argument check that compares shapes: nothing, except while
+    torch.jit.trace records, where those are the example input's and the tracer warns that a
+    Python bool of them will not follow other inputs.  The check guards this call only and the
+    traced graph calls the op, whose kernel checks the shapes of each call again, so there the
+    tracer's warnings are dropped."""
+    return _QuietTracer() if torch.jit.is_tracing() else _NO_CONTEXT
+
+
+class _QuietTracer(warnings.catch_warnings):
+    """warnings.catch_warnings that also ignores torch.jit.TracerWarning inside it."""
+
+    def __enter__(self):
+        out = super().__enter__()
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        yield
+        return out
 
 
 def _check_linear(x, weight, bias, p, activation) -> float:
     """The arguments of a fused linear layer, checked (the common case in one go); returns p."""
-    if torch.jit.is_tracing():
-        with _quiet_tracer():
-            return _check_linear_args(x, weight, bias, p, activation)
-    return _check_linear_args(x, weight, bias, p, activation)
+    with _shape_checks():
+        return _linear_args(x, weight, bias, p, activation)
 
 
-def _check_linear_args(x, weight, bias, p, activation) -> float:
+def _linear_args(x, weight, bias, p, activation) -> float:
     if _usual_linear_call(x, weight, bias, p, activation):
         return p
     _check_tensor(x, "x", _LINEAR_DTYPES)
@@ -835,7 +843,7 @@ class DropoutAddLayerNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         _check_tensor(x, "x", _FAMILY_DTYPES)
         _check_tensor(residual, "residual", _FAMILY_DTYPES)
-        with _quiet_tracer() if torch.jit.is_tracing() else contextlib.nullcontext():
+        with _shape_checks():
             if x.shape[-1:] != self.normalized_shape or not _broadcasts_to(residual, x):
                 raise ValueError(f"x must have shape (..., {self.normalized_shape[0]}) and residual x's shape or "
                                  f"one that broadcasts to it, got {tuple(x.shape)} and {tuple(residual.shape)}")
