@@ -1001,7 +1001,8 @@ def test_both_gemm_paths_give_the_same_bits(backend, threads, m, k, n):
     (("AuthenticAMD", 0x19, 0x11), True),   # Zen 4: measured faster
     (("AuthenticAMD", 0x1A, 0x02), True),   # later AMD families
     (("AuthenticAMD", 0x17, 0x31), False),  # Zen 2 has no AVX-512, but the rule does not assume it
-    (("GenuineIntel", 6, 207), False),      # Xeon: measured 1.1-1.6x slower
+    (("GenuineIntel", 6, 207), False),      # Xeons: measured 1.05-1.6x slower
+    (("GenuineIntel", 6, 167), False),
     (("GenuineIntel", 6, 143), False),
     (("HygonGenuine", 0x18, 0), False),     # not measured: the dense path
 ])
