@@ -235,11 +235,11 @@ GemmPathChoice decide_gemm_path(const CpuId& cpu, bool backend_has_sparse, const
   if (setting == "dense") return {false, "dense: forced (FASTDROPOUT_GEMM_PATH)"};
   if (setting == "sparse") return {true, "sparse: forced (FASTDROPOUT_GEMM_PATH)"};
   // Measured, interleaved against the dense kernel: avx512 at p = 0.3-0.5 6-23% faster on
-  // AMD Zen 4 (family 19h model 11h), 1.1-1.6x slower on Intel Xeons (family 6, models 207
+  // AMD Zen 4 (family 19h model 11h), 1.05-1.6x slower on Intel Xeons (family 6, models 207
   // and 167: 0.83-0.95x the dense path's speed at p = 0.5 on the latter); avx2 at p =
-  // 0.35-0.6 6-53% faster on Zen 3 (family 19h model 1).  On those Xeons a step in which
+  // 0.35-0.6 6-53% faster on Zen 3 (family 19h model 1).  On model 167 a step in which
   // every FMA loads its own B vector runs at 0.68-0.81x the dense micro-kernel's FMA rate
-  // even from L1 (bench/experiments/sparse_fma_rate.cpp), so skipping half the FMAs cannot
+  // even from L1 (bench/experiments/core_rates.cpp, part 1), so skipping half the FMAs cannot
   // pay for the mask's bookkeeping.  A CPU not measured gets the dense path, which is
   // never the slower one.
   if (cpu.vendor == "AuthenticAMD" && cpu.family >= 0x19)
