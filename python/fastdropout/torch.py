@@ -203,25 +203,20 @@ def dropout_linear(
     return _ops.dropout_linear(x, weight, bias, p, seed, offset, ACTIVATIONS[activation], masked)
 
 
-_NO_CONTEXT = contextlib.nullcontext()
-
-
 def _shape_checks():
     """The context of an argument check that compares shapes: nothing, except while
     torch.jit.trace records, where those are the example input's and the tracer warns that a
     Python bool of them will not follow other inputs.  The check guards this call only and the
     traced graph calls the op, whose kernel checks the shapes of each call again, so there the
     tracer's warnings are dropped."""
-    return _QuietTracer() if torch.jit.is_tracing() else _NO_CONTEXT
+    return _quiet_tracer() if torch.jit.is_tracing() else contextlib.nullcontext()
 
 
-class _QuietTracer(warnings.catch_warnings):
-    """warnings.catch_warnings that also ignores torch.jit.TracerWarning inside it."""
-
-    def __enter__(self):
-        out = super().__enter__()
+@contextlib.contextmanager
+def _quiet_tracer():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        return out
+        yield
 
 
 def _check_linear(x, weight, bias, p, activation) -> float:
