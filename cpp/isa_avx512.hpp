@@ -36,11 +36,14 @@ constexpr uint64_t kSparseGradMin = uint64_t{3} << 29;  // 0.375 * 2**32
 // through part at the panel's full width).
 constexpr int64_t kSparseMinN = 0, kSparseSplit = kSNR;
 
-/// Philox rounds on two independent sets of 8 blocks held in 64-bit lanes
+/// Philox rounds on S independent sets of 8 blocks, each held in 64-bit lanes
 /// (value in the low half).  vpmuludq reads only the low halves, so the high
-/// halves may carry garbage: it never reaches a low half.  Two sets give the
-/// out-of-order core two independent dependency chains.
-inline void philox_pairs(__m512i a[4], __m512i b[4], PhiloxKey key, int rounds) {
+/// halves may carry garbage: it never reaches a low half.  A round is a chain of
+/// multiply (5 cycles), shift and xor, so one set alone leaves the core idle:
+/// with two sets Philox gave 0.70 ns a word on one core of a Xeon (family 6 model
+/// 167), with four 0.56 (bench/experiments/core_rates.cpp, part 4).
+template <int S>
+inline void philox_sets(__m512i (&s)[S][4], PhiloxKey key, int rounds) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);
   const __m512i m1 = _mm512_set1_epi64(kPhiloxM1);
   uint32_t k0 = key.k0, k1 = key.k1;
@@ -50,66 +53,100 @@ inline void philox_pairs(__m512i a[4], __m512i b[4], PhiloxKey key, int rounds) 
       k1 += kPhiloxW1;
     }
     const __m512i kv0 = _mm512_set1_epi64(k0), kv1 = _mm512_set1_epi64(k1);
-    const __m512i pa0 = _mm512_mul_epu32(a[0], m0), pa1 = _mm512_mul_epu32(a[2], m1);
-    const __m512i pb0 = _mm512_mul_epu32(b[0], m0), pb1 = _mm512_mul_epu32(b[2], m1);
-    // 0x96: three-way xor
-    a[0] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa1, 32), a[1], kv0, 0x96);
-    a[2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa0, 32), a[3], kv1, 0x96);
-    a[1] = pa1;
-    a[3] = pa0;
-    b[0] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb1, 32), b[1], kv0, 0x96);
-    b[2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb0, 32), b[3], kv1, 0x96);
-    b[1] = pb1;
-    b[3] = pb0;
+    for (int q = 0; q < S; ++q) {
+      const __m512i p0 = _mm512_mul_epu32(s[q][0], m0), p1 = _mm512_mul_epu32(s[q][2], m1);
+      // 0x96: three-way xor
+      s[q][0] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), s[q][1], kv0, 0x96);
+      s[q][2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), s[q][3], kv1, 0x96);
+      s[q][1] = p1;
+      s[q][3] = p0;
+    }
   }
 }
 
-/// The four output words of blocks block .. block + 15 (mod 2**62): lane l of
-/// w[k] is word k of block block + l.
-inline void philox16(uint64_t block, PhiloxKey key, __m512i w[4]) {
+/// Sets 2h and 2h + 1 of philox_sets' state for blocks block .. block + 15 (mod 2**62):
+/// the even blocks in set 2h, the odd ones in set 2h + 1.
+template <int S>
+inline void philox_start(__m512i (&s)[S][4], int h, uint64_t block) {
   const __m512i mask = _mm512_set1_epi64(static_cast<long long>(kBlockMask));
   const __m512i even = _mm512_and_si512(
       _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(block)),
                        _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14)),
       mask);
   const __m512i odd = _mm512_and_si512(_mm512_add_epi64(even, _mm512_set1_epi64(1)), mask);
-  __m512i a[4] = {even, _mm512_srli_epi64(even, 32), _mm512_setzero_si512(), _mm512_setzero_si512()};
-  __m512i b[4] = {odd, _mm512_srli_epi64(odd, 32), _mm512_setzero_si512(), _mm512_setzero_si512()};
-  philox_pairs(a, b, key, 10);
-  for (int k = 0; k < 4; ++k) w[k] = _mm512_mask_blend_epi32(0xAAAA, a[k], _mm512_slli_epi64(b[k], 32));
+  s[2 * h][0] = even;
+  s[2 * h][1] = _mm512_srli_epi64(even, 32);
+  s[2 * h + 1][0] = odd;
+  s[2 * h + 1][1] = _mm512_srli_epi64(odd, 32);
+  for (int q = 2 * h; q < 2 * h + 2; ++q) s[q][2] = s[q][3] = _mm512_setzero_si512();
+}
+
+/// The four output words of the 16 blocks in sets 2h and 2h + 1: lane l of w[k] is
+/// word k of the h-th first block + l.
+template <int S>
+inline void philox_words(const __m512i (&s)[S][4], int h, __m512i w[4]) {
+  for (int k = 0; k < 4; ++k) w[k] = _mm512_mask_blend_epi32(0xAAAA, s[2 * h][k], _mm512_slli_epi64(s[2 * h + 1][k], 32));
+}
+
+/// The four output words of blocks block .. block + 15 (mod 2**62): lane l of
+/// w[k] is word k of block block + l.
+inline void philox16(uint64_t block, PhiloxKey key, __m512i w[4]) {
+  __m512i s[2][4];
+  philox_start(s, 0, block);
+  philox_sets(s, key, 10);
+  philox_words(s, 0, w);
 }
 
 inline void philox_soa(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, PhiloxKey key,
                        int rounds) {
   uint32_t* rows[4] = {c0, c1, c2, c3};
-  __m512i a[4], b[4];
+  __m512i s[2][4];
   for (int k = 0; k < 4; ++k) {
-    a[k] = _mm512_loadu_si512(rows[k]);  // even lanes sit in the low halves already
-    b[k] = _mm512_srli_epi64(a[k], 32);
+    s[0][k] = _mm512_loadu_si512(rows[k]);  // even lanes sit in the low halves already
+    s[1][k] = _mm512_srli_epi64(s[0][k], 32);
   }
-  philox_pairs(a, b, key, rounds);
-  for (int k = 0; k < 4; ++k)
-    _mm512_storeu_si512(rows[k], _mm512_mask_blend_epi32(0xAAAA, a[k], _mm512_slli_epi64(b[k], 32)));
+  philox_sets(s, key, rounds);
+  __m512i w[4];
+  philox_words(s, 0, w);
+  for (int k = 0; k < 4; ++k) _mm512_storeu_si512(rows[k], w[k]);
+}
+
+/// Keep bits of the 64 elements whose words are w (philox16's layout); t < 2**32.
+inline uint64_t keep_bits_of(const __m512i w[4], uint32_t t) {
+  const __m512i tv = _mm512_set1_epi32(static_cast<int>(t));
+  // Word w of block b is element 4b + w: interleave the four 16-bit lane masks.
+  const uint64_t k0 = _mm512_cmpge_epu32_mask(w[0], tv);
+  const uint64_t k1 = _mm512_cmpge_epu32_mask(w[1], tv);
+  const uint64_t k2 = _mm512_cmpge_epu32_mask(w[2], tv);
+  const uint64_t k3 = _mm512_cmpge_epu32_mask(w[3], tv);
+  return _pdep_u64(k0, 0x1111111111111111ull) | _pdep_u64(k1, 0x2222222222222222ull) |
+         _pdep_u64(k2, 0x4444444444444444ull) | _pdep_u64(k3, 0x8888888888888888ull);
 }
 
 /// Keep bits of the 64 elements of blocks block .. block + 15; t < 2**32.
 inline uint64_t keep_bits64(uint64_t block, PhiloxKey key, uint32_t t) {
   __m512i c[4];
   philox16(block, key, c);
-  const __m512i tv = _mm512_set1_epi32(static_cast<int>(t));
-  // Word w of block b is element 4b + w: interleave the four 16-bit lane masks.
-  const uint64_t k0 = _mm512_cmpge_epu32_mask(c[0], tv);
-  const uint64_t k1 = _mm512_cmpge_epu32_mask(c[1], tv);
-  const uint64_t k2 = _mm512_cmpge_epu32_mask(c[2], tv);
-  const uint64_t k3 = _mm512_cmpge_epu32_mask(c[3], tv);
-  return _pdep_u64(k0, 0x1111111111111111ull) | _pdep_u64(k1, 0x2222222222222222ull) |
-         _pdep_u64(k2, 0x4444444444444444ull) | _pdep_u64(k3, 0x8888888888888888ull);
+  return keep_bits_of(c, t);
+}
+
+/// Keep bits of the 128 elements of blocks block .. block + 31 (mod 2**62), 64 to a word:
+/// two keep_bits64 in one set of four Philox chains (see philox_sets).
+#define FD_ISA_KEEP_BITS128 1
+inline void keep_bits128(uint64_t block, PhiloxKey key, uint32_t t, uint64_t out[2]) {
+  __m512i s[4][4], w[4];
+  philox_start(s, 0, block);
+  philox_start(s, 1, block + 16);
+  philox_sets(s, key, 10);
+  philox_words(s, 0, w);
+  out[0] = keep_bits_of(w, t);
+  philox_words(s, 1, w);
+  out[1] = keep_bits_of(w, t);
 }
 
 /// The 64 random words of blocks block .. block + 15, in element order.
-inline void words64(uint64_t block, PhiloxKey key, uint32_t* out) {
-  __m512i c[4];
-  philox16(block, key, c);
+/// The 64 words whose vectors are c (philox16's layout), stored in element order.
+inline void store_words(const __m512i c[4], uint32_t* out) {
   const __m512i c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
   // 4x4 transpose inside each 128-bit lane, then of the 128-bit lanes.
   const __m512i t0 = _mm512_unpacklo_epi32(c0, c1), t1 = _mm512_unpackhi_epi32(c0, c1);
@@ -122,6 +159,26 @@ inline void words64(uint64_t block, PhiloxKey key, uint32_t* out) {
   _mm512_storeu_si512(out + 16, _mm512_shuffle_i32x4(s0, s1, 0xDD));
   _mm512_storeu_si512(out + 32, _mm512_shuffle_i32x4(s2, s3, 0x88));
   _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(s2, s3, 0xDD));
+}
+
+inline void words64(uint64_t block, PhiloxKey key, uint32_t* out) {
+  __m512i c[4];
+  philox16(block, key, c);
+  store_words(c, out);
+}
+
+/// The 128 random words of blocks block .. block + 31 (mod 2**62), in element order: two
+/// words64 in one set of four Philox chains (see philox_sets).
+#define FD_ISA_WORDS128 1
+inline void words128(uint64_t block, PhiloxKey key, uint32_t* out) {
+  __m512i s[4][4], w[4];
+  philox_start(s, 0, block);
+  philox_start(s, 1, block + 16);
+  philox_sets(s, key, 10);
+  philox_words(s, 0, w);
+  store_words(w, out);
+  philox_words(s, 1, w);
+  store_words(w, out + 64);
 }
 
 /// y[0:64] = keep ? x * s : +0.  Stream: y is 64-byte aligned, bypass the caches.

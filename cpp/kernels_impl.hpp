@@ -78,37 +78,56 @@ using KeySchedule = PhiloxKey;
 #endif
 
 /// Keep bits of consecutive elements starting at any index j0, 64 at a time.
-/// Bit k of the n-th word is element j0 + 64 n + k.
+/// Bit k of the n-th word is element j0 + 64 n + k.  Where the backend draws 128 bits in
+/// one go (FD_ISA_KEEP_BITS128: independent Philox chains side by side), the word after
+/// the next is drawn with it when the caller still wants it, and kept.
 struct BitStream {
   KeySchedule key;
   uint64_t threshold;
   uint64_t block;  // next block to generate
   unsigned shift;  // j0 & 3: elements of the first block that come before j0
   uint64_t carry = 0;
+  uint64_t ahead = 0;  // the word of the blocks before `block`, drawn ahead
+  bool have_ahead = false;
 
   BitStream(uint64_t j0, PhiloxKey k, uint64_t t)
       : key(k), threshold(t), block(j0 >> 2), shift(static_cast<unsigned>(j0 & 3)) {
-    if (shift) carry = gen();
+    if (shift) carry = gen(0);
   }
 
-  uint64_t gen() {
+  /// The next word of the stream; `more` > 0: the caller wants elements beyond it.
+  uint64_t gen([[maybe_unused]] int64_t more) {
+    if (have_ahead) {
+      have_ahead = false;
+      return ahead;
+    }
     uint64_t bits;
-    if (threshold == 0)
+    if (threshold == 0) {
       bits = ~uint64_t{0};
-    else if (threshold >= kDropAll)
+    } else if (threshold >= kDropAll) {
       bits = 0;
-    else
+#if defined(FD_ISA_KEEP_BITS128)
+    } else if (more > 0) {
+      uint64_t two[2];
+      keep_bits128(block & kBlockMask, key, static_cast<uint32_t>(threshold), two);
+      block += 16;
+      ahead = two[1];
+      have_ahead = true;
+      bits = two[0];
+#endif
+    } else {
       bits = keep_bits64(block & kBlockMask, key, static_cast<uint32_t>(threshold));
+    }
     block += 16;
     return bits;
   }
 
   /// The next 64 keep bits; `remaining` (>= 1) elements are still wanted.
   uint64_t next(int64_t remaining) {
-    if (shift == 0) return gen();
+    if (shift == 0) return gen(remaining - 64);
     uint64_t w = carry >> shift;
     if (remaining > static_cast<int64_t>(64 - shift)) {
-      carry = gen();
+      carry = gen(remaining - static_cast<int64_t>(128 - shift));
       w |= carry << (64 - shift);
     }
     return w;
@@ -131,12 +150,20 @@ void philox_many(const uint32_t* ctr, uint32_t* out, int64_t n, PhiloxKey key, i
 
 void random_words(uint32_t* out, int64_t n, uint64_t j0, PhiloxKey key) {
   const KeySchedule ks(key);
-  alignas(64) uint32_t buf[64];
+  alignas(64) uint32_t buf[128];
   uint64_t block = j0 >> 2;
   int64_t skip = static_cast<int64_t>(j0 & 3);
-  for (int64_t i = 0; i < n; block += 16) {
-    words64(block & kBlockMask, ks, buf);
-    const int64_t take = min64(64 - skip, n - i);
+  for (int64_t i = 0; i < n;) {
+    int64_t got = 64;
+#if defined(FD_ISA_WORDS128)
+    if (n - i > 64 - skip) {  // (the caller wants words of the next 16 blocks too)
+      words128(block & kBlockMask, ks, buf);
+      got = 128;
+    } else
+#endif
+      words64(block & kBlockMask, ks, buf);
+    block += static_cast<uint64_t>(got / 4);
+    const int64_t take = min64(got - skip, n - i);
     std::memcpy(out + i, buf + skip, static_cast<size_t>(take) * sizeof(uint32_t));
     i += take;
     skip = 0;

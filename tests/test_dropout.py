@@ -75,6 +75,20 @@ def test_mask_matches_reference(backend, n, p):
         np.testing.assert_array_equal(packed, np.packbits(want, bitorder="little"))
 
 
+def test_mask_of_every_length_and_start(backend):
+    """Masks of each length 1..260 from starts at each position within a Philox block (and
+    across the 2**64 wrap of the stream), against one reference stream: a backend draws its
+    keep bits 64 or, where the caller still wants them, 128 at a time and keeps the second
+    64 for its next word, so every split of a call into such draws is exercised."""
+    seed = 31
+    for start in (0, 1, 2, 3, 125, 2**64 - 130):
+        stream = ref.dropout_mask((263 + 260,), 0.5, seed=seed, offset=start)
+        for n in range(1, 261):
+            for skip in (0, 1, 3, 263):
+                got = fd.dropout_mask((n,), 0.5, seed=seed, offset=(start + skip) % 2**64)
+                np.testing.assert_array_equal(got, stream[skip:skip + n], err_msg=f"start={start} skip={skip} n={n}")
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_mask_multi_dimensional(backend, shape):
     want = ref.dropout_mask(shape, 0.3, seed=11, offset=6)

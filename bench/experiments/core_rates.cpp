@@ -1,5 +1,5 @@
-// What this core's instructions allow a GEMM, measured apart from the GEMM: two ceilings
-// that decided what the avx512 backend does.  One thread, every operand in L1 or in
+// What this core's instructions allow, measured apart from the kernels: the ceilings that
+// decided what the avx512 backend does.  One thread, every operand in L1 or in
 // registers, the cases timed in turn in a new order each round, medians.
 //
 // Build and run (AVX-512 CPUs; part 2 only where the CPU has AVX512_BF16, part 3 only on
@@ -47,6 +47,14 @@
 //    bfloat16 data, 86% equal the float32 FMA chain in depth order (either order within a
 //    pair) and 86% equal the float64 sum rounded once, so an AMX path would be deterministic
 //    (the same blocking for any thread count) but not bit-identical to the float32 path.
+//
+// 4. Philox4x32-10, the mask stream's generator, as the avx512 backend computes it (8 blocks
+//    in the 64-bit lanes of a vector, vpmuludq, shift, three-way xor), with 1, 2, 4 and 6
+//    independent sets of 8 blocks in flight.  A round is a chain (a 5-cycle multiply, a shift,
+//    an xor), so the number of independent chains sets the pace until the ports do.  Measured
+//    on the same Xeon (2026-12-02): two sets, the backend's form until then, 0.70 ns a word;
+//    four sets 0.56: the backend now draws 128 keep bits (32 blocks) at a time where the
+//    caller wants them (kernels_impl.hpp, BitStream).
 #include <immintrin.h>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -180,6 +188,46 @@ __attribute__((target("amx-tile,amx-bf16"), noinline)) float amx_steps(long n) {
 }
 #endif
 
+/// `words` Philox words (a multiple of 32 * S) as the avx512 backend draws them, S sets of 8
+/// blocks in flight; returns a fold of the words.  (GCC 12's vpmuludq intrinsic passes an
+/// undefined vector through, which -Wall reports as uninitialized in a function that gets
+/// AVX-512 from its target attribute rather than from -mavx512f.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int S>
+FD_AVX512 __attribute__((noinline)) float philox_chains(long words) {
+  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
+  __m512i fold = _mm512_setzero_si512();
+  for (long block = 0; block < words / 4; block += 8 * S) {
+    __m512i s[S][4];
+    for (int q = 0; q < S; ++q) {
+      s[q][0] = _mm512_add_epi64(_mm512_set1_epi64(block + 8 * q), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+      s[q][1] = s[q][2] = s[q][3] = _mm512_setzero_si512();
+    }
+    uint32_t k0 = 1, k1 = 2;
+    for (int r = 0; r < 10; ++r) {
+      const __m512i kv0 = _mm512_set1_epi64(k0), kv1 = _mm512_set1_epi64(k1);
+      for (int q = 0; q < S; ++q) {
+        const __m512i p0 = _mm512_mul_epu32(s[q][0], m0), p1 = _mm512_mul_epu32(s[q][2], m1);
+        s[q][0] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), s[q][1], kv0, 0x96);
+        s[q][2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), s[q][3], kv1, 0x96);
+        s[q][1] = p1;
+        s[q][3] = p0;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int q = 0; q < S; ++q)
+      fold = _mm512_ternarylogic_epi64(fold, _mm512_xor_si512(s[q][0], s[q][1]), _mm512_xor_si512(s[q][2], s[q][3]),
+                                       0x96);
+  }
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, fold);
+  return static_cast<float>(lanes[0] & 1);
+}
+#pragma GCC diagnostic pop
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -265,5 +313,17 @@ int main(int argc, char** argv) {
     std::printf("3. one thread, medians of %d: TDPBF16PS %.0f GFLOP/s\n", rounds, interleaved(rounds, tiles, sink)[0]);
   }
 #endif
+  {
+    static const long words = 32L * 3 * 4 * 100000;  // a multiple of 32 * S for each S
+    const std::vector<Case> chains = {
+        [](float& s) { s += philox_chains<1>(words); return static_cast<double>(words); },
+        [](float& s) { s += philox_chains<2>(words); return static_cast<double>(words); },
+        [](float& s) { s += philox_chains<4>(words); return static_cast<double>(words); },
+        [](float& s) { s += philox_chains<6>(words); return static_cast<double>(words); },
+    };
+    const std::vector<double> c = interleaved(rounds, chains, sink);  // G words/s
+    std::printf("4. one thread, medians of %d: Philox4x32-10 with 1, 2, 4, 6 sets of 8 blocks in flight: "
+                "%.3f, %.3f, %.3f, %.3f ns a word\n", rounds, 1 / c[0], 1 / c[1], 1 / c[2], 1 / c[3]);
+  }
   return sink == 12345.0f ? 1 : 0;  // (keeps the sums alive)
 }
