@@ -248,6 +248,9 @@ struct Kernels {
   /// `work` holds gemm_work(blocking, m1 - m0, n1 - n0, K).total floats, 64-byte aligned.
   void (*gemm_tile)(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1,
                     float* work);
+  /// Rows [r0, r1) of C = g.c (whose products are in place) finished: the epilogue (+ bias,
+  /// z_out, activation, output mask), as gemm_tile applies it.
+  void (*gemm_epilogue)(const GemmProblem& g, int64_t r0, int64_t r1);
   /// sums[n] = sum over rows r of p[r, n] * act'(z[r, n]) for columns [n0, n1).
   void (*col_sums)(const Mat& m, int64_t n0, int64_t n1, float* sums);
   /// Attention forward of query rows [i0, i1) of item b (i0 a multiple of the query

@@ -431,6 +431,29 @@ void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0,
     }
     return;
   }
+  if (lanes_are_rows && w % kT == 0 && nd <= kKC && nl >= kT) {
+    // rows that load_segment transforms (a mask, an activation's derivative, bfloat16):
+    // kT rows at a time into `rows`, then kT x kT blocks transposed in registers (a store
+    // per element, a panel row apart, took most of a narrow product's time)
+    alignas(64) float rows[kT * kKC];
+    const int64_t fl = nl / kT * kT, fd = nd / kT * kT;
+    for (int64_t lb = 0; lb < fl; lb += kT) {
+      for (int64_t l = 0; l < kT; ++l) {
+        const float* seg = load_segment(m, l0 + lb + l, d0, nd, buf);
+        std::memcpy(rows + l * nd, seg, static_cast<size_t>(nd) * sizeof(float));
+      }
+      float* dst = out + (lb / w) * nd * w + (lb % w);
+      for (int64_t db = 0; db < fd; db += kT) transpose_block(rows + db, nd, dst + db * w, w);
+      for (int64_t l = 0; l < kT; ++l)
+        for (int64_t d = fd; d < nd; ++d) dst[d * w + l] = rows[l * nd + d];
+    }
+    for (int64_t l = fl; l < panels * w; ++l) {
+      float* dst = out + (l / w) * nd * w + (l % w);
+      const float* seg = l < nl ? load_segment(m, l0 + l, d0, nd, buf) : nullptr;
+      for (int64_t d = 0; d < nd; ++d) dst[d * w] = seg ? seg[d] : 0.0f;
+    }
+    return;
+  }
   if (lanes_are_rows) {
     for (int64_t l = 0; l < nl; ++l) {
       const float* seg = load_segment(m, l0 + l, d0, nd, buf);
@@ -853,6 +876,8 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
   }
 }
 
+void gemm_epilogue(const GemmProblem& g, int64_t r0, int64_t r1) { epilogue(g, r0, r1, 0, g.N); }
+
 void col_sums(const Mat& m, int64_t n0, int64_t n1, float* sums) {
   constexpr int64_t kChunk = 256;
   double acc[kChunk];
@@ -878,7 +903,7 @@ const Kernels& kernels() {
       FD_ISA_NAME,  philox_many, random_words,
       mask_packed,  mask_bool,   dropout_f32,
       dropout_f64,  dropout_h16, kBlocking,
-      gemm_tile,    col_sums,    attention_forward,
+      gemm_tile,    gemm_epilogue, col_sums,    attention_forward,
       attention_backward_kv,     attention_backward_q,
       family_f32,   family_f64,  gaussian_f32, gaussian_f64, normal_pairs_f32, add_norm_f32,
       add_norm_f64, add_norm_backward_f32, add_norm_backward_f64,

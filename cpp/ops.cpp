@@ -388,7 +388,58 @@ void note_neighbour(int64_t lost_ns) {
 
 int gemm_threads(int64_t flops) { return team_for(flops, kFlopGrain, kFlops).threads; }
 
+namespace {
+/// The calling thread's buffer for a narrow product's transposed C (see narrow_output),
+/// kept between calls as scratch is.
+float* narrow_scratch(size_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local size_t have = 0;
+  if (floats > have) {
+    buffer.reset();
+    buffer.reset(new float[floats]);
+    have = floats;
+  }
+  return buffer.get();
+}
+
+int64_t padded(int64_t n, int64_t unit) { return (n + unit - 1) / unit * unit; }
+
+/// Whether C = op(A) op(B) is better computed as C^T = op(B)^T op(A)^T: a product whose
+/// output is narrower than the micro-kernel's tile (a classifier's 10 outputs on a tile 32
+/// wide: 69% of every FMA padding, and every tile an edge tile) and whose rows fill a tile
+/// row.  Decided from the micro-kernel's shape alone (a quarter less padded work at
+/// least), not from timings: each element is the same FMA chain in depth order either
+/// way, so the bits do not change.
+bool narrow_output(const GemmProblem& g, const GemmBlocking& b) {
+  if (g.c_trans || g.K == 0 || g.N <= 0 || g.N >= b.nr || g.M <= b.direct_rows) return false;
+  const int64_t as_is = padded(g.M, b.mr) * padded(g.N, b.nr), swapped = padded(g.N, b.mr) * padded(g.M, b.nr);
+  return 4 * swapped <= 3 * as_is;
+}
+}  // namespace
+
 void gemm(const GemmProblem& problem) {
+  const Kernels& kern = active_kernels();
+  if (narrow_output(problem, kern.blocking)) {
+    // C^T into a buffer (no epilogue there), then C's rows from it and their epilogue.
+    const GemmProblem& g = problem;
+    GemmProblem t;
+    t.M = g.N;
+    t.N = g.M;
+    t.K = g.K;
+    t.a = g.b;
+    t.a_trans = !g.b_trans;
+    t.b = g.a;
+    t.b_trans = !g.a_trans;
+    float* ct = narrow_scratch(static_cast<size_t>(g.M * g.N));
+    t.c = ct;
+    gemm(t);
+    parallel_ranges(g.M, 1, max64(1, kElementGrain / g.N), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t n = 0; n < g.N; ++n) g.c[r * g.N + n] = ct[n * g.M + r];
+      kern.gemm_epilogue(g, r0, r1);
+    });
+    return;
+  }
   GemmProblem g = problem;
   g.allow_sparse = sparse_path_enabled();
   const Kernels& k = active_kernels();

@@ -565,6 +565,49 @@ def test_one_to_four_rows_equal_those_rows_of_a_larger_batch(backend, threads, k
                 assert_gemm_close(gx, want_gx, n, f"grad_x k={k} n={n} {act} p={p}")
 
 
+# Outputs narrower than the micro-kernel's tile (a classifier's 10, a regression's 1) are
+# computed as the transposed product, C^T = W x^T, into a buffer, then C's rows and their
+# epilogue (ops.cpp, narrow_output): each element is the same FMA chain in depth order, so its
+# bits are those of the same column of a wider product, for any thread count.  Depths cross
+# the 512-deep blocks; batches fill one to many tile rows.
+NARROW_N = [1, 3, 10, 16, 17, 31]
+NARROW_MK = [(5, 17), (37, 300), (300, 600), (1030, 64)]
+
+
+@pytest.mark.parametrize("m,k", NARROW_MK)
+def test_narrow_outputs_equal_those_columns_of_a_wider_product(backend, gemm_path, threads, m, k):
+    for n in NARROW_N:
+        x, weight, bias, grad = _problem((m,), k, n + 40, seed=m * 7 + k + n)
+        for act in ACTIVATIONS:
+            for p in (0.0, 0.5):
+                y_wide, z_wide = fd.dropout_dense(x, weight, bias, p, seed=5, offset=2**64 - 3, activation=act,
+                                                  return_preactivation=True)
+                y, z = fd.dropout_dense(x, weight[:n], bias[:n], p, seed=5, offset=2**64 - 3, activation=act,
+                                        return_preactivation=True)
+                assert_bits_equal(y, y_wide[:, :n])
+                assert_bits_equal(z, z_wide[:, :n])
+                # DropConnect: the mask on the weight, whose first n rows keep their flat indices
+                yc = fd.dropconnect_dense(x, weight[:n], None, 0.5, seed=6, activation=act)
+                assert_bits_equal(yc, fd.dropconnect_dense(x, weight, None, 0.5, seed=6, activation=act)[:, :n])
+            assert_gemm_close(y, ref.dropout_dense(x, weight[:n], bias[:n], 0.5, seed=5, offset=2**64 - 3,
+                                                   activation=act), k, f"n={n} {act}")
+
+
+@pytest.mark.parametrize("m,k", [(37, 1), (300, 3), (1030, 10), (64, 31)])
+def test_narrow_grad_x_equals_those_columns_of_a_wider_product(backend, gemm_path, threads, m, k):
+    # grad_x = mask * (grad @ weight) * scale has in_features columns: with few of them it is a
+    # narrow product, whose output mask the epilogue applies with grad_x's own flat indices
+    for n in (5, 64, 700):
+        x, weight, bias, grad = _problem((m,), k, n, seed=m + k + n)
+        for p in (0.0, 0.5):
+            gx = fd.dropout_dense_backward(grad, x, weight, p, seed=7, offset=11, output_mask=(True, False, False))[0]
+            wide = np.concatenate([weight, np.ones((n, 40), np.float32)], axis=1)
+            prod = fd.dense(grad, np.ascontiguousarray(wide.T))[:, :k]  # the same chains, n deep
+            keep = ref.dropout_mask(x.shape, p, seed=7, offset=11)
+            assert_bits_equal(gx, np.where(keep, prod * np.float32(ref.dropout_scale(p, np.float32)),
+                                           np.float32(0)))
+
+
 def test_last_rows_of_a_row_split_on_the_direct_path(backend):
     # 24 threads split 3176 rows as 23 x 138 and a last range of 2 rows, which the direct path
     # serves with x packed at every depth (6000 here, more than a 138-row range's packed block
