@@ -40,8 +40,8 @@ constexpr int64_t kSparseMinN = 0, kSparseSplit = kSNR;
 /// (value in the low half).  vpmuludq reads only the low halves, so the high
 /// halves may carry garbage: it never reaches a low half.  A round is a chain of
 /// multiply (5 cycles), shift and xor, so one set alone leaves the core idle:
-/// with two sets Philox gave 0.70 ns a word on one core of a Xeon (family 6 model
-/// 167), with four 0.56 (bench/experiments/core_rates.cpp, part 4).
+/// with two sets Philox gave 0.62-0.72 ns a word on one core of a Xeon (family 6
+/// model 167), with four 0.49-0.60 (bench/experiments/core_rates.cpp, part 4).
 template <int S>
 inline void philox_sets(__m512i (&s)[S][4], PhiloxKey key, int rounds) {
   const __m512i m0 = _mm512_set1_epi64(kPhiloxM0);

@@ -48,14 +48,26 @@
 //    pair) and 86% equal the float64 sum rounded once, so an AMX path would be deterministic
 //    (the same blocking for any thread count) but not bit-identical to the float32 path.
 //
-// 4. Philox4x32-10, the mask stream's generator, as the avx512 backend computes it (8 blocks
-//    in the 64-bit lanes of a vector, vpmuludq, shift, three-way xor), with 1, 2, 4 and 6
-//    independent sets of 8 blocks in flight.  A round is a chain (a 5-cycle multiply, a shift,
-//    an xor), so the number of independent chains sets the pace until the ports do.  Measured
-//    on the same Xeon (2026-12-02): two sets, the backend's form until then, 0.70 ns a word;
-//    four sets 0.56: the backend now draws 128 keep bits (32 blocks) at a time where the
-//    caller wants them (kernels_impl.hpp, BitStream).
+// 4. Philox4x32-10, the mask stream's generator, in the avx512 backend's own rounds
+//    (philox_sets: 8 blocks in the 64-bit lanes of a vector, vpmuludq, shift, three-way xor),
+//    with 1, 2, 4 and 6 independent sets of 8 blocks in flight.  A round is a chain (a 5-cycle
+//    multiply, a shift, an xor), so the number of independent chains sets the pace until the
+//    ports do.  Measured on the same Xeon (2026-12-02, four runs): two sets, the backend's form
+//    until then, 0.62-0.72 ns a word; four sets 0.49-0.60; six 0.53-0.62: the backend now draws
+//    128 keep bits (32 blocks, four sets) at a time where the caller wants them
+//    (kernels_impl.hpp, BitStream).
 #include <immintrin.h>
+// The avx512 backend's own primitives (part 4 times its Philox rounds), compiled here for
+// AVX-512 as kernels_avx512.cpp is.  (GCC 12's vpmuludq intrinsic passes an undefined vector
+// through, which -Wall reports as uninitialized where AVX-512 comes from a target pragma.)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,bmi2,fma")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "../../cpp/isa_avx512.hpp"
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
 #if defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -188,36 +200,21 @@ __attribute__((target("amx-tile,amx-bf16"), noinline)) float amx_steps(long n) {
 }
 #endif
 
-/// `words` Philox words (a multiple of 32 * S) as the avx512 backend draws them, S sets of 8
-/// blocks in flight; returns a fold of the words.  (GCC 12's vpmuludq intrinsic passes an
-/// undefined vector through, which -Wall reports as uninitialized in a function that gets
-/// AVX-512 from its target attribute rather than from -mavx512f.)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+/// `words` Philox words (a multiple of 32 * S) drawn by the avx512 backend's own rounds
+/// (philox_sets), S sets of 8 blocks in flight; returns a fold of the words.
 template <int S>
-FD_AVX512 __attribute__((noinline)) float philox_chains(long words) {
-  const __m512i m0 = _mm512_set1_epi64(0xD2511F53), m1 = _mm512_set1_epi64(0xCD9E8D57);
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,bmi2,fma"), noinline)) float philox_chains(long words) {
+  namespace be = fastdropout::avx512;
+  const fastdropout::PhiloxKey key{1, 2};
   __m512i fold = _mm512_setzero_si512();
   for (long block = 0; block < words / 4; block += 8 * S) {
     __m512i s[S][4];
-    for (int q = 0; q < S; ++q) {
-      s[q][0] = _mm512_add_epi64(_mm512_set1_epi64(block + 8 * q), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
-      s[q][1] = s[q][2] = s[q][3] = _mm512_setzero_si512();
+    for (int h = 0; 2 * h + 1 < S; ++h) be::philox_start(s, h, static_cast<uint64_t>(block + 16 * h));
+    if (S % 2) {  // the odd set: 8 more blocks
+      s[S - 1][0] = _mm512_add_epi64(_mm512_set1_epi64(block + 8 * (S - 1)), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+      s[S - 1][1] = s[S - 1][2] = s[S - 1][3] = _mm512_setzero_si512();
     }
-    uint32_t k0 = 1, k1 = 2;
-    for (int r = 0; r < 10; ++r) {
-      const __m512i kv0 = _mm512_set1_epi64(k0), kv1 = _mm512_set1_epi64(k1);
-      for (int q = 0; q < S; ++q) {
-        const __m512i p0 = _mm512_mul_epu32(s[q][0], m0), p1 = _mm512_mul_epu32(s[q][2], m1);
-        s[q][0] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), s[q][1], kv0, 0x96);
-        s[q][2] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), s[q][3], kv1, 0x96);
-        s[q][1] = p1;
-        s[q][3] = p0;
-      }
-      k0 += 0x9E3779B9u;
-      k1 += 0xBB67AE85u;
-    }
+    be::philox_sets(s, key, 10);
     for (int q = 0; q < S; ++q)
       fold = _mm512_ternarylogic_epi64(fold, _mm512_xor_si512(s[q][0], s[q][1]), _mm512_xor_si512(s[q][2], s[q][3]),
                                        0x96);
@@ -226,7 +223,6 @@ FD_AVX512 __attribute__((noinline)) float philox_chains(long words) {
   _mm512_store_si512(lanes, fold);
   return static_cast<float>(lanes[0] & 1);
 }
-#pragma GCC diagnostic pop
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
