@@ -362,7 +362,7 @@ def dropout_mask(shape, p: float, *, seed: int, offset: int = 0, packed: bool = 
 
 
 def dense_dtypes() -> Tuple[type, ...]:
-    """What the dense functions take: float32, and bfloat16 when ml_dtypes is installed."""
+    """What the dense functions take: float32, and bfloat16 once ml_dtypes is imported."""
     bf16 = elementwise_dtypes()[3:]
     return (np.float32,) + tuple(bf16)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -50,13 +51,18 @@ _MASK32 = 0xFFFFFFFF
 _TWO32 = 2**32
 _TWO64 = 2**64
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
-try:  # bfloat16 in NumPy comes from ml_dtypes, when installed
-    import ml_dtypes as _ml_dtypes
 
-    _FLOAT_DTYPES += (np.dtype(_ml_dtypes.bfloat16),)
-except ImportError:  # pragma: no cover - depends on the environment
-    _ml_dtypes = None
-_HALF_DTYPES = tuple(d for d in _FLOAT_DTYPES if d.itemsize == 2)
+
+def _is_bfloat16(dtype: np.dtype) -> bool:
+    """Whether `dtype` is ml_dtypes' bfloat16.  ml_dtypes is not imported here (its import
+    took about 1.4 s of CPU time, paid by every ``import fastdropout``): an array of that
+    dtype exists only once the user's code has imported it."""
+    ml_dtypes = sys.modules.get("ml_dtypes")
+    return ml_dtypes is not None and dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def _is_half(dtype: np.dtype) -> bool:
+    return dtype == np.float16 or _is_bfloat16(dtype)
 _ACTIVATIONS = (None, "relu", "gelu")
 
 
@@ -117,7 +123,7 @@ def _check_float_array(a, name: str) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind == "f" and a.dtype.itemsize > 1 and not a.dtype.isnative:
         a = a.astype(a.dtype.newbyteorder("="))  # byte-swapped data: same values, native order
-    if a.dtype not in _FLOAT_DTYPES:
+    if a.dtype not in _FLOAT_DTYPES and not _is_bfloat16(a.dtype):
         raise TypeError(f"{name} must be a float16, bfloat16 (ml_dtypes), float32 or float64 array, got dtype {a.dtype}")
     return a
 
@@ -314,7 +320,7 @@ def dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True, nois
     if not training:
         return x.copy(order="C")
     keep = _broadcast_mask(x.shape, p, seed, offset, noise_shape)
-    if x.dtype in _HALF_DTYPES:
+    if _is_half(x.dtype):
         # the contract's half-precision rule: x * s in float32 (s rounded once to float32), rounded once to the dtype
         with np.errstate(over="ignore", invalid="ignore"):
             kept = (x.astype(np.float32) * dropout_scale(p, np.float32)).astype(x.dtype)
@@ -611,7 +617,7 @@ def alpha_dropout(x, p=0.5, *, seed: int, offset: int = 0, training: bool = True
     broadcasts the mask as :func:`dropout`'s (feature alpha dropout).
     """
     x = _check_float_array(x, "x")
-    if x.dtype in _HALF_DTYPES:
+    if _is_half(x.dtype):
         raise TypeError(f"alpha_dropout takes float32 or float64, got {x.dtype}")
     p = _check_p(p)
     seed, offset = _check_u64(seed, "seed"), _check_u64(offset, "offset")
