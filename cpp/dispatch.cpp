@@ -245,7 +245,7 @@ GemmPathChoice decide_gemm_path(const CpuId& cpu, bool backend_has_sparse, const
   if (cpu.vendor == "AuthenticAMD" && cpu.family >= 0x19)
     return {true, "sparse: AMD family 19h or later (measured faster on Zen 3 with avx2, Zen 4 with avx512)"};
   if (cpu.vendor == "GenuineIntel")
-    return {false, "dense: Intel (the sparse path measured 1.05-1.6x slower on Xeons, family 6 models 207 and 167)"};
+    return {false, "dense: Intel (the sparse path measured 1.05-1.6x slower on Xeons, family 6 models 0xcf and 0xa7)"};
   return {false, "dense: the sparse path was not measured faster on this CPU"};
 }
 
