@@ -130,21 +130,26 @@ inline uint64_t keep_bits64(uint64_t block, PhiloxKey key, uint32_t t) {
   return keep_bits_of(c, t);
 }
 
-/// Keep bits of the 128 elements of blocks block .. block + 31 (mod 2**62), 64 to a word:
-/// two keep_bits64 in one set of four Philox chains (see philox_sets).
-#define FD_ISA_KEEP_BITS128 1
-inline void keep_bits128(uint64_t block, PhiloxKey key, uint32_t t, uint64_t out[2]) {
-  __m512i s[4][4], w[4];
+/// Blocks block .. block + 31 (mod 2**62) in four Philox chains (see philox_sets): w[h] holds
+/// the words of blocks block + 16 h .. block + 16 h + 15 in philox16's layout.
+inline void philox32(uint64_t block, PhiloxKey key, __m512i w[2][4]) {
+  __m512i s[4][4];
   philox_start(s, 0, block);
   philox_start(s, 1, block + 16);
   philox_sets(s, key, 10);
-  philox_words(s, 0, w);
-  out[0] = keep_bits_of(w, t);
-  philox_words(s, 1, w);
-  out[1] = keep_bits_of(w, t);
+  philox_words(s, 0, w[0]);
+  philox_words(s, 1, w[1]);
 }
 
-/// The 64 random words of blocks block .. block + 15, in element order.
+/// Keep bits of the 128 elements of blocks block .. block + 31 (mod 2**62), 64 to a word.
+#define FD_ISA_KEEP_BITS128 1
+inline void keep_bits128(uint64_t block, PhiloxKey key, uint32_t t, uint64_t out[2]) {
+  __m512i w[2][4];
+  philox32(block, key, w);
+  out[0] = keep_bits_of(w[0], t);
+  out[1] = keep_bits_of(w[1], t);
+}
+
 /// The 64 words whose vectors are c (philox16's layout), stored in element order.
 inline void store_words(const __m512i c[4], uint32_t* out) {
   const __m512i c0 = c[0], c1 = c[1], c2 = c[2], c3 = c[3];
@@ -161,24 +166,20 @@ inline void store_words(const __m512i c[4], uint32_t* out) {
   _mm512_storeu_si512(out + 48, _mm512_shuffle_i32x4(s2, s3, 0xDD));
 }
 
+/// The 64 random words of blocks block .. block + 15, in element order.
 inline void words64(uint64_t block, PhiloxKey key, uint32_t* out) {
   __m512i c[4];
   philox16(block, key, c);
   store_words(c, out);
 }
 
-/// The 128 random words of blocks block .. block + 31 (mod 2**62), in element order: two
-/// words64 in one set of four Philox chains (see philox_sets).
+/// The 128 random words of blocks block .. block + 31 (mod 2**62), in element order.
 #define FD_ISA_WORDS128 1
 inline void words128(uint64_t block, PhiloxKey key, uint32_t* out) {
-  __m512i s[4][4], w[4];
-  philox_start(s, 0, block);
-  philox_start(s, 1, block + 16);
-  philox_sets(s, key, 10);
-  philox_words(s, 0, w);
-  store_words(w, out);
-  philox_words(s, 1, w);
-  store_words(w, out + 64);
+  __m512i w[2][4];
+  philox32(block, key, w);
+  store_words(w[0], out);
+  store_words(w[1], out + 64);
 }
 
 /// y[0:64] = keep ? x * s : +0.  Stream: y is 64-byte aligned, bypass the caches.

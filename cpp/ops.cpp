@@ -418,8 +418,8 @@ bool narrow_output(const GemmProblem& g, const GemmBlocking& b) {
 }  // namespace
 
 void gemm(const GemmProblem& problem) {
-  const Kernels& kern = active_kernels();
-  if (narrow_output(problem, kern.blocking)) {
+  const Kernels& k = active_kernels();
+  if (narrow_output(problem, k.blocking)) {
     // C^T into a buffer (no epilogue there), then C's rows from it and their epilogue.
     const GemmProblem& g = problem;
     GemmProblem t;
@@ -436,13 +436,12 @@ void gemm(const GemmProblem& problem) {
     parallel_ranges(g.M, 1, max64(1, kElementGrain / g.N), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t n = 0; n < g.N; ++n) g.c[r * g.N + n] = ct[n * g.M + r];
-      kern.gemm_epilogue(g, r0, r1);
+      k.gemm_epilogue(g, r0, r1);
     });
     return;
   }
   GemmProblem g = problem;
   g.allow_sparse = sparse_path_enabled();
-  const Kernels& k = active_kernels();
   const GemmBlocking& b = k.blocking;
   // ~1 MFLOP per thread at least.  Split the output's rows when each thread gets at
   // least 128 of them (measured at 2 threads against splitting the columns: 2-4% faster

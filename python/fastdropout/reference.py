@@ -63,6 +63,8 @@ def _is_bfloat16(dtype: np.dtype) -> bool:
 
 def _is_half(dtype: np.dtype) -> bool:
     return dtype == np.float16 or _is_bfloat16(dtype)
+
+
 _ACTIVATIONS = (None, "relu", "gelu")
 
 
