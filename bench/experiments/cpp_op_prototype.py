@@ -1,0 +1,131 @@
+"""Would C++-registered ops meet the custom-op layer's bar?  A prototype, measured.
+
+fastdropout's ops are registered with torch.library from Python: a call through the
+dispatcher passes into a Python autograd kernel and the Python implementation, and an
+eager layer under autograd goes through torch.autograd.Function in Python.
+cold_overhead.py shows that this Python runs with cold caches beside a real kernel, at two
+to five times its tight-loop cost.  Here the same call routes are timed against a
+prototype op whose CPU kernel and autograd are C++ (torch's C++ API: TORCH_LIBRARY and
+torch::autograd::Function, in cpp_op_prototype.cpp, built at run time against the
+installed torch; it needs a C++ compiler and ninja).  Both sides run the same stand-in for
+the kernel, a read of 4 MB (the real kernel's footprint at 64x784x512), timed inside and
+subtracted: what remains is each route's own time ("outside"), with warm caches (no
+stand-in) and with the stream's cold ones.
+
+Usage: OMP_NUM_THREADS=1 python bench/experiments/cpp_op_prototype.py [ROUNDS]
+
+Measured 2026-12-02 on the Intel Xeon (family 6 model 167, 2 vCPUs, L2 2 MiB a core),
+torch 2.13.0, one thread, 41 rounds, three runs (us, medians; ranges over the runs):
+
+                                   warm     after the 4 MB stream
+  Python op, no grad               50-61        195-240
+  C++ op, no grad                  15-18         63-80
+  fd.dropout_dense (NumPy API)     21-26         75-96
+  Python DropoutLinear, grad       73-91        271-323
+  C++ autograd op, grad            12-16         64-78
+
+The C++ routes cost less than the NumPy API's own checks and allocation (whose overhead is
+the bar's baseline: "calling the kernels directly"), so the op layer would be within the
+5% bar at 64x784x512, and an MLP layer's call under autograd would save about 200 us beside
+a real kernel (the C++ layer here draws no seed; in C++ that is a generator call).  What
+this needs is the packaging: torch's C++ API has no stable ABI, so such an extension is
+built against one torch version and must ship per version (as torchvision does), with torch
+a build requirement; torch's stable C ABI (torch/csrc/stable) registers CPU kernels but
+has no autograd, which would leave the Python autograd kernel (about 115 us of the op's
+245 after the stream in cold_overhead.py) in every call.
+"""
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.cpp_extension import load
+
+import fastdropout as fd
+import fastdropout.torch as fdt
+from fastdropout import _api, _torch_ops
+
+ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 41
+HERE = os.path.dirname(os.path.abspath(__file__))
+build_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastdropout_cpp_op_prototype")
+os.makedirs(build_dir, exist_ok=True)
+proto = load("fdproto", [os.path.join(HERE, "cpp_op_prototype.cpp")], extra_cflags=["-O2"],
+             build_directory=build_dir, verbose=False)
+
+_real_core = _api._core
+_stream = np.ones(1 << 20, np.float32)  # 4 MB, as in the C++ stand-in
+_clock = time.perf_counter
+
+
+class _TimedCore:
+    """fastdropout's core with dense_forward replaced by the stand-in, its time summed."""
+
+    def __init__(self):
+        self.stream, self.spent = False, 0.0
+
+    def __getattr__(self, name):
+        return getattr(_real_core, name)
+
+    def dense_forward(self, *args):
+        t0 = _clock()
+        if self.stream:
+            _stream.sum()
+        self.spent += _clock() - t0
+
+
+core = _TimedCore()
+_api._core = core
+
+M, K, N = 64, 784, 512
+rng = np.random.default_rng(0)
+x = rng.standard_normal((M, K), dtype=np.float32)
+w = rng.standard_normal((N, K), dtype=np.float32)
+b = np.zeros(N, np.float32)
+tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
+txg = tx.clone().requires_grad_()
+pw, pb = torch.nn.Parameter(tw.clone()), torch.nn.Parameter(tb.clone())
+state = _torch_ops.make_state(3, 0)
+py_op = torch.ops.fastdropout.dropout_linear.default
+cpp_op, cpp_layer = torch.ops.fdproto.dropout_linear.default, torch.ops.fdproto.layer.default
+layer = fdt.DropoutLinear(K, N, p=0.5)
+
+
+def no_grad(f):
+    def run():
+        with torch.no_grad():
+            f()
+    return run
+
+
+routes = {  # name: (call, whose stand-in it runs)
+    "Python op, no grad": (no_grad(lambda: py_op(tx, tw, tb, 0.5, state, 0, True)), "py"),
+    "C++ op, no grad": (no_grad(lambda: cpp_op(tx, tw, tb, 0.5, state, 0, True)), "cpp"),
+    "fd.dropout_dense (NumPy API)": (no_grad(lambda: fd.dropout_dense(x, w, b, 0.5, seed=3)), "py"),
+    "Python DropoutLinear, grad": (lambda: layer(txg), "py"),
+    "C++ autograd op, grad": (lambda: cpp_layer(txg, pw, pb, 0.5), "cpp"),
+}
+
+print(f"{M}x{K}x{N}, {ROUNDS} rounds, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+      "us a call, medians: the route's own time (outside the stand-in) and the stand-in's")
+for stream in (False, True):
+    core.stream = stream
+    proto.set_stream(stream)
+    for f, _ in routes.values():
+        f()
+    samples = {name: [] for name in routes}
+    for _ in range(ROUNDS):
+        for name, (f, side) in routes.items():
+            core.spent = 0.0
+            proto.take_spent()
+            t0 = _clock()
+            for _ in range(4):
+                f()
+            total = _clock() - t0
+            inside = core.spent if side == "py" else proto.take_spent()
+            samples[name].append(((total - inside) / 4, inside / 4))
+    print("after the 4 MB stream" if stream else "warm (no stand-in)")
+    for name, s in samples.items():
+        print(f"  {name:30s} outside {statistics.median(a for a, _ in s) * 1e6:7.1f}"
+              f"   stand-in {statistics.median(i for _, i in s) * 1e6:7.1f}")
