@@ -56,20 +56,17 @@ import fastdropout as fd
 import fastdropout.torch as fdt
 from fastdropout import _api, _torch_ops
 
-ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 41
-M, K, N = (int(v) for v in (sys.argv[2] if len(sys.argv) > 2 else "64,784,512").split(","))
-INNER = 4
-
 _real_core = _api._core
 _stream = np.ones(1 << 20, np.float32)  # 4 MB
 _clock = time.perf_counter
 
 
-class _TimedCore:
-    """The core module with dense_forward replaced by a stand-in, its time summed."""
+class TimedCore:
+    """The core module with dense_forward replaced by a stand-in (`mode`: "kernel", the
+    real one; "none"; "stream", a read of 4 MB), the time inside it summed."""
 
     def __init__(self):
-        self.mode, self.spent = "kernel", 0.0
+        self.mode, self._spent = "kernel", 0.0
 
     def __getattr__(self, name):
         return getattr(_real_core, name)
@@ -80,25 +77,38 @@ class _TimedCore:
             _real_core.dense_forward(*args)
         elif self.mode == "stream":
             _stream.sum()
-        self.spent += _clock() - t0
+        self._spent += _clock() - t0
+
+    def take_spent(self) -> float:
+        """Seconds inside the stand-in since the last call."""
+        spent, self._spent = self._spent, 0.0
+        return spent
 
 
-core = _TimedCore()
-_api._core = core  # every route below reaches the kernel through _api.dense_forward_checked
+def install_timed_core() -> TimedCore:
+    """A TimedCore in place of the core: every route reaches the kernel through
+    _api.dense_forward_checked, which calls _api._core."""
+    core = TimedCore()
+    _api._core = core
+    return core
 
-rng = np.random.default_rng(0)
-x = rng.standard_normal((M, K), dtype=np.float32)
-w = (rng.standard_normal((N, K), dtype=np.float32) / np.sqrt(K)).astype(np.float32)
-b = np.zeros(N, np.float32)
-y = np.empty((M, N), np.float32)
-tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
-txg = tx.clone().requires_grad_()
-threshold, scale = _api.threshold(0.5), _api.scale(0.5, np.float32)
-op, state = torch.ops.fastdropout.dropout_linear.default, _torch_ops.make_state(3, 0)
-layer = fdt.DropoutLinear(K, N, p=0.5)
-with torch.no_grad():
-    layer.weight.copy_(tw)
-    layer.bias.copy_(tb)
+
+class Operands:
+    """One layer's data at M x K x N: NumPy arrays, tensors sharing them, an input that
+    requires grad, a state tensor (seed 3) and a DropoutLinear (p = 0.5) with these weights."""
+
+    def __init__(self, m: int, k: int, n: int):
+        rng = np.random.default_rng(0)
+        self.x = rng.standard_normal((m, k), dtype=np.float32)
+        self.w = (rng.standard_normal((n, k), dtype=np.float32) / np.sqrt(k)).astype(np.float32)
+        self.b = np.zeros(n, np.float32)
+        self.tx, self.tw, self.tb = (torch.from_numpy(a) for a in (self.x, self.w, self.b))
+        self.txg = self.tx.clone().requires_grad_()
+        self.state = _torch_ops.make_state(3, 0)
+        self.layer = fdt.DropoutLinear(k, n, p=0.5)
+        with torch.no_grad():
+            self.layer.weight.copy_(self.tw)
+            self.layer.bias.copy_(self.tb)
 
 
 def no_grad(f):
@@ -108,32 +118,55 @@ def no_grad(f):
     return run
 
 
-routes = {
-    "core call": no_grad(lambda: core.dense_forward(x, w, b, y, None, 0, True, 3, 0, threshold, scale, False)),
-    "fd.dropout_dense": no_grad(lambda: fd.dropout_dense(x, w, b, 0.5, seed=3)),
-    "registered op": no_grad(lambda: op(tx, tw, tb, 0.5, state, 0, True)),
-    "fdt.dropout_linear": no_grad(lambda: fdt.dropout_linear(tx, tw, tb, 0.5, seed=3)),
-    "DropoutLinear (grad)": lambda: layer(txg),
-}
-
-print(f"{M}x{K}x{N}, p=0.5, {ROUNDS} rounds, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-      "us a call, medians: total / inside the kernel's stand-in / outside it")
-for mode in ("none", "stream", "kernel"):
-    core.mode = mode
-    for f in routes.values():
-        f()
-    total = {k: [] for k in routes}
-    inside = {k: [] for k in routes}
-    for _ in range(ROUNDS):
-        for name, f in routes.items():
-            core.spent = 0.0
+def measure(routes, rounds: int, inner: int = 4):
+    """routes: name -> (call, take_spent).  Each round times every route once, in turn
+    (`inner` calls, no sleeps).  Returns name -> (total, inside, outside): medians in
+    seconds a call, inside being the stand-in's time and outside the rest."""
+    for call, take_spent in routes.values():
+        call()
+        take_spent()
+    samples = {name: [] for name in routes}
+    for _ in range(rounds):
+        for name, (call, take_spent) in routes.items():
+            take_spent()
             t0 = _clock()
-            for _ in range(INNER):
-                f()
-            total[name].append((_clock() - t0) / INNER)
-            inside[name].append(core.spent / INNER)
-    print(f"stand-in: {mode}")
-    for name in routes:
-        outside = statistics.median(t - i for t, i in zip(total[name], inside[name]))
-        print(f"  {name:22s} {statistics.median(total[name]) * 1e6:9.1f} {statistics.median(inside[name]) * 1e6:9.1f}"
-              f" {outside * 1e6:9.1f}")
+            for _ in range(inner):
+                call()
+            total = _clock() - t0
+            samples[name].append((total / inner, take_spent() / inner))
+    return {name: (statistics.median(t for t, _ in s), statistics.median(i for _, i in s),
+                   statistics.median(t - i for t, i in s)) for name, s in samples.items()}
+
+
+def show(title: str, results) -> None:
+    print(title)
+    for name, (total, inside, outside) in results.items():
+        print(f"  {name:30s} {total * 1e6:9.1f} {inside * 1e6:9.1f} {outside * 1e6:9.1f}")
+
+
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 41
+    m, k, n = (int(v) for v in (sys.argv[2] if len(sys.argv) > 2 else "64,784,512").split(","))
+    core = install_timed_core()
+    d = Operands(m, k, n)
+    y = np.empty((m, n), np.float32)
+    threshold, scale = _api.threshold(0.5), _api.scale(0.5, np.float32)
+    op = torch.ops.fastdropout.dropout_linear.default
+    spent = core.take_spent
+    routes = {
+        "core call": (no_grad(lambda: core.dense_forward(d.x, d.w, d.b, y, None, 0, True, 3, 0, threshold, scale,
+                                                         False)), spent),
+        "fd.dropout_dense": (no_grad(lambda: fd.dropout_dense(d.x, d.w, d.b, 0.5, seed=3)), spent),
+        "registered op": (no_grad(lambda: op(d.tx, d.tw, d.tb, 0.5, d.state, 0, True)), spent),
+        "fdt.dropout_linear": (no_grad(lambda: fdt.dropout_linear(d.tx, d.tw, d.tb, 0.5, seed=3)), spent),
+        "DropoutLinear (grad)": (lambda: d.layer(d.txg), spent),
+    }
+    print(f"{m}x{k}x{n}, p=0.5, {rounds} rounds, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+          "us a call, medians: total / inside the kernel's stand-in / outside it")
+    for mode in ("none", "stream", "kernel"):
+        core.mode = mode
+        show(f"stand-in: {mode}", measure(routes, rounds))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,8 @@ torch::autograd::Function, in cpp_op_prototype.cpp, built at run time against th
 installed torch; it needs a C++ compiler and ninja).  Both sides run the same stand-in for
 the kernel, a read of 4 MB (the real kernel's footprint at 64x784x512), timed inside and
 subtracted: what remains is each route's own time ("outside"), with warm caches (no
-stand-in) and with the stream's cold ones.
+stand-in) and with the stream's cold ones.  The timing, the data and the Python side's
+stand-in are cold_overhead.py's (imported from this folder).
 
 Usage: OMP_NUM_THREADS=1 python bench/experiments/cpp_op_prototype.py [ROUNDS]   (default 41)
 
@@ -38,97 +39,41 @@ has no autograd, which would leave the Python autograd kernel (about 115 us of t
 242-260 after the stream, one thread, in cold_overhead.py) in every call.
 """
 import os
-import statistics
 import sys
-import time
 
-import numpy as np
 import torch
 from torch.utils.cpp_extension import load
 
 import fastdropout as fd
-import fastdropout.torch as fdt
-from fastdropout import _api, _torch_ops
-
-ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 41
-HERE = os.path.dirname(os.path.abspath(__file__))
-build_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastdropout_cpp_op_prototype")
-os.makedirs(build_dir, exist_ok=True)
-proto = load("fdproto", [os.path.join(HERE, "cpp_op_prototype.cpp")], extra_cflags=["-O2"],
-             build_directory=build_dir, verbose=False)
-
-_real_core = _api._core
-_stream = np.ones(1 << 20, np.float32)  # 4 MB, as in the C++ stand-in
-_clock = time.perf_counter
+from cold_overhead import Operands, install_timed_core, measure, no_grad, show  # (this folder)
 
 
-class _TimedCore:
-    """fastdropout's core with dense_forward replaced by the stand-in, its time summed."""
-
-    def __init__(self):
-        self.stream, self.spent = False, 0.0
-
-    def __getattr__(self, name):
-        return getattr(_real_core, name)
-
-    def dense_forward(self, *args):
-        t0 = _clock()
-        if self.stream:
-            _stream.sum()
-        self.spent += _clock() - t0
-
-
-core = _TimedCore()
-_api._core = core
-
-M, K, N = 64, 784, 512
-rng = np.random.default_rng(0)
-x = rng.standard_normal((M, K), dtype=np.float32)
-w = rng.standard_normal((N, K), dtype=np.float32)
-b = np.zeros(N, np.float32)
-tx, tw, tb = (torch.from_numpy(a) for a in (x, w, b))
-txg = tx.clone().requires_grad_()
-pw, pb = torch.nn.Parameter(tw.clone()), torch.nn.Parameter(tb.clone())
-state = _torch_ops.make_state(3, 0)
-py_op = torch.ops.fastdropout.dropout_linear.default
-cpp_op, cpp_layer = torch.ops.fdproto.dropout_linear.default, torch.ops.fdproto.layer.default
-layer = fdt.DropoutLinear(K, N, p=0.5)
+def main() -> None:
+    rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 41
+    here = os.path.dirname(os.path.abspath(__file__))
+    build_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastdropout_cpp_op_prototype")
+    os.makedirs(build_dir, exist_ok=True)
+    proto = load("fdproto", [os.path.join(here, "cpp_op_prototype.cpp")], extra_cflags=["-O2"],
+                 build_directory=build_dir, verbose=False)
+    core = install_timed_core()
+    d = Operands(64, 784, 512)
+    py_op = torch.ops.fastdropout.dropout_linear.default
+    cpp_op, cpp_layer = torch.ops.fdproto.dropout_linear.default, torch.ops.fdproto.layer.default
+    py, cpp = core.take_spent, proto.take_spent  # each side's stand-in time
+    routes = {
+        "Python op, no grad": (no_grad(lambda: py_op(d.tx, d.tw, d.tb, 0.5, d.state, 0, True)), py),
+        "C++ op, no grad": (no_grad(lambda: cpp_op(d.tx, d.tw, d.tb, 0.5, d.state, 0, True)), cpp),
+        "fd.dropout_dense (NumPy API)": (no_grad(lambda: fd.dropout_dense(d.x, d.w, d.b, 0.5, seed=3)), py),
+        "Python DropoutLinear, grad": (lambda: d.layer(d.txg), py),
+        "C++ autograd op, grad": (lambda: cpp_layer(d.txg, d.layer.weight, d.layer.bias, 0.5), cpp),
+    }
+    print(f"64x784x512, {rounds} rounds, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+          "us a call, medians: total / inside the stand-in / outside it (the route's own time)")
+    for stream in (False, True):
+        core.mode = "stream" if stream else "none"
+        proto.set_stream(stream)
+        show("after the 4 MB stream" if stream else "warm (no stand-in)", measure(routes, rounds))
 
 
-def no_grad(f):
-    def run():
-        with torch.no_grad():
-            f()
-    return run
-
-
-routes = {  # name: (call, whose stand-in it runs)
-    "Python op, no grad": (no_grad(lambda: py_op(tx, tw, tb, 0.5, state, 0, True)), "py"),
-    "C++ op, no grad": (no_grad(lambda: cpp_op(tx, tw, tb, 0.5, state, 0, True)), "cpp"),
-    "fd.dropout_dense (NumPy API)": (no_grad(lambda: fd.dropout_dense(x, w, b, 0.5, seed=3)), "py"),
-    "Python DropoutLinear, grad": (lambda: layer(txg), "py"),
-    "C++ autograd op, grad": (lambda: cpp_layer(txg, pw, pb, 0.5), "cpp"),
-}
-
-print(f"{M}x{K}x{N}, {ROUNDS} rounds, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
-      "us a call, medians: the route's own time (outside the stand-in) and the stand-in's")
-for stream in (False, True):
-    core.stream = stream
-    proto.set_stream(stream)
-    for f, _ in routes.values():
-        f()
-    samples = {name: [] for name in routes}
-    for _ in range(ROUNDS):
-        for name, (f, side) in routes.items():
-            core.spent = 0.0
-            proto.take_spent()
-            t0 = _clock()
-            for _ in range(4):
-                f()
-            total = _clock() - t0
-            inside = core.spent if side == "py" else proto.take_spent()
-            samples[name].append(((total - inside) / 4, inside / 4))
-    print("after the 4 MB stream" if stream else "warm (no stand-in)")
-    for name, s in samples.items():
-        print(f"  {name:30s} outside {statistics.median(a for a, _ in s) * 1e6:7.1f}"
-              f"   stand-in {statistics.median(i for _, i in s) * 1e6:7.1f}")
+if __name__ == "__main__":
+    main()
