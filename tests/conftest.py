@@ -35,6 +35,23 @@ def gemm_path(request):
         fd._core.set_gemm_path(os.environ.get("FASTDROPOUT_GEMM_PATH") or "auto")
 
 
+@pytest.fixture(params=["native", "python"])
+def torch_route(request):
+    """Run the test through each route of fastdropout.torch's eager layer: the C++ autograd
+    function (fastdropout/_torch_native.py, built on first use) and the Python one.  The
+    native route is skipped only where it cannot be built (no compiler or ninja) and
+    FASTDROPOUT_TORCH_NATIVE is not 1."""
+    from fastdropout import _torch_native
+
+    if request.param == "native" and _torch_native.module() is None:
+        pytest.skip(f"fastdropout's C++ torch layer: {_torch_native.status()}")
+    previous = _torch_native.set_enabled(request.param == "native")
+    try:
+        yield request.param
+    finally:
+        _torch_native.set_enabled(previous)
+
+
 def pytest_report_header(config):
     return (
         f"fastdropout {fd.__version__} from {os.path.dirname(fd.__file__)}; backend {fd.backend()}; "

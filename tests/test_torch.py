@@ -29,8 +29,12 @@ import torch.nn.functional as F  # noqa: E402
 import fastdropout as fd  # noqa: E402
 import fastdropout.nn as fnn  # noqa: E402
 import fastdropout.torch as fdt  # noqa: E402
+from fastdropout import _torch_native  # noqa: E402
 
 ACTS = {None: lambda z: z, "relu": F.relu, "gelu": F.gelu}
+
+# every test here runs through both routes of the eager layer (conftest.torch_route)
+pytestmark = pytest.mark.usefixtures("torch_route")
 
 
 def gemm_close(actual, expected, k_inner):
@@ -89,7 +93,7 @@ def test_dropout_linear_matches_torch(backend, activation, bias, shape, p):
 
 
 @pytest.mark.parametrize("x_grad, w_grad, b_grad", [(False, True, True), (True, False, False), (True, True, False), (False, False, True)])
-def test_backward_computes_only_what_autograd_needs(backend, monkeypatch, x_grad, w_grad, b_grad):
+def test_backward_computes_only_what_autograd_needs(backend, torch_route, monkeypatch, x_grad, w_grad, b_grad):
     asked = []
     real = fdt._ops.dense_backward_checked
 
@@ -105,6 +109,8 @@ def test_backward_computes_only_what_autograd_needs(backend, monkeypatch, x_grad
     g = torch.randn(9, 7, generator=gen)
     fdt.dropout_linear(xs, ws, bs, 0.5, activation="relu", seed=5).backward(g)
     reference_linear(xr, wr, br, 0.5, 5, 0, "relu").backward(g)
+    if torch_route == "native":  # the C++ layer's own record of its last backward
+        asked.append(_torch_native.module()._last_wanted())
     assert asked == [(x_grad, w_grad, b_grad)]
     for ours, theirs, need, k in ((xs, xr, x_grad, 7), (ws, wr, w_grad, 9), (bs, br, b_grad, 9)):
         if need:
@@ -120,7 +126,7 @@ def test_dropout_linear_non_contiguous_input(backend):
     gemm_close(y, reference_linear(x, w, None, 0.5, 3, 0, None), 19)
 
 
-def test_dropout_linear_zero_copy(monkeypatch):
+def test_dropout_linear_zero_copy(torch_route, monkeypatch):
     seen = {}
     real = fdt._ops.dense_forward_checked
 
@@ -132,6 +138,9 @@ def test_dropout_linear_zero_copy(monkeypatch):
     layer = fdt.DropoutLinear(8, 4)
     x = torch.randn(3, 8)
     layer(x)
+    if torch_route == "native":  # what the C++ layer handed the engine
+        assert _torch_native.module()._last_operands() == (x.data_ptr(), layer.weight.data_ptr(), layer.bias.data_ptr())
+        return
     assert np.shares_memory(seen["x"], x.numpy())
     assert np.shares_memory(seen["weight"], layer.weight.detach().numpy())
     assert np.shares_memory(seen["bias"], layer.bias.detach().numpy())

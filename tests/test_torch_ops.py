@@ -18,6 +18,9 @@ import fastdropout as fd  # noqa: E402
 import fastdropout.torch as fdt  # noqa: E402
 from fastdropout import _torch_ops  # noqa: E402
 
+# every test here runs through both routes of the eager layer (conftest.torch_route)
+pytestmark = pytest.mark.usefixtures("torch_route")
+
 
 def mixed_model():
     """fastdropout modules between torch layers."""

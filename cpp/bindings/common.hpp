@@ -67,6 +67,7 @@ void register_rng(py::module_& m);
 void register_dense(py::module_& m);
 void register_attention(py::module_& m);
 void register_family(py::module_& m);
+void register_engine_abi(py::module_& m);
 
 }  // namespace bind
 }  // namespace fastdropout

@@ -59,6 +59,7 @@ PYBIND11_MODULE(_core, m) {
   bind::register_dense(m);
   bind::register_attention(m);
   bind::register_family(m);
+  bind::register_engine_abi(m);
   // Choose the backend now, so a bad FASTDROPOUT_BACKEND fails the import clearly.
   active_kernels();
   gemm_path();  // a bad FASTDROPOUT_GEMM_PATH too

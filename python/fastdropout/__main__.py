@@ -37,6 +37,14 @@ def info() -> int:
             "of a parallel region), problems that one thread finishes sooner run on one thread "
             "(FASTDROPOUT_ADAPT_THREADS=0 turns this off)" if adapting else
             "not adapting (FASTDROPOUT_ADAPT_THREADS=0, or no per-thread CPU clock here)"))
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        print("torch layer       : torch is not installed")
+    else:
+        from ._torch_native import describe
+
+        print(f"torch layer       : {describe()}")
     return 0
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from . import _core
+from . import _core, _torch_native
 from ._api import dense_backward_checked, dense_forward_checked
 from ._api import dropout as _np_dropout
 from ._checks import U64
@@ -598,6 +598,14 @@ class _EagerDropoutLinear(torch.autograd.Function):
                 None, None, None, None, None)
 
 
+def _native_composite(grad_y, x, weight, bias, p, seed, offset, activation, train):
+    """The C++ layer's backward under create_graph: the op's differentiable formula."""
+    return _linear_bwd_composite(grad_y, x, weight, bias, p, make_state(seed, offset), activation, train)[:3]
+
+
+_torch_native.set_composite(_native_composite)
+
+
 def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activation, train) -> torch.Tensor:
     """y of fastdropout::dropout_linear: with seed None the stream is drawn from torch's
     generator (one draw when `train`, whatever the route), else (seed, offset)."""
@@ -606,6 +614,10 @@ def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activat
             seed, offset = 0, 0
         elif seed is None:
             seed, offset = _draw_seed(), 0
+        if x.dtype is torch.float32 and weight.dtype is torch.float32 and (bias is None or bias.dtype is torch.float32):
+            native = _torch_native.module()  # the same layer in C++ (_torch_native), once built
+            if native is not None:
+                return native.dropout_linear(x, weight, bias, p, seed, offset, activation, train)
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad)):
             return _EagerDropoutLinear.apply(x, weight, bias, p, seed, offset, activation, train)

@@ -1,0 +1,158 @@
+"""fastdropout.torch's layer in C++: building, caching and loading it.
+
+A plain eager call of :func:`fastdropout.torch.dropout_linear` (or a
+:class:`~fastdropout.torch.DropoutLinear` layer) on float32 tensors goes through a
+``torch.autograd.Function`` written in C++ (``_native/torch_ops.cpp``) that calls the
+engine through ``_core``'s C interface, instead of through Python: the same kernels, the
+same masks and gradients bit for bit, at about a third of the Python route's cost around
+them (see README, *The PyTorch op layer*).  Everything else (compiled and exported graphs,
+torch.func, autocast, half precision, tensor subclasses) keeps the registered ops of
+``_torch_ops``.
+
+torch's C++ API has no stable ABI, so no build shipped in the wheel could serve every torch:
+the source is compiled against the torch at hand by ``torch.utils.cpp_extension`` (g++ or the
+compiler torch names, ninja) the first time a process needs it, about a minute on two cores,
+and cached under ``$FASTDROPOUT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fastdropout`` or
+``~/.cache/fastdropout``), one build per torch version, Python version and source.
+
+``FASTDROPOUT_TORCH_NATIVE`` chooses: ``auto`` (default) builds when needed and falls back
+to the Python route, with the reason in ``python -m fastdropout info``, when it cannot (no
+compiler, no ninja, no Python headers); ``0`` never uses it; ``1`` requires it (a failure
+raises).  Results never depend on the choice.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import _core
+
+_ENV = "FASTDROPOUT_TORCH_NATIVE"
+_SETTINGS = ("auto", "0", "1")
+_lock = threading.Lock()
+_module = None  # the loaded extension, once loaded
+_status = "not loaded yet (loaded at the first eager float32 call)"
+_tried = False
+_enabled = True  # tests switch the route off and on (set_enabled)
+_composite: Optional[Callable] = None
+
+
+def setting() -> str:
+    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if value not in _SETTINGS:
+        raise ValueError(f"{_ENV} must be one of {', '.join(_SETTINGS)}, got {value!r}")
+    return value
+
+
+def source_dir() -> Path:
+    return Path(_core.__file__).resolve().parent / "_native"
+
+
+def cache_root() -> Path:
+    if os.environ.get("FASTDROPOUT_CACHE_DIR"):
+        return Path(os.environ["FASTDROPOUT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastdropout"
+
+
+def build_key() -> str:
+    """What a build depends on: its sources, torch's version and commit, Python's ABI."""
+    h = hashlib.sha256()
+    for name in ("torch_ops.cpp", "engine_abi.h"):
+        h.update((source_dir() / name).read_bytes())
+    h.update(f"{torch.__version__}|{torch.version.git_version}|{sys.implementation.cache_tag}|"
+             f"{sys.platform}|{torch._C._GLIBCXX_USE_CXX11_ABI}".encode())
+    return h.hexdigest()[:16]
+
+
+def _import_built(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _paths():
+    name = "fastdropout_torch_ops_" + build_key()
+    folder = cache_root() / "torch_ops" / name
+    return name, folder, folder / f"{name}.so"
+
+
+def describe() -> str:
+    """For ``python -m fastdropout info``: the eager layer's route, without building anything."""
+    mode = setting()
+    if mode == "0":
+        return f"Python (the C++ layer is off: {_ENV}=0)"
+    if _module is not None or _tried:
+        return ("C++: " if _module is not None else "Python: C++ layer ") + _status
+    built = _paths()[2]
+    return (f"C++ (built for torch {torch.__version__}: {built})" if built.exists() else
+            f"C++ once built (at the first eager float32 call, about a minute, into {built.parent}; "
+            f"{_ENV}=0: Python)")
+
+
+def _build_or_load():
+    name, folder, built = _paths()
+    if built.exists():
+        return _import_built(name, built)
+    from torch.utils.cpp_extension import load
+
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"fastdropout: compiling its PyTorch layer for torch {torch.__version__} (once, about a minute), "
+          f"into {folder}", file=sys.stderr, flush=True)
+    return load(name, [str(source_dir() / "torch_ops.cpp")], extra_include_paths=[str(source_dir())],
+                extra_cflags=["-O2"], build_directory=str(folder), verbose=False)
+
+
+def module():
+    """The extension, loaded (and built if need be) on first use; None where it is off or
+    could not be built (``status()`` says why; with ``FASTDROPOUT_TORCH_NATIVE=1`` that raises)."""
+    global _module, _status, _tried
+    if _module is not None:
+        return _module if _enabled else None
+    if _tried or not _enabled:
+        return None
+    with _lock:
+        if _tried:
+            return _module
+        mode = setting()
+        if mode == "0":
+            _status, _tried = f"off ({_ENV}=0)", True
+            return None
+        try:
+            m = _build_or_load()
+            m.init(_core._engine_abi, _composite)
+        except Exception as e:  # no compiler, ninja or headers: the Python route serves
+            _status, _tried = f"unavailable, the Python route serves ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", True
+            if mode == "1":
+                raise RuntimeError(f"{_ENV}=1 but fastdropout's C++ PyTorch layer could not be built or loaded") from e
+            return None
+        _module, _tried = m, True
+        _status = f"loaded ({Path(m.__file__).parent})"
+        return _module if _enabled else None
+
+
+def status() -> str:
+    return _status if _enabled else "switched off in this process"
+
+
+def set_enabled(on: bool) -> bool:
+    """For tests and benchmarks: use (True) or bypass (False) the C++ route; returns the previous setting."""
+    global _enabled
+    previous, _enabled = _enabled, bool(on)
+    return previous
+
+
+def set_composite(fn: Callable) -> None:
+    """The Python backward the C++ one calls under create_graph (set by _torch_ops at import)."""
+    global _composite
+    _composite = fn
