@@ -32,6 +32,15 @@ bool g_last_wanted[3] = {false, false, false};
 
 void check(int rc, const char* msg) { TORCH_CHECK(rc == 0, msg); }
 
+// Runs the engine without the GIL: released here when the caller holds it (a call from
+// Python), as it is already where the dispatcher or the autograd engine calls.
+struct NoGil {
+  std::optional<py::gil_scoped_release> release;
+  NoGil() {
+    if (PyGILState_Check()) release.emplace();
+  }
+};
+
 // t (..., cols) as a C-contiguous (rows, cols) tensor (a view where it already is one).
 at::Tensor rows_of(const at::Tensor& t, int64_t cols) {
   int64_t rows = 1;
@@ -80,7 +89,7 @@ class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
     char msg[256] = {0};
     int rc;
     {
-      py::gil_scoped_release nogil;
+      NoGil nogil;
       rc = g_engine->linear_forward(&a, msg, sizeof msg);
     }
     check(rc, msg);
@@ -138,7 +147,12 @@ class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
     a.seed = seed, a.offset = offset, a.p = p;
     g_last_wanted[0] = want_x, g_last_wanted[1] = want_w, g_last_wanted[2] = want_b;
     char msg[256] = {0};
-    check(g_engine->linear_backward(&a, msg, sizeof msg), msg);  // (the autograd engine holds no GIL here)
+    int rc;
+    {
+      NoGil nogil;
+      rc = g_engine->linear_backward(&a, msg, sizeof msg);
+    }
+    check(rc, msg);
     out[0] = gx;
     out[1] = gw;
     out[2] = gb;
@@ -163,7 +177,144 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, const s
   return DropoutLinear::apply(x, weight, bias, p, seed, offset, activation, train);
 }
 
-void init(py::capsule engine, py::object composite) {
+// ------------------------------------------------------------------ the registered ops' CPU kernels
+// fastdropout::dropout_linear and fastdropout::dropout_linear_backward (schemas defined in
+// _torch_ops.py) are what compiled and exported graphs call; their CPU kernels here replace
+// the Python ones, which still serve other dtypes (bfloat16, float16).
+py::object* g_py_linear = nullptr;
+py::object* g_py_linear_backward = nullptr;
+torch::Library* g_impls = nullptr;
+torch::Library* g_autograd = nullptr;
+bool g_cpp_kernels = true;  // false: the Python kernels for every dtype (tests of that route)
+
+bool all_float(std::initializer_list<const at::Tensor*> ts) {
+  for (const at::Tensor* t : ts)
+    if (t->defined() && t->scalar_type() != at::kFloat) return false;
+  return true;
+}
+
+using Three = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Three three_of(const py::object& r) {
+  py::tuple t = r.cast<py::tuple>();
+  return {t[0].cast<at::Tensor>(), t[1].cast<at::Tensor>(), t[2].cast<at::Tensor>()};
+}
+
+std::pair<uint64_t, uint64_t> read_state(const at::Tensor& state) {
+  at::Tensor s = state.contiguous();
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.numel() == 2, "state must be an int64 tensor [seed, offset]");
+  const int64_t* v = s.const_data_ptr<int64_t>();
+  return {static_cast<uint64_t>(v[0]), static_cast<uint64_t>(v[1])};
+}
+
+Three linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double p,
+                 const std::optional<at::Tensor>& state, int64_t activation, bool train) {
+  const at::Tensor no_bias;
+  if (!g_cpp_kernels || !all_float({&x, &weight, bias.has_value() ? &*bias : &no_bias})) {
+    py::gil_scoped_acquire gil;
+    return three_of((*g_py_linear)(x, weight, bias.has_value() ? py::cast(*bias) : py::none(), p,
+                                   state.has_value() ? py::cast(*state) : py::none(), activation, train));
+  }
+  at::Tensor st;
+  if (!train) {
+    st = at::zeros({2}, at::kLong);
+  } else if (state.has_value()) {
+    st = state->clone();  // (an op's outputs may not alias its inputs)
+  } else {  // one draw from torch's default generator, as _torch_ops._draw_seed
+    const int64_t seed = at::randint(0, INT64_MAX, {}, at::kLong).item<int64_t>();
+    st = at::tensor({seed, int64_t{0}}, at::kLong);
+  }
+  const auto [seed, offset] = train ? read_state(st) : std::pair<uint64_t, uint64_t>{0, 0};
+  const int64_t K = x.size(-1), N = weight.size(0);
+  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous();
+  at::Tensor b = bias.has_value() ? bias->resolve_neg().contiguous() : at::Tensor();
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  const bool keep_z = activation == 2;
+  at::Tensor z = keep_z ? at::empty(out_shape(x, N), x.options()) : at::empty({0}, x.options());
+  fastdropout_linear_args a{};
+  a.x = in_ptr(x2);
+  a.w = in_ptr(w);
+  a.bias = b.defined() ? in_ptr(b) : nullptr;
+  a.y = out_ptr(y);
+  a.z_out = keep_z ? out_ptr(z) : nullptr;
+  a.M = x2.size(0), a.N = N, a.K = K;
+  a.activation = static_cast<int32_t>(activation);
+  a.masked = train ? 1 : 0;
+  a.seed = seed, a.offset = offset, a.p = p;
+  char msg[256] = {0};
+  int rc;
+  {
+    NoGil nogil;
+    rc = g_engine->linear_forward(&a, msg, sizeof msg);
+  }
+  check(rc, msg);
+  return {y, z, st};
+}
+
+Three linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& z,
+                          double p, const at::Tensor& state, int64_t activation, bool train, bool has_bias,
+                          c10::List<bool> output_mask) {
+  TORCH_CHECK(output_mask.size() == 3, "output_mask must have 3 entries");
+  if (!g_cpp_kernels || !all_float({&grad_y, &x, &weight, &z})) {
+    py::gil_scoped_acquire gil;
+    py::list mask;
+    for (size_t i = 0; i < 3; ++i) mask.append(static_cast<bool>(output_mask.get(i)));
+    return three_of((*g_py_linear_backward)(grad_y, x, weight, z, p, state, activation, train, has_bias, mask));
+  }
+  const auto [seed, offset] = read_state(state);
+  const int64_t K = x.size(-1), N = weight.size(0);
+  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous(), dy = rows_of(grad_y, N);
+  at::Tensor z2 = activation ? rows_of(z, N) : at::Tensor();
+  const bool want_x = output_mask.get(0), want_w = output_mask.get(1), want_b = output_mask.get(2) && has_bias;
+  at::Tensor gx = want_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
+  at::Tensor gw = want_w ? at::empty({N, K}, weight.options()) : at::empty({0}, weight.options());
+  at::Tensor gb = want_b ? at::empty({N}, weight.options()) : at::empty({0}, weight.options());
+  fastdropout_linear_args a{};
+  a.x = in_ptr(x2);
+  a.w = in_ptr(w);
+  a.dy = in_ptr(dy);
+  a.z = z2.defined() ? in_ptr(z2) : nullptr;
+  a.grad_x = want_x ? out_ptr(gx) : nullptr;
+  a.grad_w = want_w ? out_ptr(gw) : nullptr;
+  a.grad_b = want_b ? out_ptr(gb) : nullptr;
+  a.M = x2.size(0), a.N = N, a.K = K;
+  a.activation = static_cast<int32_t>(activation);
+  a.masked = train ? 1 : 0;
+  a.seed = seed, a.offset = offset, a.p = p;
+  char msg[256] = {0};
+  int rc;
+  {
+    NoGil nogil;
+    rc = g_engine->linear_backward(&a, msg, sizeof msg);
+  }
+  check(rc, msg);
+  return {gx, gw, gb};
+}
+
+// The op's autograd kernel: where no gradient is wanted and the CPU kernel is all the
+// dispatcher would reach below autograd (compiled graphs run so, and no-grad calls), the
+// C++ CPU kernel without a hop into Python; everything else (a graph to record, fake
+// tensors, modes, subclasses) to the Python autograd kernel (_torch_ops._Op.register_autograd)
+// with the same key set.
+py::object* g_py_linear_autograd = nullptr;
+
+Three linear_autograd(c10::DispatchKeySet ks, const at::Tensor& x, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, double p, const std::optional<at::Tensor>& state,
+                      int64_t activation, bool train) {
+  const bool wants_grad = at::GradMode::is_enabled() &&
+                          (x.requires_grad() || weight.requires_grad() || (bias.has_value() && bias->requires_grad()) ||
+                           (state.has_value() && state->requires_grad()));
+  if (g_cpp_kernels && !wants_grad && (ks & c10::after_autograd_keyset).highestPriorityTypeId() == c10::DispatchKey::CPU) {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return linear_cpu(x, weight, bias, p, state, activation, train);
+  }
+  py::gil_scoped_acquire gil;
+  return three_of((*g_py_linear_autograd)(py::cast(ks), x, weight, bias.has_value() ? py::cast(*bias) : py::none(), p,
+                                          state.has_value() ? py::cast(*state) : py::none(), activation, train));
+}
+
+void init(py::capsule engine, py::object composite, py::object py_linear, py::object py_linear_backward,
+          py::object py_linear_autograd) {
   const char* name = engine.name();
   TORCH_CHECK(name && std::string(name) == FASTDROPOUT_ENGINE_CAPSULE, "not fastdropout's engine capsule");
   const auto* e = static_cast<const fastdropout_engine_v1*>(engine.get_pointer());
@@ -171,16 +322,34 @@ void init(py::capsule engine, py::object composite) {
               "fastdropout's engine interface does not match this build of its torch ops");
   g_engine = e;
   g_composite = new py::object(std::move(composite));
+  g_py_linear = new py::object(std::move(py_linear));
+  g_py_linear_backward = new py::object(std::move(py_linear_backward));
+  g_py_linear_autograd = new py::object(std::move(py_linear_autograd));
+  // the Python kernel takes torch._C.DispatchKeySet: this build must share torch's pybind11 types
+  TORCH_CHECK(py::isinstance(py::cast(c10::DispatchKeySet(c10::DispatchKey::CPU)),
+                             py::module_::import("torch._C").attr("DispatchKeySet")),
+              "fastdropout's torch layer: DispatchKeySet does not reach Python as torch's type");
+  if (!g_impls) {  // (kept for the process: the registration lasts as long as this object)
+    g_impls = new torch::Library(torch::Library::IMPL, "fastdropout", c10::DispatchKey::CPU, __FILE__, __LINE__);
+    g_impls->impl("dropout_linear", TORCH_FN(linear_cpu));
+    g_impls->impl("dropout_linear_backward", TORCH_FN(linear_backward_cpu));
+    g_autograd = new torch::Library(torch::Library::IMPL, "fastdropout", c10::DispatchKey::Autograd, __FILE__, __LINE__);
+    g_autograd->impl("dropout_linear", TORCH_FN(linear_autograd));
+  }
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("init", &init, py::arg("engine"), py::arg("composite"),
-        "Bind to _core's engine capsule and the Python backward used under create_graph.");
+  m.def("init", &init, py::arg("engine"), py::arg("composite"), py::arg("py_linear"), py::arg("py_linear_backward"),
+        py::arg("py_linear_autograd"),
+        "Bind to _core's engine capsule, the Python backward used under create_graph and the Python CPU kernels\n"
+        "of the registered ops (for other dtypes); register the C++ CPU kernels of those ops.");
   m.def("dropout_linear", &dropout_linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("p"),
         py::arg("seed"), py::arg("offset"), py::arg("activation"), py::arg("train"),
         "act(dropout(x) @ weight.T + bias) with autograd; arguments already checked by fastdropout.torch.");
+  m.def("_set_cpp_kernels", [](bool on) { g_cpp_kernels = on; }, py::arg("on"),
+        "For tests: the registered ops' C++ CPU kernels (True) or the Python ones (False) for float32 too.");
   m.def("_last_operands", [] {
     return py::make_tuple(reinterpret_cast<uintptr_t>(g_last_operands[0]), reinterpret_cast<uintptr_t>(g_last_operands[1]),
                           reinterpret_cast<uintptr_t>(g_last_operands[2]));

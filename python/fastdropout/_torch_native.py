@@ -42,6 +42,7 @@ _status = "not loaded yet (loaded at the first eager float32 call)"
 _tried = False
 _enabled = True  # tests switch the route off and on (set_enabled)
 _composite: Optional[Callable] = None
+_python_kernels: tuple = ()
 
 
 def setting() -> str:
@@ -130,7 +131,7 @@ def module():
             return None
         try:
             m = _build_or_load()
-            m.init(_core._engine_abi, _composite)
+            m.init(_core._engine_abi, _composite, *_python_kernels)
         except Exception as e:  # no compiler, ninja or headers: the Python route serves
             _status, _tried = f"unavailable, the Python route serves ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", True
             if mode == "1":
@@ -141,6 +142,13 @@ def module():
         return _module if _enabled else None
 
 
+def load_if_built() -> None:
+    """At import of fastdropout.torch: load a build that is already cached (so that compiled
+    graphs, which never take the eager route, find the C++ kernels too); build nothing."""
+    if _module is None and not _tried and setting() != "0" and _paths()[2].exists():
+        module()
+
+
 def status() -> str:
     return _status if _enabled else "switched off in this process"
 
@@ -149,10 +157,16 @@ def set_enabled(on: bool) -> bool:
     """For tests and benchmarks: use (True) or bypass (False) the C++ route; returns the previous setting."""
     global _enabled
     previous, _enabled = _enabled, bool(on)
+    if _module is not None:
+        _module._set_cpp_kernels(_enabled)
     return previous
 
 
-def set_composite(fn: Callable) -> None:
-    """The Python backward the C++ one calls under create_graph (set by _torch_ops at import)."""
-    global _composite
-    _composite = fn
+def set_python_parts(composite: Callable, linear: Callable, linear_backward: Callable,
+                     linear_autograd: Callable) -> None:
+    """What the C++ layer calls back (set by _torch_ops at import): the Python backward under
+    create_graph, the registered ops' Python CPU kernels, which the C++ kernels replace for
+    float32 and call for other dtypes, and dropout_linear's Python autograd kernel, which
+    the C++ one calls wherever a graph is recorded or the call is not a plain CPU one."""
+    global _composite, _python_kernels
+    _composite, _python_kernels = composite, (linear, linear_backward, linear_autograd)

@@ -144,6 +144,7 @@ class _Op:
             return below_autograd(keyset, args)
 
         _LIB.impl(self.name, kernel, "Autograd", with_keyset=True)
+        self.autograd_kernel = kernel
 
     def register_autocast(self) -> None:
         """Under ``torch.autocast("cpu", dtype=d)`` the op runs on its floating inputs cast to d
@@ -603,7 +604,9 @@ def _native_composite(grad_y, x, weight, bias, p, seed, offset, activation, trai
     return _linear_bwd_composite(grad_y, x, weight, bias, p, make_state(seed, offset), activation, train)[:3]
 
 
-_torch_native.set_composite(_native_composite)
+_torch_native.set_python_parts(_native_composite, dropout_linear_op.impl, dropout_linear_backward_op.impl,
+                               dropout_linear_op.autograd_kernel)
+_torch_native.load_if_built()
 
 
 def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activation, train) -> torch.Tensor:

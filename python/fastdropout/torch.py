@@ -365,6 +365,9 @@ class DropoutLinear(torch.nn.Module):
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
+        # the C++ layer (fastdropout._torch_native), built on first use: here, so that a model
+        # that only ever runs compiled (a route that never builds it) finds it too
+        _ops._torch_native.module()
 
     def reset_parameters(self) -> None:
         """``torch.nn.Linear.reset_parameters``: kaiming_uniform_(a=sqrt(5)) and a uniform bias."""
