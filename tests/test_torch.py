@@ -367,3 +367,26 @@ def test_torch_flags_are_booleans(call, value):
 @pytest.mark.parametrize("call", sorted(TORCH_FLAG_CALLS))
 def test_torch_flags_take_bools_and_one_or_zero(call, value):
     TORCH_FLAG_CALLS[call](value)
+
+
+def test_native_setting_from_the_environment():
+    """FASTDROPOUT_TORCH_NATIVE=0 keeps the Python route (and the same result); a bad value
+    is a ValueError when fastdropout.torch is imported."""
+    import subprocess
+    import sys
+
+    code = ("import torch, fastdropout.torch as fdt; from fastdropout import _torch_native as n\n"
+            "x, w = torch.ones(3, 4), torch.ones(2, 4)\n"
+            "total = fdt.dropout_linear(x, w, None, 0.5, seed=7).sum().item()\n"
+            "print(n.status(), '|', total)\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FASTDROPOUT_TORCH_NATIVE"}
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "FASTDROPOUT_TORCH_NATIVE": "0"},
+                         capture_output=True, text=True, timeout=300)
+    assert off.returncode == 0, off.stderr
+    status, total = off.stdout.strip().split(" | ")
+    assert status == "off (FASTDROPOUT_TORCH_NATIVE=0)"
+    x, w = torch.ones(3, 4), torch.ones(2, 4)
+    assert float(total) == fdt.dropout_linear(x, w, None, 0.5, seed=7).sum().item()
+    bad = subprocess.run([sys.executable, "-c", code], env={**env, "FASTDROPOUT_TORCH_NATIVE": "maybe"},
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "ValueError: FASTDROPOUT_TORCH_NATIVE must be one of auto, 0, 1" in bad.stderr

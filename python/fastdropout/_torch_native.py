@@ -150,7 +150,9 @@ def load_if_built() -> None:
 
 
 def status() -> str:
-    return _status if _enabled else "switched off in this process"
+    if not _enabled:
+        return "switched off in this process"
+    return f"off ({_ENV}=0)" if _module is None and setting() == "0" else _status
 
 
 def set_enabled(on: bool) -> bool:
