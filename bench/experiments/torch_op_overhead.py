@@ -10,6 +10,9 @@
    (nn.Parameter weights, a seed drawn from torch's generator per call).
 2. One SGD step of the 784-1024-1024-10 MLP of fastdropout.torch.DropoutLinear layers:
    eager against torch.compile(model, fullgraph=True), batch 64 and 256.
+Rows marked "Python route" run with the C++ layer switched off (fastdropout/_torch_native.py:
+the eager autograd.Function and the registered ops' kernels in Python, as
+FASTDROPOUT_TORCH_NATIVE=0), the others with it.
 
 Timed in turn (A B A B ...), no sleeps; medians and ranges of N samples, and the median (with
 the quartiles) of the per-round ratios: each round times every variant once, next to each
@@ -25,7 +28,7 @@ import torch
 
 import fastdropout as fd
 import fastdropout.torch as fdt
-from fastdropout import _torch_ops
+from fastdropout import _torch_native, _torch_ops
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 15
 
@@ -60,6 +63,18 @@ b = np.zeros(n, np.float32)
 dy = rng.standard_normal((m, n), dtype=np.float32)
 tx, tw, tb, tdy = (torch.from_numpy(a) for a in (x, w, b, dy))
 txg, twg, tbg = (t.clone().requires_grad_() for t in (tx, tw, tb))
+
+
+def python_route(f):
+    """f with fastdropout.torch's C++ layer switched off (the Python route: the eager
+    autograd.Function and the registered ops' Python kernels), as FASTDROPOUT_TORCH_NATIVE=0."""
+    def run():
+        previous = _torch_native.set_enabled(False)
+        try:
+            f()
+        finally:
+            _torch_native.set_enabled(previous)
+    return run
 
 
 def direct_fwd_bwd():
@@ -104,11 +119,13 @@ with torch.no_grad():
     res = interleaved({"kernels (fd.dropout_dense)": lambda: fd.dropout_dense(x, w, b, 0.5, seed=3),
                        "functional (fdt.dropout_linear)": lambda: fdt.dropout_linear(tx, tw, tb, 0.5, seed=3),
                        "registered op (torch.ops.fastdropout)": lambda: op(tx, tw, tb, 0.5, state, 0, True),
-                       "module (DropoutLinear, seed drawn)": lambda: layer(tx)})
+                       "module (DropoutLinear, seed drawn)": lambda: layer(tx),
+                       "registered op, Python route": python_route(lambda: op(tx, tw, tb, 0.5, state, 0, True)),
+                       "module, Python route": python_route(lambda: layer(tx))})
 show(f"forward {m}x{k}x{n}, p=0.5", res, "kernels (fd.dropout_dense)")
 res = interleaved({"kernels (forward + backward)": direct_fwd_bwd,
                    "kernels in a bare autograd.Function": engine_fwd_bwd, "functional + autograd": op_fwd_bwd,
-                   "module + autograd": module_fwd_bwd})
+                   "module + autograd": module_fwd_bwd, "module + autograd, Python route": python_route(module_fwd_bwd)})
 show(f"forward+backward {m}x{k}x{n}, p=0.5", res, "kernels (forward + backward)")
 
 for batch in (64, 256):
@@ -128,6 +145,7 @@ for batch in (64, 256):
             opt.step()
         return run
 
-    res = interleaved({"eager fastdropout.torch": step(model), "torch.compile(fullgraph=True)": step(compiled)},
-                      inner=3)
+    res = interleaved({"eager fastdropout.torch": step(model), "torch.compile(fullgraph=True)": step(compiled),
+                       "eager, Python route": python_route(step(model)),
+                       "compiled, Python route": python_route(step(compiled))}, inner=3)
     show(f"training step, batch {batch}", res, "eager fastdropout.torch")

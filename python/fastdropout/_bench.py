@@ -804,6 +804,8 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
         out.append("  neighbours: " + ("threads give way (small problems run on one thread while other libraries' "
                                        "threads hold our cores)" if info["adapt_threads"] else
                                        "threads do not give way (FASTDROPOUT_ADAPT_THREADS=0)"))
+    if info.get("torch_layer"):
+        out.append(f"  torch layer: {info['torch_layer']}")
     vers = ", ".join(f"{k} {info[k]}" for k in ("fastdropout", "numpy", "torch", "jax") if info.get(k))
     out.append(f"  versions : python {info['python']}, {vers}")
     if info.get("numpy_blas"):
@@ -936,6 +938,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         quick=args.quick, threads=args.threads, backend=args.backend, repeats=args.repeats or kwargs.pop("repeats", None),
         scaling=not args.no_scaling, **{**kwargs, **({"compile_torch": False} if args.no_compile else {})},
     )
+    if info.get("torch"):  # (after the rows: the training rows build the C++ layer if it was not yet)
+        from ._torch_native import describe
+
+        info["torch_layer"] = describe()
     print(format_report(info, results))
     if args.json:
         with open(args.json, "w") as fh:
