@@ -27,6 +27,19 @@ int failed(const char* what, char* msg, size_t len) {
   return 1;
 }
 
+/// Runs `body`, turning any exception into the interface's error return.
+template <class Body>
+int guarded(Body&& body, char* msg, size_t len) {
+  try {
+    body();
+    return 0;
+  } catch (const std::exception& e) {
+    return failed(e.what(), msg, len);
+  } catch (...) {
+    return failed("fastdropout engine: unknown error", msg, len);
+  }
+}
+
 bool bad(const fastdropout_linear_args* a) {
   return !a || a->M < 0 || a->N < 0 || a->K < 0 || a->activation < 0 || a->activation > 2 || !(a->p >= 0.0) ||
          a->p > 1.0;
@@ -34,7 +47,7 @@ bool bad(const fastdropout_linear_args* a) {
 
 int linear_forward(const fastdropout_linear_args* a, char* msg, size_t len) {
   if (bad(a) || !a->x || !a->w || !a->y) return failed("fastdropout engine: bad linear_forward arguments", msg, len);
-  try {
+  return guarded([a] {
     ops::DenseForward f;
     f.x = a->x;
     f.w = a->w;
@@ -47,18 +60,13 @@ int linear_forward(const fastdropout_linear_args* a, char* msg, size_t len) {
     f.act = static_cast<Activation>(a->activation);
     f.mask = mask_of(*a);
     ops::dense_forward(f);
-    return 0;
-  } catch (const std::exception& e) {
-    return failed(e.what(), msg, len);
-  } catch (...) {
-    return failed("fastdropout engine: unknown error", msg, len);
-  }
+  }, msg, len);
 }
 
 int linear_backward(const fastdropout_linear_args* a, char* msg, size_t len) {
   if (bad(a) || !a->x || !a->w || !a->dy || (a->activation != 0 && !a->z))
     return failed("fastdropout engine: bad linear_backward arguments", msg, len);
-  try {
+  return guarded([a] {
     ops::DenseBackward b;
     b.dy = a->dy;
     b.x = a->x;
@@ -73,12 +81,7 @@ int linear_backward(const fastdropout_linear_args* a, char* msg, size_t len) {
     b.act = static_cast<Activation>(a->activation);
     b.mask = mask_of(*a);
     ops::dense_backward(b);
-    return 0;
-  } catch (const std::exception& e) {
-    return failed(e.what(), msg, len);
-  } catch (...) {
-    return failed("fastdropout engine: unknown error", msg, len);
-  }
+  }, msg, len);
 }
 
 const fastdropout_engine_v1 kEngine = {FASTDROPOUT_ENGINE_ABI_VERSION, sizeof(fastdropout_engine_v1),

@@ -62,38 +62,81 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   return shape;
 }
 
+// y = act(dropout(x) @ weight.T + bias) (and z, the pre-activation, when keep_z) in x's
+// shape with weight's rows as its last dimension, by the engine.
+std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                              double p, uint64_t seed, uint64_t offset, int64_t activation, bool train,
+                                              bool keep_z) {
+  const int64_t K = x.size(-1), N = weight.size(0);
+  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous();
+  at::Tensor b = bias.defined() ? bias.resolve_neg().contiguous() : at::Tensor();
+  // (allocated in the output's shape: a view made here could not take in-place changes)
+  at::Tensor y = at::empty(out_shape(x, N), x.options());
+  at::Tensor z = keep_z ? at::empty(out_shape(x, N), x.options()) : at::Tensor();
+  fastdropout_linear_args a{};
+  a.x = in_ptr(x2);
+  a.w = in_ptr(w);
+  a.bias = b.defined() ? in_ptr(b) : nullptr;
+  a.y = out_ptr(y);
+  a.z_out = keep_z ? out_ptr(z) : nullptr;
+  a.M = x2.size(0), a.N = N, a.K = K;
+  a.activation = static_cast<int32_t>(activation);
+  a.masked = train ? 1 : 0;
+  a.seed = seed, a.offset = offset, a.p = p;
+  g_last_operands[0] = a.x, g_last_operands[1] = a.w, g_last_operands[2] = a.bias;
+  char msg[256] = {0};
+  int rc;
+  {
+    NoGil nogil;
+    rc = g_engine->linear_forward(&a, msg, sizeof msg);
+  }
+  check(rc, msg);
+  return {y, z};
+}
+
+// (grad_x, grad_weight, grad_bias) by the engine, each only where `want` asks (else
+// undefined); z is the pre-activation (ReLU: its output) where there is an activation.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad_y, const at::Tensor& x,
+                                                            const at::Tensor& weight, const at::Tensor& z, double p,
+                                                            uint64_t seed, uint64_t offset, int64_t activation,
+                                                            bool train, const bool want[3]) {
+  const int64_t K = x.size(-1), N = weight.size(0);
+  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous(), dy = rows_of(grad_y, N);
+  at::Tensor z2 = activation && z.defined() ? rows_of(z, N) : at::Tensor();
+  at::Tensor gx = want[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
+  at::Tensor gw = want[1] ? at::empty({N, K}, weight.options()) : at::Tensor();
+  at::Tensor gb = want[2] ? at::empty({N}, weight.options()) : at::Tensor();
+  fastdropout_linear_args a{};
+  a.x = in_ptr(x2);
+  a.w = in_ptr(w);
+  a.dy = in_ptr(dy);
+  a.z = z2.defined() ? in_ptr(z2) : nullptr;
+  a.grad_x = want[0] ? out_ptr(gx) : nullptr;
+  a.grad_w = want[1] ? out_ptr(gw) : nullptr;
+  a.grad_b = want[2] ? out_ptr(gb) : nullptr;
+  a.M = x2.size(0), a.N = N, a.K = K;
+  a.activation = static_cast<int32_t>(activation);
+  a.masked = train ? 1 : 0;
+  a.seed = seed, a.offset = offset, a.p = p;
+  g_last_wanted[0] = want[0], g_last_wanted[1] = want[1], g_last_wanted[2] = want[2];
+  char msg[256] = {0};
+  int rc;
+  {
+    NoGil nogil;
+    rc = g_engine->linear_backward(&a, msg, sizeof msg);
+  }
+  check(rc, msg);
+  return {gx, gw, gb};
+}
+
 class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, double p, uint64_t seed, uint64_t offset,
                             int64_t activation, bool train) {
-    const int64_t K = x.size(-1), N = weight.size(0);
-    at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous();
-    at::Tensor b = bias.has_value() ? bias->resolve_neg().contiguous() : at::Tensor();
-    const int64_t M = x2.size(0);
-    // (allocated in the output's shape: a view made here could not take in-place changes)
-    at::Tensor y = at::empty(out_shape(x, N), x.options());
     const bool keep_z = activation == 2;  // GELU's derivative reads z; ReLU's its output
-    at::Tensor z = keep_z ? at::empty(out_shape(x, N), x.options()) : at::Tensor();
-    fastdropout_linear_args a{};
-    a.x = in_ptr(x2);
-    a.w = in_ptr(w);
-    a.bias = b.defined() ? in_ptr(b) : nullptr;
-    a.y = out_ptr(y);
-    a.z_out = keep_z ? out_ptr(z) : nullptr;
-    a.M = M, a.N = N, a.K = K;
-    a.activation = static_cast<int32_t>(activation);
-    a.masked = train ? 1 : 0;
-    a.seed = seed, a.offset = offset, a.p = p;
-    g_last_operands[0] = a.x, g_last_operands[1] = a.w, g_last_operands[2] = a.bias;
-    char msg[256] = {0};
-    int rc;
-    {
-      NoGil nogil;
-      rc = g_engine->linear_forward(&a, msg, sizeof msg);
-    }
-    check(rc, msg);
-    at::Tensor& out = y;
+    auto [out, z] = run_forward(x, weight, bias.has_value() ? *bias : at::Tensor(), p, seed, offset, activation, train,
+                                keep_z);
     // x as the caller gave it (an inference tensor cannot be saved: a copy is)
     ctx->save_for_backward({x.is_inference() ? x.clone() : x, weight, bias.has_value() ? *bias : at::Tensor(),
                             keep_z ? z : (keeps_output_for_relu(activation) ? out : at::Tensor())});
@@ -123,39 +166,9 @@ class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
         if (!g[i].is_none() && ctx->needs_input_grad(i)) out[i] = g[i].cast<at::Tensor>();
       return out;
     }
-    const int64_t K = x.size(-1), N = weight.size(0);
-    at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous();
-    at::Tensor dy = rows_of(grad_y, N);
-    at::Tensor z2 = z.defined() ? rows_of(z, N) : at::Tensor();
-    const int64_t M = x2.size(0);
-    const bool want_x = ctx->needs_input_grad(0), want_w = ctx->needs_input_grad(1);
-    const bool want_b = bias.defined() && ctx->needs_input_grad(2);
-    at::Tensor gx = want_x ? at::empty(x.sizes(), x.options()) : at::Tensor();
-    at::Tensor gw = want_w ? at::empty({N, K}, weight.options()) : at::Tensor();
-    at::Tensor gb = want_b ? at::empty({N}, weight.options()) : at::Tensor();
-    fastdropout_linear_args a{};
-    a.x = in_ptr(x2);
-    a.w = in_ptr(w);
-    a.dy = in_ptr(dy);
-    a.z = z2.defined() ? in_ptr(z2) : nullptr;
-    a.grad_x = want_x ? out_ptr(gx) : nullptr;
-    a.grad_w = want_w ? out_ptr(gw) : nullptr;
-    a.grad_b = want_b ? out_ptr(gb) : nullptr;
-    a.M = M, a.N = N, a.K = K;
-    a.activation = static_cast<int32_t>(activation);
-    a.masked = train ? 1 : 0;
-    a.seed = seed, a.offset = offset, a.p = p;
-    g_last_wanted[0] = want_x, g_last_wanted[1] = want_w, g_last_wanted[2] = want_b;
-    char msg[256] = {0};
-    int rc;
-    {
-      NoGil nogil;
-      rc = g_engine->linear_backward(&a, msg, sizeof msg);
-    }
-    check(rc, msg);
-    out[0] = gx;
-    out[1] = gw;
-    out[2] = gb;
+    const bool want[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                          bias.defined() && ctx->needs_input_grad(2)};
+    std::tie(out[0], out[1], out[2]) = run_backward(grad_y, x, weight, z, p, seed, offset, activation, train, want);
     return out;
   }
 };
@@ -225,30 +238,9 @@ Three linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optio
     st = at::tensor({seed, int64_t{0}}, at::kLong);
   }
   const auto [seed, offset] = train ? read_state(st) : std::pair<uint64_t, uint64_t>{0, 0};
-  const int64_t K = x.size(-1), N = weight.size(0);
-  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous();
-  at::Tensor b = bias.has_value() ? bias->resolve_neg().contiguous() : at::Tensor();
-  at::Tensor y = at::empty(out_shape(x, N), x.options());
-  const bool keep_z = activation == 2;
-  at::Tensor z = keep_z ? at::empty(out_shape(x, N), x.options()) : at::empty({0}, x.options());
-  fastdropout_linear_args a{};
-  a.x = in_ptr(x2);
-  a.w = in_ptr(w);
-  a.bias = b.defined() ? in_ptr(b) : nullptr;
-  a.y = out_ptr(y);
-  a.z_out = keep_z ? out_ptr(z) : nullptr;
-  a.M = x2.size(0), a.N = N, a.K = K;
-  a.activation = static_cast<int32_t>(activation);
-  a.masked = train ? 1 : 0;
-  a.seed = seed, a.offset = offset, a.p = p;
-  char msg[256] = {0};
-  int rc;
-  {
-    NoGil nogil;
-    rc = g_engine->linear_forward(&a, msg, sizeof msg);
-  }
-  check(rc, msg);
-  return {y, z, st};
+  auto [y, z] = run_forward(x, weight, bias.has_value() ? *bias : at::Tensor(), p, seed, offset, activation, train,
+                            activation == 2);
+  return {y, z.defined() ? z : at::empty({0}, x.options()), st};
 }
 
 Three linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& z,
@@ -262,33 +254,13 @@ Three linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const a
     return three_of((*g_py_linear_backward)(grad_y, x, weight, z, p, state, activation, train, has_bias, mask));
   }
   const auto [seed, offset] = read_state(state);
-  const int64_t K = x.size(-1), N = weight.size(0);
-  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous(), dy = rows_of(grad_y, N);
-  at::Tensor z2 = activation ? rows_of(z, N) : at::Tensor();
-  const bool want_x = output_mask.get(0), want_w = output_mask.get(1), want_b = output_mask.get(2) && has_bias;
-  at::Tensor gx = want_x ? at::empty(x.sizes(), x.options()) : at::empty({0}, x.options());
-  at::Tensor gw = want_w ? at::empty({N, K}, weight.options()) : at::empty({0}, weight.options());
-  at::Tensor gb = want_b ? at::empty({N}, weight.options()) : at::empty({0}, weight.options());
-  fastdropout_linear_args a{};
-  a.x = in_ptr(x2);
-  a.w = in_ptr(w);
-  a.dy = in_ptr(dy);
-  a.z = z2.defined() ? in_ptr(z2) : nullptr;
-  a.grad_x = want_x ? out_ptr(gx) : nullptr;
-  a.grad_w = want_w ? out_ptr(gw) : nullptr;
-  a.grad_b = want_b ? out_ptr(gb) : nullptr;
-  a.M = x2.size(0), a.N = N, a.K = K;
-  a.activation = static_cast<int32_t>(activation);
-  a.masked = train ? 1 : 0;
-  a.seed = seed, a.offset = offset, a.p = p;
-  char msg[256] = {0};
-  int rc;
-  {
-    NoGil nogil;
-    rc = g_engine->linear_backward(&a, msg, sizeof msg);
-  }
-  check(rc, msg);
-  return {gx, gw, gb};
+  const bool want[3] = {output_mask.get(0), output_mask.get(1), output_mask.get(2) && has_bias};
+  auto [gx, gw, gb] = run_backward(grad_y, x, weight, z, p, seed, offset, activation, train, want);
+  // (the schema's outputs are tensors: an empty one for a gradient not asked for)
+  const auto or_empty = [](const at::Tensor& g, const at::Tensor& like) {
+    return g.defined() ? g : at::empty({0}, like.options());
+  };
+  return {or_empty(gx, x), or_empty(gw, weight), or_empty(gb, weight)};
 }
 
 // The op's autograd kernel: where no gradient is wanted and the CPU kernel is all the
