@@ -390,3 +390,18 @@ def test_native_setting_from_the_environment():
     bad = subprocess.run([sys.executable, "-c", code], env={**env, "FASTDROPOUT_TORCH_NATIVE": "maybe"},
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "ValueError: FASTDROPOUT_TORCH_NATIVE must be one of auto, 0, 1" in bad.stderr
+
+
+def test_native_layer_loads_before_fastdropout_torch_is_imported(torch_route):
+    """_torch_native.module() called first in a process (as `.ci/run` and `info` may) still
+    binds everything the C++ layer calls back."""
+    import subprocess
+    import sys
+
+    if torch_route != "native":
+        pytest.skip("the C++ route's own test")
+    code = "from fastdropout import _torch_native as n; m = n.module(); print(m is not None, n.status())"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FASTDROPOUT_TORCH_NATIVE"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("True loaded"), r.stdout + r.stderr

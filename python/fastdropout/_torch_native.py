@@ -122,6 +122,12 @@ def module():
         return _module if _enabled else None
     if _tried or not _enabled:
         return None
+    # first the Python parts the C++ layer calls back (set_python_parts); outside the lock,
+    # as that import itself loads a cached build (load_if_built)
+    from . import _torch_ops  # noqa: F401
+
+    if _module is not None or _tried:
+        return _module if _enabled else None
     with _lock:
         if _tried:
             return _module
