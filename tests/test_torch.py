@@ -405,3 +405,31 @@ def test_native_layer_loads_before_fastdropout_torch_is_imported(torch_route):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("True loaded"), r.stdout + r.stderr
+
+
+def test_failed_build_falls_back_says_why_and_is_not_retried(tmp_path, torch_route):
+    """Where the C++ layer cannot be built (here: a compiler that fails), the Python route
+    serves with the same result, stderr says why, the reason is kept in the cache folder, the
+    next process does not try again, and `info` reports it."""
+    import subprocess
+    import sys
+
+    if torch_route != "python":
+        pytest.skip("one run is enough: it starts its own processes")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "FASTDROPOUT_TORCH_NATIVE"}
+    env.update(FASTDROPOUT_CACHE_DIR=str(tmp_path), CXX="/bin/false")
+    code = ("import torch, fastdropout.torch as fdt\n"
+            "print(fdt.dropout_linear(torch.ones(3, 4), torch.ones(2, 4), None, 0.5, seed=7).sum().item())\n")
+    runs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    expected = fdt.dropout_linear(torch.ones(3, 4), torch.ones(2, 4), None, 0.5, seed=7).sum().item()
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+        assert float(r.stdout) == expected
+        assert "its C++ PyTorch layer is not available" in r.stderr and "the Python route serves" in r.stderr
+    assert "an earlier build failed" in runs[1].stderr  # (not built again)
+    kept = list(tmp_path.glob("torch_ops/*/failed.txt"))
+    assert len(kept) == 1 and "/bin/false" in kept[0].read_text()
+    info = subprocess.run([sys.executable, "-m", "fastdropout", "info"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert "torch layer       : Python: building the C++ layer failed" in info.stdout

@@ -4,8 +4,8 @@ A plain eager call of :func:`fastdropout.torch.dropout_linear` (or a
 :class:`~fastdropout.torch.DropoutLinear` layer) on float32 tensors goes through a
 ``torch.autograd.Function`` written in C++ (``_native/torch_ops.cpp``) that calls the
 engine through ``_core``'s C interface, instead of through Python: the same kernels, the
-same masks and gradients bit for bit, at about a third of the Python route's cost around
-them (see README, *The PyTorch op layer*).  Everything else (compiled and exported graphs,
+same masks and gradients bit for bit, at a third to three quarters of the Python route's cost
+around them (README, *Measured*: "The PyTorch layer in C++").  Everything else (compiled and exported graphs,
 torch.func, autocast, half precision, tensor subclasses) keeps the registered ops of
 ``_torch_ops``.
 
@@ -15,10 +15,14 @@ compiler torch names, ninja) the first time a process needs it, about a minute o
 and cached under ``$FASTDROPOUT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fastdropout`` or
 ``~/.cache/fastdropout``), one build per torch version, Python version and source.
 
-``FASTDROPOUT_TORCH_NATIVE`` chooses: ``auto`` (default) builds when needed and falls back
-to the Python route, with the reason in ``python -m fastdropout info``, when it cannot (no
-compiler, no ninja, no Python headers); ``0`` never uses it; ``1`` requires it (a failure
-raises).  Results never depend on the choice.
+It is built (or a cached build loaded) when a ``DropoutLinear`` is constructed or at the first
+eager float32 call, whichever comes first; a cached build also loads when
+``fastdropout.torch`` is imported.  ``FASTDROPOUT_TORCH_NATIVE`` chooses: ``auto`` (default)
+builds when needed and falls back to the Python route when it cannot (no compiler, no ninja,
+no Python headers), saying why on stderr and leaving the reason in the cache folder
+(``failed.txt``), which ``python -m fastdropout info`` shows and which keeps later processes
+from trying again until it is deleted; ``0`` never uses it; ``1`` requires it (a failure raises,
+and it tries again whatever an earlier failure left).  Results never depend on the choice.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ _ENV = "FASTDROPOUT_TORCH_NATIVE"
 _SETTINGS = ("auto", "0", "1")
 _lock = threading.Lock()
 _module = None  # the loaded extension, once loaded
-_status = "not loaded yet (loaded at the first eager float32 call)"
+_status = "not loaded yet (built or loaded by the first DropoutLinear or eager float32 call)"
 _tried = False
 _enabled = True  # tests switch the route off and on (set_enabled)
 _composite: Optional[Callable] = None
@@ -46,6 +50,7 @@ _python_kernels: tuple = ()
 
 
 def setting() -> str:
+    """FASTDROPOUT_TORCH_NATIVE: "auto" (default), "0" or "1"; ValueError for anything else."""
     value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
     if value not in _SETTINGS:
         raise ValueError(f"{_ENV} must be one of {', '.join(_SETTINGS)}, got {value!r}")
@@ -53,10 +58,12 @@ def setting() -> str:
 
 
 def source_dir() -> Path:
+    """The C++ source shipped in the package (fastdropout/_native)."""
     return Path(_core.__file__).resolve().parent / "_native"
 
 
 def cache_root() -> Path:
+    """$FASTDROPOUT_CACHE_DIR, else $XDG_CACHE_HOME/fastdropout, else ~/.cache/fastdropout."""
     if os.environ.get("FASTDROPOUT_CACHE_DIR"):
         return Path(os.environ["FASTDROPOUT_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -96,15 +103,22 @@ def describe() -> str:
     if _module is not None or _tried:
         return ("C++: " if _module is not None else "Python: C++ layer ") + _status
     built = _paths()[2]
+    failed = built.parent / "failed.txt"
+    if failed.exists() and not built.exists():
+        return (f"Python: building the C++ layer failed ({failed.read_text().strip()}); "
+                f"delete {failed} to try again")
     return (f"C++ (built for torch {torch.__version__}: {built})" if built.exists() else
-            f"C++ once built (at the first eager float32 call, about a minute, into {built.parent}; "
-            f"{_ENV}=0: Python)")
+            f"C++ once built (by the first DropoutLinear or eager float32 call, about a minute, into "
+            f"{built.parent}; {_ENV}=0: Python)")
 
 
 def _build_or_load():
     name, folder, built = _paths()
     if built.exists():
         return _import_built(name, built)
+    failed = folder / "failed.txt"
+    if failed.exists() and setting() != "1":
+        raise RuntimeError(f"an earlier build failed: {failed.read_text().strip()}")
     from torch.utils.cpp_extension import load
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,13 +153,32 @@ def module():
             m = _build_or_load()
             m.init(_core._engine_abi, _composite, *_python_kernels)
         except Exception as e:  # no compiler, ninja or headers: the Python route serves
-            _status, _tried = f"unavailable, the Python route serves ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", True
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            _status, _tried = f"unavailable, the Python route serves ({reason})", True
+            if mode != "1":
+                _record_failure(reason)
             if mode == "1":
                 raise RuntimeError(f"{_ENV}=1 but fastdropout's C++ PyTorch layer could not be built or loaded") from e
             return None
         _module, _tried = m, True
         _status = f"loaded ({Path(m.__file__).parent})"
         return _module if _enabled else None
+
+
+def _record_failure(reason: str) -> None:
+    """Say on stderr why the C++ layer is not used, and leave the reason where later processes
+    (and ``info``) find it, so that they do not spend the build's minute again."""
+    try:
+        folder = _paths()[1]
+        failed = folder / "failed.txt"
+        if not failed.exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            failed.write_text(reason + "\n")
+        print(f"fastdropout: its C++ PyTorch layer is not available ({reason}); the Python route serves, "
+              f"with the same results. The reason is kept in {failed}: delete it to try again, or set "
+              f"{_ENV}=0.", file=sys.stderr, flush=True)
+    except OSError:
+        pass
 
 
 def load_if_built() -> None:
@@ -156,6 +189,7 @@ def load_if_built() -> None:
 
 
 def status() -> str:
+    """This process's route: loaded (where from), off, not loaded yet, or why it is unavailable."""
     if not _enabled:
         return "switched off in this process"
     return f"off ({_ENV}=0)" if _module is None and setting() == "0" else _status

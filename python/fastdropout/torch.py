@@ -334,11 +334,19 @@ class DropoutLinear(torch.nn.Module):
     Raises
     ------
     TypeError
-        ``dtype`` other than float32/bfloat16/float16, ``device`` other than the CPU, a
-        non-real ``p``, an activation that is not a string; at the call, what
+        ``dtype`` other than float32/bfloat16/float16, ``device`` other than the CPU or
+        meta, a non-real ``p``, an activation that is not a string; at the call, what
         :func:`dropout_linear` refuses.
     ValueError
         ``p`` outside [0, 1], an unknown activation.
+
+    Notes
+    -----
+    Float32 calls run fastdropout's C++ layer, compiled against the installed torch the first
+    time a process needs it: the first ``DropoutLinear`` of a new torch version may take about a
+    minute (announced on stderr; cached under ``$FASTDROPOUT_CACHE_DIR``, default
+    ``~/.cache/fastdropout``).  ``FASTDROPOUT_TORCH_NATIVE=0`` keeps the Python route; the
+    results are the same bits either way (``fastdropout._torch_native``).
     """
 
     def __init__(
