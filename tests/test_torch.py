@@ -433,3 +433,29 @@ def test_failed_build_falls_back_says_why_and_is_not_retried(tmp_path, torch_rou
     info = subprocess.run([sys.executable, "-m", "fastdropout", "info"], env=env, capture_output=True, text=True,
                           timeout=300)
     assert "torch layer       : Python: building the C++ layer failed" in info.stdout
+
+
+@pytest.mark.parametrize("p", [0.0, 2.0**-33, 3 * 2.0**-33, 0.1, 0.375, 0.5, 1 - 2.0**-32, 1.0])
+def test_routes_agree_on_the_mask_parameters_of_p(backend, p):
+    """The C++ layer computes p's threshold and scale itself (engine_abi.cpp): at p = 0 and 1,
+    next to 1, tiny p (p * 2**32 half-way between integers) and usual p, its output and
+    gradients are the Python route's, bit for bit.  (A threshold off by one would show only
+    where a Philox word equals it: this pins the scale and gross threshold errors, not the
+    half-way rounding, which both sides take from the contract: round half to even.)"""
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(5, 33, generator=gen), torch.randn(7, 33, generator=gen), torch.randn(7, generator=gen)
+    results = []
+    previous = _torch_native.set_enabled(True)
+    try:
+        if _torch_native.module() is None:
+            pytest.skip(f"fastdropout's C++ torch layer: {_torch_native.status()}")
+        for native in (True, False):
+            _torch_native.set_enabled(native)
+            xs, ws, bs = leaf(x), leaf(w), leaf(b)
+            y = fdt.dropout_linear(xs, ws, bs, p, activation="relu", seed=9, offset=2)
+            y.backward(torch.ones_like(y))
+            results.append((y.detach(), xs.grad, ws.grad, bs.grad))
+    finally:
+        _torch_native.set_enabled(previous)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)

@@ -155,10 +155,9 @@ def module():
         except Exception as e:  # no compiler, ninja or headers: the Python route serves
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             _status, _tried = f"unavailable, the Python route serves ({reason})", True
-            if mode != "1":
-                _record_failure(reason)
             if mode == "1":
                 raise RuntimeError(f"{_ENV}=1 but fastdropout's C++ PyTorch layer could not be built or loaded") from e
+            _record_failure(reason)
             return None
         _module, _tried = m, True
         _status = f"loaded ({Path(m.__file__).parent})"
