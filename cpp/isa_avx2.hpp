@@ -112,32 +112,41 @@ inline void philox_round2(__m256i a[4], __m256i b[4], __m256i m0, __m256i m1, __
 /// counter's words 2 and 3 (zero), and the rounds are unrolled: keep bits 1.2x faster on
 /// Zen 3 than the rolled loop.  (Gaussian dropout, whose transform is interleaved with the
 /// rounds, measured faster with philox16_rolled.)
+/// The rounds run on local copies, stored to a and b once at the end: written through the
+/// pointers, every round's words went to memory and back (the compiler cannot rule out
+/// that a or b overlaps the key schedule it reads), where the compiler did not inline
+/// this function; 1.5x faster so on Zen 3.
 inline void philox16(uint64_t block, const KeySchedule& ks, __m256i a[4], __m256i b[4]) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  __m256i c0, c1;
+  __m256i la[4], lb[4], c0, c1;
   block_counters(block, c0, c1);
-  mulhilo(c0, m0, a[2], a[3]);  // round 0 on (c0, c1, 0, 0)
-  a[0] = _mm256_xor_si256(c1, ks.k[0]);
-  a[1] = _mm256_setzero_si256();
-  a[2] = _mm256_xor_si256(a[2], ks.k[1]);
+  mulhilo(c0, m0, la[2], la[3]);  // round 0 on (c0, c1, 0, 0)
+  la[0] = _mm256_xor_si256(c1, ks.k[0]);
+  la[1] = _mm256_setzero_si256();
+  la[2] = _mm256_xor_si256(la[2], ks.k[1]);
   block_counters(block + 8, c0, c1);
-  mulhilo(c0, m0, b[2], b[3]);
-  b[0] = _mm256_xor_si256(c1, ks.k[0]);
-  b[1] = a[1];
-  b[2] = _mm256_xor_si256(b[2], ks.k[1]);
+  mulhilo(c0, m0, lb[2], lb[3]);
+  lb[0] = _mm256_xor_si256(c1, ks.k[0]);
+  lb[1] = la[1];
+  lb[2] = _mm256_xor_si256(lb[2], ks.k[1]);
   FD_UNROLL_ALL
-  for (int r = 1; r < 10; ++r) philox_round2(a, b, m0, m1, ks.k[2 * r], ks.k[2 * r + 1]);
+  for (int r = 1; r < 10; ++r) philox_round2(la, lb, m0, m1, ks.k[2 * r], ks.k[2 * r + 1]);
+  FD_UNROLL_ALL
+  for (int j = 0; j < 4; ++j) a[j] = la[j], b[j] = lb[j];
 }
 
-/// The same words by the plain rolled loop of 10 rounds.
+/// The same words by the plain rolled loop of 10 rounds (on local copies, as philox16).
 inline void philox16_rolled(uint64_t block, const KeySchedule& ks, __m256i a[4], __m256i b[4]) {
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  block_counters(block, a[0], a[1]);
-  block_counters(block + 8, b[0], b[1]);
-  a[2] = a[3] = b[2] = b[3] = _mm256_setzero_si256();
-  for (int r = 0; r < 10; ++r) philox_round2(a, b, m0, m1, ks.k[2 * r], ks.k[2 * r + 1]);
+  __m256i la[4], lb[4];
+  block_counters(block, la[0], la[1]);
+  block_counters(block + 8, lb[0], lb[1]);
+  la[2] = la[3] = lb[2] = lb[3] = _mm256_setzero_si256();
+  for (int r = 0; r < 10; ++r) philox_round2(la, lb, m0, m1, ks.k[2 * r], ks.k[2 * r + 1]);
+  FD_UNROLL_ALL
+  for (int j = 0; j < 4; ++j) a[j] = la[j], b[j] = lb[j];
 }
 
 /// The 32 words of one set of 8 blocks (philox16) in element order, as 4 vectors.
