@@ -479,11 +479,19 @@ void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0,
         }
       }
       const float* seg = load_segment(m, d0 + d, l0, nl, buf);
-      for (int64_t p = 0; p < panels; ++p) {
+      const int64_t full = nl / w;  // whole panels: a copy of a size the compiler knows, inlined
+      if (w == kNR) {
+        for (int64_t p = 0; p < full; ++p) std::memcpy(out + p * nd * w + d * w, seg + p * w, kNR * sizeof(float));
+      } else if (w == kMR) {
+        for (int64_t p = 0; p < full; ++p) std::memcpy(out + p * nd * w + d * w, seg + p * w, kMR * sizeof(float));
+      } else {
+        for (int64_t p = 0; p < full; ++p)
+          std::memcpy(out + p * nd * w + d * w, seg + p * w, static_cast<size_t>(w) * sizeof(float));
+      }
+      for (int64_t p = full; p < panels; ++p) {  // the last, partial panel: zeros after its lanes
         float* dst = out + p * nd * w + d * w;
-        const int64_t have = min64(w, nl - p * w);
-        std::memcpy(dst, seg + p * w, static_cast<size_t>(have) * sizeof(float));
-        for (int64_t l = have; l < w; ++l) dst[l] = 0.0f;
+        const int64_t have = nl - p * w;
+        for (int64_t l = 0; l < w; ++l) dst[l] = l < have ? seg[p * w + l] : 0.0f;
       }
     }
   }
