@@ -46,6 +46,11 @@ typedef struct fastdropout_engine_v1 {
   /* Each returns 0, or 1 with a NUL-terminated message in msg (at most msg_len bytes). */
   int (*linear_forward)(const fastdropout_linear_args* a, char* msg, size_t msg_len);
   int (*linear_backward)(const fastdropout_linear_args* a, char* msg, size_t msg_len);
+  /* Inverted dropout of n float32 elements in index order: y = x * scale where kept, 0 where
+   * dropped, the mask from (seed, offset) with p's threshold and scale as above; y may be x.
+   * (Appended: a caller that uses it asks for a struct_size that includes it.) */
+  int (*dropout)(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, double p, char* msg,
+                 size_t msg_len);
 } fastdropout_engine_v1;
 
 #ifdef __cplusplus

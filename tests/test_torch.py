@@ -459,3 +459,41 @@ def test_routes_agree_on_the_mask_parameters_of_p(backend, p):
         _torch_native.set_enabled(previous)
     for a, c in zip(*results):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("p", [2.0**-33, 0.1, 0.5, 1 - 2.0**-32, 1.0])
+@pytest.mark.parametrize("shape", [(0,), (5, 33), (3, 4, 130)])
+def test_routes_agree_on_dropout(backend, p, shape):
+    """fastdropout.torch.dropout of a contiguous float32 tensor under autograd runs the C++
+    layer's own Function (its node is C++), and its output, its gradient for a dense and for
+    an expanded upstream gradient (sum()'s), and the gradient through create_graph (the
+    gradient's own derivative: the same mask) are the Python route's, bit for bit."""
+    gen = torch.Generator().manual_seed(6)
+    x, v, w = (torch.randn(shape, generator=gen) for _ in range(3))
+    results = []
+    previous = _torch_native.set_enabled(True)
+    try:
+        if _torch_native.module() is None:
+            pytest.skip(f"fastdropout's C++ torch layer: {_torch_native.status()}")
+        for native in (True, False):
+            _torch_native.set_enabled(native)
+            xs, vs = leaf(x), leaf(v)
+            y = fdt.dropout(xs, p, seed=11, offset=5)
+            assert ("CppNode" in y.grad_fn.name()) == native
+            y.sum().backward()
+            g_sum = xs.grad
+            xs.grad = None
+            y = fdt.dropout(xs, p, seed=11, offset=5)
+            (gx,) = torch.autograd.grad(y, xs, vs, create_graph=True)
+            (gx * w).sum().backward()  # d/dv of <dropout(v), w> = dropout(w), the same mask
+            results.append((y.detach(), g_sum, gx.detach(), vs.grad))
+    finally:
+        _torch_native.set_enabled(previous)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+    y, g_sum, gx, v_grad = results[0]
+    expected = torch.from_numpy(fd.dropout(x.numpy(), p, seed=11, offset=5))
+    assert torch.equal(y, expected)
+    assert torch.equal(gx, torch.from_numpy(fd.dropout(v.numpy(), p, seed=11, offset=5)))
+    assert torch.equal(v_grad, torch.from_numpy(fd.dropout(w.numpy(), p, seed=11, offset=5)))
+    assert torch.equal(g_sum, torch.from_numpy(fd.dropout(np.ones(shape, np.float32), p, seed=11, offset=5)))

@@ -16,10 +16,13 @@ namespace {
 
 /// The contract's mask parameters of p: threshold round_half_even(p * 2**32) (the default
 /// rounding mode's nearbyint) and scale 1 / (1 - p) in double, rounded once to float.
+uint64_t threshold_of(double p) { return static_cast<uint64_t>(std::nearbyint(p * 4294967296.0)); }
+float scale_of(double p) {
+  return p == 1.0 ? std::numeric_limits<float>::infinity() : static_cast<float>(1.0 / (1.0 - p));
+}
+
 MaskSpec mask_of(const fastdropout_linear_args& a) {
-  const uint64_t threshold = static_cast<uint64_t>(std::nearbyint(a.p * 4294967296.0));
-  const float scale = a.p == 1.0 ? std::numeric_limits<float>::infinity() : static_cast<float>(1.0 / (1.0 - a.p));
-  return ops::make_mask(a.masked != 0, a.seed, a.offset, threshold, scale);
+  return ops::make_mask(a.masked != 0, a.seed, a.offset, threshold_of(a.p), scale_of(a.p));
 }
 
 int failed(const char* what, char* msg, size_t len) {
@@ -84,8 +87,13 @@ int linear_backward(const fastdropout_linear_args* a, char* msg, size_t len) {
   }, msg, len);
 }
 
+int dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, double p, char* msg, size_t len) {
+  if (!x || !y || n < 0 || !(p >= 0.0) || p > 1.0) return failed("fastdropout engine: bad dropout arguments", msg, len);
+  return guarded([=] { ops::dropout(x, y, n, seed, offset, threshold_of(p), scale_of(p)); }, msg, len);
+}
+
 const fastdropout_engine_v1 kEngine = {FASTDROPOUT_ENGINE_ABI_VERSION, sizeof(fastdropout_engine_v1),
-                                       &linear_forward, &linear_backward};
+                                       &linear_forward, &linear_backward, &dropout};
 
 }  // namespace
 

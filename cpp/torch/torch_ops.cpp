@@ -1,5 +1,5 @@
-// fastdropout's fused dropout -> linear layer as a PyTorch autograd function in C++, for
-// plain eager calls of fastdropout.torch (float32 CPU tensors).  The same layer through the
+// fastdropout's fused dropout -> linear layer, and its plain dropout, as PyTorch autograd
+// functions in C++, for plain eager calls of fastdropout.torch (float32 CPU tensors).  The same layer through the
 // Python route (fastdropout/_torch_ops.py) costs ~100-250 us a call beside the kernels,
 // most of it the interpreter reloading its code and data after the kernel has evicted them
 // from the caches (bench/experiments/cold_overhead.py); here the call and the graph node
@@ -173,6 +173,62 @@ class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
   }
 };
 
+// ------------------------------------------------------------------ dropout
+// y = dropout(x) under (seed, offset) by the engine, x and y C-contiguous float32 of one
+// size (y may be x).
+void run_dropout(const at::Tensor& x, at::Tensor& y, double p, uint64_t seed, uint64_t offset) {
+  char msg[256] = {0};
+  int rc;
+  {
+    NoGil nogil;
+    rc = g_engine->dropout(in_ptr(x), out_ptr(y), x.numel(), seed, offset, p, msg, sizeof msg);
+  }
+  check(rc, msg);
+}
+
+// The map x -> mask * x * scale is its own adjoint: the backward is the same dropout of the
+// gradient, and under create_graph this Function again (so higher derivatives are right).
+class Dropout : public torch::autograd::Function<Dropout> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, uint64_t seed, uint64_t offset) {
+    at::Tensor src = x.resolve_neg().contiguous();
+    at::Tensor y = at::empty(src.sizes(), src.options());
+    run_dropout(src, y, p, seed, offset);
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = static_cast<int64_t>(seed);
+    ctx->saved_data["offset"] = static_cast<int64_t>(offset);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const double p = ctx->saved_data["p"].toDouble();
+    const uint64_t seed = static_cast<uint64_t>(ctx->saved_data["seed"].toInt());
+    const uint64_t offset = static_cast<uint64_t>(ctx->saved_data["offset"].toInt());
+    const at::Tensor& grad_y = grads[0];
+    if (!grad_y.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (at::GradMode::is_enabled()) return {Dropout::apply(grad_y, p, seed, offset), at::Tensor(), at::Tensor(), at::Tensor()};
+    at::Tensor g = grad_y.resolve_neg().contiguous();  // (an expanded gradient, as sum()'s, is copied whole)
+    at::Tensor gx = at::empty(g.sizes(), g.options());
+    run_dropout(g, gx, p, seed, offset);
+    return {gx, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+// dropout(x) for a plain eager call: x a C-contiguous float32 CPU tensor (fastdropout.torch
+// checked it, and p, and drew the stream).
+at::Tensor dropout(const at::Tensor& x, double p, uint64_t seed, uint64_t offset) {
+  TORCH_CHECK(g_engine && g_engine->struct_size >= sizeof(fastdropout_engine_v1),
+              "fastdropout's native torch ops are not initialised");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.layout() == at::kStrided,
+              "fastdropout native dropout: float32 dense CPU tensors only");
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "fastdropout native dropout: p outside [0, 1]");
+  if (at::GradMode::is_enabled() && x.requires_grad()) return Dropout::apply(x, p, seed, offset);
+  at::Tensor src = x.resolve_neg().contiguous();
+  at::Tensor y = at::empty(src.sizes(), src.options());
+  run_dropout(src, y, p, seed, offset);
+  return y;
+}
+
 at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           double p, uint64_t seed, uint64_t offset, int64_t activation, bool train) {
   TORCH_CHECK(g_engine && g_composite, "fastdropout's native torch ops are not initialised");
@@ -320,6 +376,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dropout_linear", &dropout_linear, py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("p"),
         py::arg("seed"), py::arg("offset"), py::arg("activation"), py::arg("train"),
         "act(dropout(x) @ weight.T + bias) with autograd; arguments already checked by fastdropout.torch.");
+  m.def("dropout", &dropout, py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("offset"),
+        "Inverted dropout of a C-contiguous float32 tensor with autograd; arguments already checked by\n"
+        "fastdropout.torch.");
   m.def("_set_cpp_kernels", [](bool on) { g_cpp_kernels = on; }, py::arg("on"),
         "For tests: the registered ops' C++ CPU kernels (True) or the Python ones (False) for float32 too.");
   m.def("_last_operands", [] {

@@ -1,8 +1,10 @@
 """fastdropout.torch's layer in C++: building, caching and loading it.
 
 A plain eager call of :func:`fastdropout.torch.dropout_linear` (or a
-:class:`~fastdropout.torch.DropoutLinear` layer) on float32 tensors goes through a
-``torch.autograd.Function`` written in C++ (``_native/torch_ops.cpp``) that calls the
+:class:`~fastdropout.torch.DropoutLinear` layer) on float32 tensors, and of
+:func:`fastdropout.torch.dropout` (or :class:`~fastdropout.torch.Dropout`) on a contiguous
+float32 tensor, goes through a ``torch.autograd.Function`` written in C++
+(``_native/torch_ops.cpp``) that calls the
 engine through ``_core``'s C interface, instead of through Python: the same kernels, the
 same masks and gradients bit for bit, at a third to three quarters of the Python route's cost
 around them (README, *Measured*: "The PyTorch layer in C++").  Everything else (compiled and exported graphs,

@@ -309,6 +309,10 @@ def dropout(x: torch.Tensor, p: float, seed: Optional[int], offset: int) -> torc
     if _route(x) == "fast":
         if seed is None:
             seed, offset = _draw_seed(), 0
+        if x.dtype is torch.float32 and x.is_contiguous():
+            native = _torch_native.module()  # the same Function in C++ (_torch_native), once built
+            if native is not None:
+                return native.dropout(x, p, seed, offset)
         if torch.is_grad_enabled() and x.requires_grad:
             return _EagerDropout.apply(x, p, seed, offset)
         y = torch.empty_like(x)
