@@ -19,6 +19,8 @@ What is checked:
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -435,6 +437,20 @@ def test_failed_build_falls_back_says_why_and_is_not_retried(tmp_path, torch_rou
     assert "torch layer       : Python: building the C++ layer failed" in info.stdout
 
 
+@contextlib.contextmanager
+def routes_in_turn():
+    """For a test that runs both routes itself: yields the setter (True: the C++ layer, which
+    must be buildable here, else the test is skipped; False: the Python route), and restores
+    the setting after, whatever happens."""
+    previous = _torch_native.set_enabled(True)
+    try:
+        if _torch_native.module() is None:
+            pytest.skip(f"fastdropout's C++ torch layer: {_torch_native.status()}")
+        yield _torch_native.set_enabled
+    finally:
+        _torch_native.set_enabled(previous)
+
+
 @pytest.mark.parametrize("p", [0.0, 2.0**-33, 3 * 2.0**-33, 0.1, 0.375, 0.5, 1 - 2.0**-32, 1.0])
 def test_routes_agree_on_the_mask_parameters_of_p(backend, p):
     """The C++ layer computes p's threshold and scale itself (engine_abi.cpp): at p = 0 and 1,
@@ -445,18 +461,13 @@ def test_routes_agree_on_the_mask_parameters_of_p(backend, p):
     gen = torch.Generator().manual_seed(4)
     x, w, b = torch.randn(5, 33, generator=gen), torch.randn(7, 33, generator=gen), torch.randn(7, generator=gen)
     results = []
-    previous = _torch_native.set_enabled(True)
-    try:
-        if _torch_native.module() is None:
-            pytest.skip(f"fastdropout's C++ torch layer: {_torch_native.status()}")
+    with routes_in_turn() as use:
         for native in (True, False):
-            _torch_native.set_enabled(native)
+            use(native)
             xs, ws, bs = leaf(x), leaf(w), leaf(b)
             y = fdt.dropout_linear(xs, ws, bs, p, activation="relu", seed=9, offset=2)
             y.backward(torch.ones_like(y))
             results.append((y.detach(), xs.grad, ws.grad, bs.grad))
-    finally:
-        _torch_native.set_enabled(previous)
     for a, c in zip(*results):
         assert torch.equal(a, c)
 
@@ -471,12 +482,9 @@ def test_routes_agree_on_dropout(backend, p, shape):
     gen = torch.Generator().manual_seed(6)
     x, v, w = (torch.randn(shape, generator=gen) for _ in range(3))
     results = []
-    previous = _torch_native.set_enabled(True)
-    try:
-        if _torch_native.module() is None:
-            pytest.skip(f"fastdropout's C++ torch layer: {_torch_native.status()}")
+    with routes_in_turn() as use:
         for native in (True, False):
-            _torch_native.set_enabled(native)
+            use(native)
             xs, vs = leaf(x), leaf(v)
             y = fdt.dropout(xs, p, seed=11, offset=5)
             assert ("CppNode" in y.grad_fn.name()) == native
@@ -487,8 +495,6 @@ def test_routes_agree_on_dropout(backend, p, shape):
             (gx,) = torch.autograd.grad(y, xs, vs, create_graph=True)
             (gx * w).sum().backward()  # d/dv of <dropout(v), w> = dropout(w), the same mask
             results.append((y.detach(), g_sum, gx.detach(), vs.grad))
-    finally:
-        _torch_native.set_enabled(previous)
     for a, c in zip(*results):
         assert torch.equal(a, c)
     y, g_sum, gx, v_grad = results[0]
