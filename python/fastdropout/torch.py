@@ -287,6 +287,13 @@ class Dropout(torch.nn.Module):
     ValueError
         ``p`` outside [0, 1] or NaN.
 
+    Notes
+    -----
+    An eager call on a contiguous float32 tensor runs fastdropout's C++ layer, compiled
+    against the installed torch the first time a process needs it (about a minute for a new
+    torch version, announced on stderr, then cached; see :class:`DropoutLinear`); other dtypes
+    and memory formats, and ``inplace``, take the Python route.  The same bits either way.
+
     References
     ----------
     N. Srivastava et al., "Dropout: A Simple Way to Prevent Neural Networks from Overfitting",
