@@ -174,16 +174,19 @@ class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
 };
 
 // ------------------------------------------------------------------ dropout
-// y = dropout(x) under (seed, offset) by the engine, x and y C-contiguous float32 of one
-// size (y may be x).
-void run_dropout(const at::Tensor& x, at::Tensor& y, double p, uint64_t seed, uint64_t offset) {
+// dropout(x) under (seed, offset) by the engine, as a new C-contiguous tensor of x's shape
+// (x float32; made contiguous first where it is not, as an expanded gradient).
+at::Tensor run_dropout(const at::Tensor& x, double p, uint64_t seed, uint64_t offset) {
+  const at::Tensor src = x.resolve_neg().contiguous();
+  at::Tensor y = at::empty(src.sizes(), src.options());
   char msg[256] = {0};
   int rc;
   {
     NoGil nogil;
-    rc = g_engine->dropout(in_ptr(x), out_ptr(y), x.numel(), seed, offset, p, msg, sizeof msg);
+    rc = g_engine->dropout(in_ptr(src), out_ptr(y), src.numel(), seed, offset, p, msg, sizeof msg);
   }
   check(rc, msg);
+  return y;
 }
 
 // The map x -> mask * x * scale is its own adjoint: the backward is the same dropout of the
@@ -191,9 +194,7 @@ void run_dropout(const at::Tensor& x, at::Tensor& y, double p, uint64_t seed, ui
 class Dropout : public torch::autograd::Function<Dropout> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, double p, uint64_t seed, uint64_t offset) {
-    at::Tensor src = x.resolve_neg().contiguous();
-    at::Tensor y = at::empty(src.sizes(), src.options());
-    run_dropout(src, y, p, seed, offset);
+    at::Tensor y = run_dropout(x, p, seed, offset);
     ctx->saved_data["p"] = p;
     ctx->saved_data["seed"] = static_cast<int64_t>(seed);
     ctx->saved_data["offset"] = static_cast<int64_t>(offset);
@@ -207,26 +208,19 @@ class Dropout : public torch::autograd::Function<Dropout> {
     const at::Tensor& grad_y = grads[0];
     if (!grad_y.defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     if (at::GradMode::is_enabled()) return {Dropout::apply(grad_y, p, seed, offset), at::Tensor(), at::Tensor(), at::Tensor()};
-    at::Tensor g = grad_y.resolve_neg().contiguous();  // (an expanded gradient, as sum()'s, is copied whole)
-    at::Tensor gx = at::empty(g.sizes(), g.options());
-    run_dropout(g, gx, p, seed, offset);
-    return {gx, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {run_dropout(grad_y, p, seed, offset), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 // dropout(x) for a plain eager call: x a C-contiguous float32 CPU tensor (fastdropout.torch
 // checked it, and p, and drew the stream).
 at::Tensor dropout(const at::Tensor& x, double p, uint64_t seed, uint64_t offset) {
-  TORCH_CHECK(g_engine && g_engine->struct_size >= sizeof(fastdropout_engine_v1),
-              "fastdropout's native torch ops are not initialised");
+  TORCH_CHECK(g_engine, "fastdropout's native torch ops are not initialised");  // (init checked struct_size)
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.layout() == at::kStrided,
               "fastdropout native dropout: float32 dense CPU tensors only");
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "fastdropout native dropout: p outside [0, 1]");
   if (at::GradMode::is_enabled() && x.requires_grad()) return Dropout::apply(x, p, seed, offset);
-  at::Tensor src = x.resolve_neg().contiguous();
-  at::Tensor y = at::empty(src.sizes(), src.options());
-  run_dropout(src, y, p, seed, offset);
-  return y;
+  return run_dropout(x, p, seed, offset);
 }
 
 at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -92,9 +92,10 @@ def _import_built(name: str, path: Path):
 
 
 def _paths():
+    """(module name, its cache folder, the built module, the file a failed build leaves)."""
     name = "fastdropout_torch_ops_" + build_key()
     folder = cache_root() / "torch_ops" / name
-    return name, folder, folder / f"{name}.so"
+    return name, folder, folder / f"{name}.so", folder / "failed.txt"
 
 
 def describe() -> str:
@@ -104,8 +105,7 @@ def describe() -> str:
         return f"Python (the C++ layer is off: {_ENV}=0)"
     if _module is not None or _tried:
         return ("C++: " if _module is not None else "Python: C++ layer ") + _status
-    built = _paths()[2]
-    failed = built.parent / "failed.txt"
+    built, failed = _paths()[2:]
     if failed.exists() and not built.exists():
         return (f"Python: building the C++ layer failed ({failed.read_text().strip()}); "
                 f"delete {failed} to try again")
@@ -115,10 +115,9 @@ def describe() -> str:
 
 
 def _build_or_load():
-    name, folder, built = _paths()
+    name, folder, built, failed = _paths()
     if built.exists():
         return _import_built(name, built)
-    failed = folder / "failed.txt"
     if failed.exists() and setting() != "1":
         raise RuntimeError(f"an earlier build failed: {failed.read_text().strip()}")
     from torch.utils.cpp_extension import load
@@ -170,8 +169,7 @@ def _record_failure(reason: str) -> None:
     """Say on stderr why the C++ layer is not used, and leave the reason where later processes
     (and ``info``) find it, so that they do not spend the build's minute again."""
     try:
-        folder = _paths()[1]
-        failed = folder / "failed.txt"
+        _, folder, _, failed = _paths()
         if not failed.exists():
             folder.mkdir(parents=True, exist_ok=True)
             failed.write_text(reason + "\n")
