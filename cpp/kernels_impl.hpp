@@ -492,6 +492,10 @@ void pack(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0,
         copy_panel_rows<kNR>(seg, out + d * w, full, nd * w);
       else if (w == kMR)
         copy_panel_rows<kMR>(seg, out + d * w, full, nd * w);
+#if defined(FD_ISA_SPARSE)
+      else if (w == kSNR)  // the sparse path's panels (grad_weight's dz on avx512)
+        copy_panel_rows<kSNR>(seg, out + d * w, full, nd * w);
+#endif
       else
         for (int64_t i = 0; i < full * w; ++i) out[(i / w) * nd * w + d * w + i % w] = seg[i];
       for (int64_t p = full; p < panels; ++p) {  // the last, partial panel: zeros after its lanes
