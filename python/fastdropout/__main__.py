@@ -33,10 +33,10 @@ def info() -> int:
         print(f"idle threads wait : {wait_policy.get('why', 'unknown')}")
         adapting = fd._core.neighbours()["adapting"]
         print("neighbours        : " + (
-            "adapting: while other libraries' threads hold our cores (a thread of ours lost over half "
+            "threads give way: while other libraries' threads hold our cores (a thread of ours lost over half "
             "of a parallel region), problems that one thread finishes sooner run on one thread "
             "(FASTDROPOUT_ADAPT_THREADS=0 turns this off)" if adapting else
-            "not adapting (FASTDROPOUT_ADAPT_THREADS=0, or no per-thread CPU clock here)"))
+            "threads do not give way (FASTDROPOUT_ADAPT_THREADS=0, or no per-thread CPU clock here)"))
     try:
         import torch  # noqa: F401
     except ImportError:
