@@ -543,7 +543,12 @@ void dense_backward(const DenseBackward& a) {
     // Its depth is the batch: on avx512 (Zen 4) from 256 rows it measured faster than the
     // dense kernel (23% at 256x1024x1024, p = 0.5; 15% at 300x300x300, p = 0.375), below
     // 128 slower (up to 2.7x at a batch of 8); in between it depends on p.  The backend's
-    // sparse_grad_min says from which p, if any.
+    // sparse_grad_min says from which p, if any.  Re-measured on Zen 4 after the sparse
+    // panels' packing was fixed (a driver alternating the two paths, medians of 5): at a
+    // batch of 128-192 the sparse form took 0.8-1.27x the dense kernel's time (1.09-1.27x at
+    // p = 0.375 and 1024x1024), at 256x1024x1024 and p = 0.3 1.11-1.14x; so 256 and 0.375
+    // stay (at 1024x4096x4096 and p = 0.3-0.35 it took 0.86-0.98x: a size-aware rule could
+    // take that).
     const bool sparse = sparse_path_enabled() && sparse_mask(a.mask, active_kernels().blocking, true) &&
                         a.M >= 256;
     g.M = sparse ? a.K : a.N;
