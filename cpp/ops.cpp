@@ -21,8 +21,8 @@ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // ---------------------------------------------------------------------------
-// Neighbours.  Another library's idle threads (OpenBLAS's busy-wait, with no sched_yield, for about
-// 110 ms after a NumPy matmul; an OpenMP runtime's for milliseconds) can hold the core
+// Neighbours.  Another library's idle threads (OpenBLAS's busy-wait, with no sched_yield,
+// for about 110 ms after a NumPy matmul; an OpenMP runtime's for milliseconds) can hold the core
 // one of our threads runs on.  The scheduler then gives that thread a fraction of it,
 // and a parallel region waits for its share: measured on 2 vCPUs, a 64x784x512
 // dropout_dense right after a NumPy matmul took 4-7 ms on 2 threads against 0.9 ms on

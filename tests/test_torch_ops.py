@@ -763,18 +763,16 @@ def _ddp_worker(rank, world, port, result_dir):
             opt.step()
         torch.save([p.detach().clone() for p in model.parameters()], os.path.join(result_dir, f"rank{rank}_final.pt"))
         # Nothing of DDP's (its reducer's pending work) left for the teardown to destroy, and
-        # both ranks done before either closes its connections: a rank whose peer has already
-        # torn down the group can abort in gloo's threads ("terminate called without an active
-        # exception", seen once in CI)
+        # both ranks done before either closes its connections: gloo's threads can abort in the
+        # teardown ("terminate called without an active exception", seen twice in CI)
         del ddp, opt, loss
         gc.collect()
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
-    # ... and it was seen again in CI with the barrier (2026-12-03, rank 0): gloo's threads can
-    # still hold work whose destruction during the interpreter's finalization aborts (torch
-    # issues #190489 and #179291).  Every result is saved above, so the worker leaves without
-    # that teardown; an exception above still fails the test through the spawn wrapper.
+    # Work gloo's threads still hold can abort when the interpreter's finalization destroys it
+    # (torch issues #190489 and #179291; seen in CI despite the barrier).  Every result is saved
+    # above, so the worker skips that teardown; an exception above still fails the test.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
