@@ -27,7 +27,7 @@ namespace {
 
 struct CpuFlags {
   bool avx2 = false, fma = false, f16c = false, bmi1 = false, bmi2 = false;
-  bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false;
+  bool avx512f = false, avx512bw = false, avx512dq = false, avx512vl = false, avx512bf16 = false;
   bool os_avx = false, os_avx512 = false;
 };
 
@@ -106,6 +106,10 @@ CpuFlags detect() {
     f.avx512dq = (r[1] >> 17) & 1;
     f.avx512bw = (r[1] >> 30) & 1;
     f.avx512vl = (r[1] >> 31) & 1;
+    if (r[0] >= 1) {  // sub-leaf 1: AVX512_BF16 in EAX bit 5
+      cpuid(7, 1, r);
+      f.avx512bf16 = (r[0] >> 5) & 1;
+    }
   }
   return f;
 }
@@ -213,6 +217,7 @@ std::string cpu_features() {
   add(f.avx512bw && f.os_avx512, "avx512bw");
   add(f.avx512dq && f.os_avx512, "avx512dq");
   add(f.avx512vl && f.os_avx512, "avx512vl");
+  add(f.avx512bf16 && f.os_avx512, "avx512bf16");
   return s;
 }
 
@@ -309,6 +314,80 @@ void set_gemm_path(const std::string& setting) {
 }
 
 bool sparse_path_enabled() { return active_kernels().blocking.sparse && sparse_choice(); }
+
+std::atomic<uint64_t> bf16_dot_blocks{0};
+
+Bf16GemmChoice decide_bf16_gemm(const CpuId& cpu, bool has_dot, const std::string& setting) {
+  if (!setting.empty() && setting != "auto" && setting != "dot" && setting != "float32")
+    throw std::invalid_argument("bfloat16 GEMM '" + setting +
+                                "' (FASTDROPOUT_BF16_GEMM): expected auto, dot or float32");
+  if (!has_dot)
+    return {false, "float32: this backend or CPU has no bfloat16 dot product (AVX512_BF16 with the avx512 backend)"};
+  if (setting == "float32") return {false, "float32: forced (FASTDROPOUT_BF16_GEMM)"};
+  if (setting == "dot") return {true, "dot: forced (FASTDROPOUT_BF16_GEMM)"};
+  // vdpbf16ps does two products a lane where vfmadd231ps does one, so it gains only where
+  // the core issues it at more than half the FMA's rate (bench/experiments/core_rates.cpp,
+  // part 2): on AMD Zen 4 (family 19h model 11h) at the FMA's rate (3.53 against 3.55 G
+  // instructions/s, one core: twice the float32 FLOP rate), on an Intel Xeon (family 6
+  // model 0xa7) at a quarter of it (half the float32 rate; a GEMM on it measured 88 against
+  // 166 GFLOP/s).  A CPU not measured keeps the float32 kernels, never the slower choice.
+  if (cpu.vendor == "AuthenticAMD" && cpu.family >= 0x19)
+    return {true, "dot: AMD family 19h or later (vdpbf16ps measured at the FMA's issue rate on Zen 4)"};
+  if (cpu.vendor == "GenuineIntel")
+    return {false, "float32: Intel (vdpbf16ps measured at a quarter of the FMA's issue rate on a Xeon, family 6 model 0xa7)"};
+  return {false, "float32: the bfloat16 dot product was not measured faster on this CPU"};
+}
+
+namespace {
+std::string& bf16_gemm_slot() {
+  static std::string setting = [] {
+    const char* env = std::getenv("FASTDROPOUT_BF16_GEMM");
+    const std::string v = env ? env : "";
+    decide_bf16_gemm(CpuId{}, false, v);  // validate once, whatever the backend
+    return v;
+  }();
+  return setting;
+}
+
+/// Whether the active backend can run the dot-product kernel on this CPU.
+bool has_bf16_dot() {
+#if defined(FD_HAVE_X86_BACKENDS)
+  return active_kernels().blocking.bf16_dot && cpu().avx512bf16 && cpu().os_avx512;
+#else
+  return false;
+#endif
+}
+
+/// The choice where the kernel can run (updated by set_bf16_gemm).
+std::atomic<int> g_bf16_choice{-1};
+}  // namespace
+
+Bf16GemmChoice bf16_gemm() {
+  std::string setting;
+  {
+    std::lock_guard<std::mutex> g(g_path_lock);
+    setting = bf16_gemm_slot();
+  }
+  return decide_bf16_gemm(cpu_id(), has_bf16_dot(), setting);
+}
+
+void set_bf16_gemm(const std::string& setting) {
+  if (setting.empty()) throw std::invalid_argument("bfloat16 GEMM '': expected auto, dot or float32");
+  const bool dot = decide_bf16_gemm(cpu_id(), true, setting).dot;  // validates
+  std::lock_guard<std::mutex> g(g_path_lock);
+  bf16_gemm_slot() = setting;
+  g_bf16_choice.store(dot ? 1 : 0, std::memory_order_relaxed);
+}
+
+bool bf16_dot_enabled() {
+  if (!has_bf16_dot()) return false;
+  int c = g_bf16_choice.load(std::memory_order_relaxed);
+  if (c < 0) {
+    c = bf16_gemm().dot ? 1 : 0;
+    g_bf16_choice.store(c, std::memory_order_relaxed);
+  }
+  return c == 1;
+}
 
 const Kernels& active_kernels() {
   const Kernels* t = g_table.load(std::memory_order_acquire);

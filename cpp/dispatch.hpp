@@ -48,6 +48,25 @@ void set_gemm_path(const std::string& setting);
 /// gemm_path().sparse, cheaply, for the active backend.
 bool sparse_path_enabled();
 
+/// Whether bfloat16 GEMM operands take the dot-product kernel (AVX512_BF16's vdpbf16ps,
+/// two products an instruction) rather than the float32 kernels on their widened values,
+/// and why.  The kernel runs only where it gives the float32 kernels' bits (see
+/// bf16_gemm_tile): a speed choice only.
+struct Bf16GemmChoice {
+  bool dot = false;
+  std::string why;
+};
+/// The choice for this CPU, `has_dot` (the backend has the kernel and the CPU the
+/// instruction) and a FASTDROPOUT_BF16_GEMM value ("", "auto", "dot" or "float32";
+/// std::invalid_argument otherwise).
+Bf16GemmChoice decide_bf16_gemm(const CpuId& cpu, bool has_dot, const std::string& setting);
+/// decide_bf16_gemm for this CPU, the active backend and the environment (read once).
+Bf16GemmChoice bf16_gemm();
+/// Overrides FASTDROPOUT_BF16_GEMM: "auto", "dot" or "float32" (std::invalid_argument otherwise).
+void set_bf16_gemm(const std::string& setting);
+/// bf16_gemm().dot, cheaply, for the active backend.
+bool bf16_dot_enabled();
+
 int get_num_threads();
 /// n >= 1; throws std::invalid_argument otherwise.
 void set_num_threads(int n);

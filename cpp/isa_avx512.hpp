@@ -441,6 +441,157 @@ inline void sparse_rows(int64_t w0, int64_t w1, const float* kept, int64_t kld, 
   }
 }
 
+// The bfloat16 dot-product kernel (AVX512_BF16's vdpbf16ps), for CPUs that have it; the
+// caller checks the CPU (dispatch.hpp's bf16_dot_enabled) before calling.  GCC from 10 and
+// Clang from 9 know the instruction; with an older compiler the backend has no such kernel.
+#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+#define FD_ISA_BF16_DOT 1
+
+/// C[0:MR, 0:NR] (+)= the dense micro-kernel's product on depth pairs: a holds, per pair
+/// of depths (2q, 2q + 1) and row, the two bfloat16 values in 32 bits (depth 2q in the
+/// high half), b the same per column.  vdpbf16ps adds the high halves' product to the
+/// accumulator, then the low halves' (two roundings, products exact: Intel's and AMD's
+/// definition, checked on Zen 4 against the float32 FMA chain), so each output is the
+/// dense micro-kernel's FMA chain in depth order, bit for bit, wherever no operand,
+/// product or partial sum is subnormal (the instruction treats them as zero) and every
+/// operand is finite: the caller's bf16_block_ok.  Out of line: its target is wider
+/// than the rest of the backend's.
+__attribute__((target("avx512bf16"), noinline)) void microkernel_bf16(int64_t kp, const uint32_t* a,
+                                                                      const uint32_t* b, float* c, int64_t ldc,
+                                                                      bool accumulate) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+  for (int64_t q = 0; q < kp; ++q) {
+    const __m512bh b0 = (__m512bh)_mm512_load_si512(b + q * kNR);
+    const __m512bh b1 = (__m512bh)_mm512_load_si512(b + q * kNR + 16);
+    const uint32_t* aq = a + q * kMR;
+    __m512bh av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[0]));
+    c00 = _mm512_dpbf16_ps(c00, av, b0);
+    c01 = _mm512_dpbf16_ps(c01, av, b1);
+    av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[1]));
+    c10 = _mm512_dpbf16_ps(c10, av, b0);
+    c11 = _mm512_dpbf16_ps(c11, av, b1);
+    av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[2]));
+    c20 = _mm512_dpbf16_ps(c20, av, b0);
+    c21 = _mm512_dpbf16_ps(c21, av, b1);
+    av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[3]));
+    c30 = _mm512_dpbf16_ps(c30, av, b0);
+    c31 = _mm512_dpbf16_ps(c31, av, b1);
+    av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[4]));
+    c40 = _mm512_dpbf16_ps(c40, av, b0);
+    c41 = _mm512_dpbf16_ps(c41, av, b1);
+    av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[5]));
+    c50 = _mm512_dpbf16_ps(c50, av, b0);
+    c51 = _mm512_dpbf16_ps(c51, av, b1);
+    av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[6]));
+    c60 = _mm512_dpbf16_ps(c60, av, b0);
+    c61 = _mm512_dpbf16_ps(c61, av, b1);
+    av = (__m512bh)_mm512_set1_epi32(static_cast<int>(aq[7]));
+    c70 = _mm512_dpbf16_ps(c70, av, b0);
+    c71 = _mm512_dpbf16_ps(c71, av, b1);
+  }
+  auto store = [c, ldc, accumulate](int r, __m512 lo, __m512 hi) {
+    float* cr = c + r * ldc;
+    if (accumulate) {
+      lo = _mm512_add_ps(_mm512_loadu_ps(cr), lo);
+      hi = _mm512_add_ps(_mm512_loadu_ps(cr + 16), hi);
+    }
+    _mm512_storeu_ps(cr, lo);
+    _mm512_storeu_ps(cr + 16, hi);
+  };
+  store(0, c00, c01);
+  store(1, c10, c11);
+  store(2, c20, c21);
+  store(3, c30, c31);
+  store(4, c40, c41);
+  store(5, c50, c51);
+  store(6, c60, c61);
+  store(7, c70, c71);
+}
+
+/// What the dot-product kernel needs to know of a packed block's values: whether each is a
+/// bfloat16 value (its low 16 bits zero), finite, and zero or normal, and the smallest
+/// exponent field among the nonzero ones (255 where there are none).
+struct PairScan {
+  __m512i low = _mm512_setzero_si512(), max_e = _mm512_setzero_si512(), min_e = _mm512_set1_epi32(255);
+  void add(__m512i v, __mmask16 k) {
+    low = _mm512_or_si512(low, _mm512_and_si512(v, _mm512_set1_epi32(0xffff)));
+    const __m512i e = _mm512_and_si512(_mm512_srli_epi32(v, 23), _mm512_set1_epi32(0xff));
+    max_e = _mm512_max_epu32(max_e, e);
+    const __mmask16 nonzero = _mm512_mask_test_epi32_mask(k, v, _mm512_set1_epi32(0x7fffffff));
+    min_e = _mm512_mask_min_epu32(min_e, nonzero, min_e, e);
+  }
+  /// The same for words that are pairs already (two bfloat16 values each).
+  void add_pairs(__m512i v, __mmask16 k) {
+    const __m512i ff = _mm512_set1_epi32(0xff);
+    const __m512i e_hi = _mm512_and_si512(_mm512_srli_epi32(v, 23), ff), e_lo = _mm512_and_si512(_mm512_srli_epi32(v, 7), ff);
+    max_e = _mm512_max_epu32(max_e, _mm512_max_epu32(e_hi, e_lo));
+    min_e = _mm512_mask_min_epu32(min_e, _mm512_mask_test_epi32_mask(k, v, _mm512_set1_epi32(0x7fff0000)), min_e, e_hi);
+    min_e = _mm512_mask_min_epu32(min_e, _mm512_mask_test_epi32_mask(k, v, _mm512_set1_epi32(0x7fff)), min_e, e_lo);
+  }
+  /// false where a value is not bfloat16, not finite or subnormal; else its smallest exponent.
+  bool finish(uint32_t* min_exp) const {
+    const uint32_t lo = static_cast<uint32_t>(_mm512_reduce_or_epi32(low));
+    const uint32_t hi = static_cast<uint32_t>(_mm512_reduce_max_epu32(max_e));
+    *min_exp = static_cast<uint32_t>(_mm512_reduce_min_epu32(min_e));
+    return lo == 0 && hi < 255 && *min_exp >= 1;
+  }
+};
+
+/// scan.add_pairs over n words of pairs.
+inline void scan_pairs(const uint32_t* p, int64_t n, PairScan& scan) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) scan.add_pairs(_mm512_loadu_si512(p + i), 0xffff);
+  if (i < n) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n - i)) - 1);
+    scan.add_pairs(_mm512_maskz_loadu_epi32(k, p + i), k);
+  }
+}
+
+/// out[l] = a[l] << 16 | b[l] for l < n (n <= 16), from bfloat16 values (b may be null: 0).
+inline void pair_rows(const uint16_t* a, const uint16_t* b, uint32_t* out, int64_t n) {
+  const __mmask16 k = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+  const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, a)), 16);
+  const __m512i lo = b ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, b)) : _mm512_setzero_si512();
+  _mm512_mask_storeu_epi32(out, k, _mm512_or_si512(hi, lo));
+}
+
+/// out[q] = the pair of depths (2q, 2q + 1) of a bfloat16 row h, for q < 16 (both depths
+/// inside the row): the 32-bit word at h + 2q holds depth 2q in its low half, so rotated.
+inline void row_pairs16(const uint16_t* h, uint32_t* out) {
+  _mm512_store_si512(out, _mm512_rol_epi32(_mm512_loadu_si512(h), 16));
+}
+
+/// Packed panels of W lanes (panels x kc x W floats, as pack writes them) to depth pairs:
+/// out[p kp W + q W + l] = high half of in[p, 2q, l] << 16 | high half of in[p, 2q + 1, l]
+/// (0 past kc; kp = ceil(kc / 2)), scanning the values into `scan`.  W is 8 or a multiple of 16.
+template <int64_t W>
+void to_pairs(const float* in, int64_t panels, int64_t kc, uint32_t* out, PairScan& scan) {
+  static_assert(W == 8 || W % 16 == 0, "whole vectors or one half");
+  constexpr int64_t V = W < 16 ? 1 : W / 16;
+  constexpr __mmask16 kLanesUsed = W < 16 ? static_cast<__mmask16>((1u << W) - 1) : static_cast<__mmask16>(0xffff);
+  const int64_t kp = (kc + 1) / 2;
+  const __m512i high = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* src = in + p * kc * W;
+    uint32_t* dst = out + p * kp * W;
+    for (int64_t q = 0; q < kp; ++q) {
+      const bool second = 2 * q + 1 < kc;
+      for (int64_t v = 0; v < V; ++v) {
+        const float* r0 = src + 2 * q * W + 16 * v;
+        const __m512i a = _mm512_castps_si512(_mm512_maskz_loadu_ps(kLanesUsed, r0));
+        const __m512i b = second ? _mm512_castps_si512(_mm512_maskz_loadu_ps(kLanesUsed, r0 + W)) : _mm512_setzero_si512();
+        scan.add(a, kLanesUsed);
+        scan.add(b, kLanesUsed);
+        const __m512i pair = _mm512_or_si512(_mm512_and_si512(a, high), _mm512_srli_epi32(b, 16));
+        _mm512_mask_storeu_epi32(dst + q * W + 16 * v, kLanesUsed, pair);
+      }
+    }
+  }
+}
+#endif
+
 #include "half_x86.hpp"
 
 }  // namespace

@@ -1,6 +1,7 @@
 // The kernel table: what every instruction-set backend provides.  Plain C++,
 // no Python, no SIMD types in the interface.
 #pragma once
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 
@@ -59,6 +60,10 @@ struct GemmProblem {
   /// Whether a sparse enough mask on op(A) may take the sparse path (the run-time
   /// choice of dispatch.hpp's sparse_path_enabled); either path gives the same bits.
   bool allow_sparse = false;
+  /// Whether the backend's bfloat16 dot-product kernel may run (dispatch.hpp's
+  /// bf16_dot_enabled, bfloat16 operands); it runs only on blocks where it gives the float32
+  /// kernel's bits (see the backend's bf16_gemm_tile), so this too is a speed choice only.
+  bool allow_bf16_dot = false;
 };
 
 /// Register and cache blocking of a backend's GEMM.
@@ -75,6 +80,7 @@ struct GemmBlocking {
   int64_t sparse_min_n;  ///< the forward form from this many output columns (measured)
   int64_t sparse_split;  ///< a thread's share of the columns on it is a multiple of this
   int64_t direct_rows;  ///< ranges of at most this many rows take the direct path (0: none)
+  bool bf16_dot;        ///< whether the backend has the bfloat16 dot-product kernel
 };
 
 /// Floats of the row buffer that the sparse path's build_rows uses for the segments
@@ -294,7 +300,7 @@ struct Kernels {
 /// all-kept words and the sums of a block of b.spr rows.  Each part starts
 /// on a 64-byte boundary.
 struct GemmWork {
-  int64_t a_pack, b_pack, buf, tile, s_vals, s_kept, s_bits, s_all, s_part, total;  // in floats
+  int64_t a_pack, b_pack, buf, tile, s_vals, s_kept, s_bits, s_all, s_part, a_pairs, b_pairs, total;  // in floats
 };
 
 
@@ -326,11 +332,18 @@ static inline GemmWork gemm_work(const GemmBlocking& b, int64_t m, int64_t n, in
   w.s_bits = round_up(w.s_kept + rows * words * 64, 16);
   w.s_all = round_up(w.s_bits + rows * words * 2, 16);
   w.s_part = round_up(w.s_all + words * 2, 16);
-  w.total = round_up(w.s_part + (b.sparse ? b.spr * b.snr : 0), 16);
+  // the bfloat16 dot-product kernel's pairs (two depths in 32 bits) of the packed blocks
+  w.a_pairs = round_up(w.s_part + (b.sparse ? b.spr * b.snr : 0), 16);
+  w.b_pairs = round_up(w.a_pairs + (b.bf16_dot ? mc * ((kc + 1) / 2) : 0), 16);
+  w.total = round_up(w.b_pairs + (b.bf16_dot ? ((kc + 1) / 2) * nc : 0), 16);
   return w;
 }
 
 // One table per backend (each defined in its own translation unit).
+/// Blocks (one (ic, jc) block of a depth block) the bfloat16 dot-product kernel computed in
+/// this process: the tests' evidence that it ran.
+extern std::atomic<uint64_t> bf16_dot_blocks;
+
 namespace scalar { const Kernels& kernels(); }
 #if defined(FD_HAVE_X86_BACKENDS)
 namespace avx2 { const Kernels& kernels(); }

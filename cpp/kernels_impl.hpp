@@ -50,12 +50,18 @@ constexpr int64_t kRowBlock = kSMC, kRowBlockTrans = kSMC, kSparsePart = kSMC;
 // the rows `part` holds, so that each of its rows gets that many contiguous floats.
 constexpr int64_t kRowBlock = 16, kRowBlockTrans = kSparsePartRows, kSparsePart = kSparsePartRows;
 #endif
+#if defined(FD_ISA_BF16_DOT)
+constexpr bool kHasBf16Dot = true;
+#else
+constexpr bool kHasBf16Dot = false;
+#endif
 #if defined(FD_ISA_SPARSE)
 constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, true, kSNR, kSKC, kSNC, kSMC, kSparsePart,
-                                 kSparseMin, kSparseGradMin, kSparseMinN, kSparseSplit, kDirectRows};
+                                 kSparseMin, kSparseGradMin, kSparseMinN, kSparseSplit, kDirectRows,
+                                 kHasBf16Dot};
 #else
 constexpr GemmBlocking kBlocking{kMR, kNR, kMC, kKC, kNC, false, kNR, kKC, kNC, kMC, 0, ~uint64_t{0}, ~uint64_t{0},
-                                 0, kNR, kDirectRows};
+                                 0, kNR, kDirectRows, kHasBf16Dot};
 #endif
 
 #if !defined(FD_ISA_TRANSPOSE)
@@ -837,6 +843,141 @@ void direct_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, 
 }
 #endif  // FD_ISA_DIRECT
 
+#if defined(FD_ISA_BF16_DOT)
+// ---------------------------------------------------------------------------
+// bfloat16 dot-product path: bfloat16 operands (their values packed as float32 by `pack`,
+// then into pairs of depths) multiplied by microkernel_bf16, two depths per instruction,
+// where the CPU issues it at the FMA's rate (dispatch.hpp's bf16_dot_enabled).  The same
+// blocking and loops as the dense path; a block takes the dot-product kernel only where it
+// gives the float32 kernel's bits: every value of both packed blocks bfloat16, finite, zero
+// or normal, and the exponent fields ea, eb of their smallest nonzero values with
+// ea + eb >= 142.  Then every product is a multiple of 2**(ea + eb - 254 - 14) >= 2**-126,
+// and so is every partial sum (rounding keeps multiples of a power of two): none is
+// subnormal, which the instruction would flush to zero.  Any other block (a subnormal,
+// an inf or NaN, a GELU derivative that is no bfloat16 value) takes the float32 kernel:
+// the results never depend on which kernel ran.
+// ---------------------------------------------------------------------------
+constexpr uint32_t kBf16DotMinExpSum = 142;
+
+inline uint32_t pair_of(uint16_t a, uint16_t b) { return static_cast<uint32_t>(a) << 16 | b; }
+
+/// pack's panels for the dot-product kernel: lanes [l0, l0 + nl) x depth [d0, d0 + nd) into
+/// panels of w lanes of depth pairs, out[p kp w + q w + l % w] (kp = ceil(nd / 2), missing
+/// lanes and a missing last depth zero), the values scanned into `scan`.  Plain bfloat16
+/// operands are paired straight from their 16-bit values; anything `pack` transforms (a
+/// mask, an activation's derivative) is packed as float32 into `fpanel` first, then paired.
+template <int64_t W>
+void pack_pairs(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0, int64_t nd, uint32_t* out,
+                float* fpanel, float* buf, PairScan& scan) {
+  const int64_t kp = (nd + 1) / 2, panels = (nl + W - 1) / W;
+  const bool plain = m.h && !m.z && !m.mask.enabled;
+  if (plain && lanes_are_rows && W % kT == 0) {
+    // rows: kT x kT blocks of pair words transposed in registers, as pack does with floats
+    alignas(64) uint32_t tile[kT * kT];
+    const int64_t fl = nl / kT * kT, fq = nd / 2 / kT * kT;  // (blocks of whole pairs)
+    for (int64_t lb = 0; lb < fl; lb += kT) {
+      const uint16_t* src = m.h + (l0 + lb) * m.cols + d0;
+      uint32_t* dst = out + (lb / W) * kp * W + (lb % W);
+      for (int64_t qb = 0; qb < fq; qb += kT) {
+        for (int64_t l = 0; l < kT; ++l) row_pairs16(src + l * m.cols + 2 * qb, tile + l * kT);
+        transpose_block(reinterpret_cast<const float*>(tile), kT, reinterpret_cast<float*>(dst + qb * W), W);
+      }
+      for (int64_t l = 0; l < kT; ++l)
+        for (int64_t q = fq; q < kp; ++q)
+          dst[q * W + l] = pair_of(src[l * m.cols + 2 * q], 2 * q + 1 < nd ? src[l * m.cols + 2 * q + 1] : 0);
+    }
+    for (int64_t l = fl; l < panels * W; ++l) {
+      uint32_t* dst = out + (l / W) * kp * W + (l % W);
+      const uint16_t* src = m.h + (l0 + l) * m.cols + d0;
+      for (int64_t q = 0; q < kp; ++q)
+        dst[q * W] = l < nl ? pair_of(src[2 * q], 2 * q + 1 < nd ? src[2 * q + 1] : 0) : 0;
+    }
+  } else if (plain && !lanes_are_rows) {
+    // depth rows (lanes contiguous): each pair from two rows
+    for (int64_t q = 0; q < kp; ++q) {
+      const uint16_t* r0 = m.h + (d0 + 2 * q) * m.cols + l0;
+      const uint16_t* r1 = 2 * q + 1 < nd ? r0 + m.cols : nullptr;
+      for (int64_t p = 0; p < panels; ++p) {
+        uint32_t* dst = out + p * kp * W + q * W;
+        const int64_t have = min64(W, nl - p * W);
+        for (int64_t l = 0; l < W; l += 16) {
+          const int64_t n = min64(16, W - l), real = min64(n, have - l);
+          if (real > 0) pair_rows(r0 + p * W + l, r1 ? r1 + p * W + l : nullptr, dst + l, real);
+          for (int64_t i = real > 0 ? real : 0; i < n; ++i) dst[l + i] = 0;
+        }
+      }
+    }
+  } else {
+    pack(m, lanes_are_rows, l0, nl, d0, nd, W, fpanel, buf);
+    to_pairs<W>(fpanel, panels, nd, out, scan);
+    return;
+  }
+  scan_pairs(out, panels * kp * W, scan);
+}
+
+void bf16_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
+  const GemmWork layout = gemm_work(kBlocking, m1 - m0, n1 - n0, g.K);
+  float* a_pack = work + layout.a_pack;
+  float* b_pack = work + layout.b_pack;
+  float* buf = work + layout.buf;
+  float* tile = work + layout.tile;
+  uint32_t* a_pairs = reinterpret_cast<uint32_t*>(work + layout.a_pairs);
+  uint32_t* b_pairs = reinterpret_cast<uint32_t*>(work + layout.b_pairs);
+  for (int64_t pc = 0; pc < g.K; pc += kKC) {
+    const int64_t kc = min64(kKC, g.K - pc), kp = (kc + 1) / 2;
+    const bool accumulate = pc > 0, last = pc + kc >= g.K;
+    for (int64_t ic = m0; ic < m1; ic += kMC) {
+      const int64_t mc = min64(kMC, m1 - ic);
+      PairScan sa;
+      pack_pairs<kMR>(g.a, !g.a_trans, ic, mc, pc, kc, a_pairs, a_pack, buf, sa);
+      uint32_t ea = 0;
+      const bool a_ok = sa.finish(&ea);
+      bool a_floats = false;  // whether a_pack holds A as float32 (for the float32 kernel)
+      for (int64_t jc = n0; jc < n1; jc += kNC) {
+        const int64_t nc = min64(kNC, n1 - jc);
+        bool dot = false;
+        if (a_ok) {
+          PairScan sb;
+          pack_pairs<kNR>(g.b, g.b_trans, jc, nc, pc, kc, b_pairs, b_pack, buf, sb);
+          uint32_t eb = 0;
+          dot = sb.finish(&eb) && ea + eb >= kBf16DotMinExpSum;
+        }
+        if (dot) {
+          bf16_dot_blocks.fetch_add(1, std::memory_order_relaxed);
+        } else {  // this block on the float32 kernel
+          if (!a_floats) pack(g.a, !g.a_trans, ic, mc, pc, kc, kMR, a_pack, buf);
+          a_floats = true;
+          pack(g.b, g.b_trans, jc, nc, pc, kc, kNR, b_pack, buf);
+        }
+        for (int64_t ir = 0; ir < mc; ir += kMR) {
+          const int64_t mr = min64(kMR, mc - ir);
+          for (int64_t jr = 0; jr < nc; jr += kNR) {
+            const int64_t nr = min64(kNR, nc - jr);
+            float* c = g.c + (ic + ir) * g.N + jc + jr;
+            const bool whole = mr == kMR && nr == kNR;
+            float* dst = whole ? c : tile;
+            const int64_t ld = whole ? g.N : kNR;
+            if (!whole)  // edge tile: computed aside, the valid part kept
+              for (int64_t r = 0; r < mr; ++r)
+                for (int64_t n = 0; n < nr; ++n) tile[r * kNR + n] = accumulate ? c[r * g.N + n] : 0.0f;
+            else if (accumulate)
+              prefetch_tile(c, g.N, kMR, kNR);
+            if (dot)
+              microkernel_bf16(kp, a_pairs + ir * kp, b_pairs + jr * kp, dst, ld, accumulate);
+            else
+              microkernel(kc, a_pack + ir * kc, b_pack + jr * kc, dst, ld, accumulate);
+            if (!whole)
+              for (int64_t r = 0; r < mr; ++r)
+                for (int64_t n = 0; n < nr; ++n) c[r * g.N + n] = tile[r * kNR + n];
+          }
+        }
+        if (last) epilogue(g, ic, ic + mc, jc, jc + nc);
+      }
+    }
+  }
+}
+#endif  // FD_ISA_BF16_DOT
+
 void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1, float* work) {
   if (m0 >= m1 || n0 >= n1) return;
 #if defined(FD_ISA_SPARSE)
@@ -854,6 +995,12 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
 #if defined(FD_ISA_DIRECT)
   if (direct_path(g, m1 - m0)) {
     direct_gemm_tile(g, m0, m1, n0, n1, work);
+    return;
+  }
+#endif
+#if defined(FD_ISA_BF16_DOT)
+  if (g.allow_bf16_dot) {
+    bf16_gemm_tile(g, m0, m1, n0, n1, work);
     return;
   }
 #endif

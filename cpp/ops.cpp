@@ -417,6 +417,12 @@ bool narrow_output(const GemmProblem& g, const GemmBlocking& b) {
 }
 }  // namespace
 
+static bool bf16_dot_for(const Mat& a, const Mat& b) {
+  // bfloat16 values (a ReLU's derivative keeps them so; GELU's does not) on both sides
+  auto bf16 = [](const Mat& m) { return m.h && (!m.z || m.zact == Activation::relu); };
+  return bf16(a) && bf16(b) && bf16_dot_enabled();
+}
+
 void gemm(const GemmProblem& problem) {
   const Kernels& k = active_kernels();
   if (narrow_output(problem, k.blocking)) {
@@ -441,7 +447,11 @@ void gemm(const GemmProblem& problem) {
     return;
   }
   GemmProblem g = problem;
-  g.allow_sparse = sparse_path_enabled();
+  // bfloat16 operands on a CPU whose dot product runs at the FMA's rate: the dot-product
+  // kernel (two products an instruction) rather than the sparse path (which skips dropped
+  // inputs but does one product an FMA, each loading its own vector).
+  g.allow_bf16_dot = !g.c_trans && bf16_dot_for(g.a, g.b);
+  g.allow_sparse = sparse_path_enabled() && !g.allow_bf16_dot;
   const GemmBlocking& b = k.blocking;
   // ~1 MFLOP per thread at least.  Split the output's rows when each thread gets at
   // least 128 of them (measured at 2 threads against splitting the columns: 2-4% faster
@@ -550,7 +560,7 @@ void dense_backward(const DenseBackward& a) {
     // stay (at 1024x4096x4096 and p = 0.3-0.35 it took 0.86-0.98x: a size-aware rule could
     // take that).
     const bool sparse = sparse_path_enabled() && sparse_mask(a.mask, active_kernels().blocking, true) &&
-                        a.M >= 256;
+                        a.M >= 256 && !bf16_dot_for(dz, xd);
     g.M = sparse ? a.K : a.N;
     g.N = sparse ? a.N : a.K;
     g.K = a.M;

@@ -35,6 +35,17 @@ def gemm_path(request):
         fd._core.set_gemm_path(os.environ.get("FASTDROPOUT_GEMM_PATH") or "auto")
 
 
+@pytest.fixture(params=["dot", "float32"])
+def bf16_gemm(request):
+    """Force the bfloat16 GEMM kernel: the dot-product one (where the backend has it and the CPU
+    the instruction; elsewhere both are the float32 kernels) or the float32 one."""
+    fd._core.set_bf16_gemm(request.param)
+    try:
+        yield request.param
+    finally:
+        fd._core.set_bf16_gemm(os.environ.get("FASTDROPOUT_BF16_GEMM") or "auto")
+
+
 @pytest.fixture(params=["native", "python"])
 def torch_route(request):
     """Run the test through each route of fastdropout.torch's eager layer: the C++ autograd
@@ -56,7 +67,7 @@ def pytest_report_header(config):
     return (
         f"fastdropout {fd.__version__} from {os.path.dirname(fd.__file__)}; backend {fd.backend()}; "
         f"testing backends {', '.join(BACKENDS)}; cpu: {fd._core.cpu_features()} {fd._core.cpu_id()}; "
-        f"gemm path: {fd._core.gemm_path()[1]}"
+        f"gemm path: {fd._core.gemm_path()[1]}; bfloat16 gemm: {fd._core.bf16_gemm()[1]}"
     )
 
 

@@ -33,6 +33,20 @@ void bind::register_runtime(py::module_& m) {
           return py::make_tuple(c.sparse, c.why);
         }, py::arg("vendor"), py::arg("family"), py::arg("model"), py::arg("backend_has_sparse"),
         py::arg("setting"), "The GEMM path rule for a given CPU (for tests).");
+  m.def("bf16_gemm", [] {
+          const Bf16GemmChoice c = bf16_gemm();
+          return py::make_tuple(c.dot, c.why);
+        }, "(whether bfloat16 GEMM operands take the dot-product kernel on the active backend, why).");
+  m.def("set_bf16_gemm", &set_bf16_gemm, py::arg("setting"),
+        "Force the bfloat16 GEMM kernel: 'auto' (by CPU), 'dot' or 'float32' (ValueError otherwise).");
+  m.def("_bf16_dot_blocks", [] { return bf16_dot_blocks.load(); },
+        "Blocks the bfloat16 dot-product kernel has computed in this process (for tests).");
+  m.def("decide_bf16_gemm", [](const std::string& vendor, unsigned family, unsigned model, bool has_dot,
+                               const std::string& setting) {
+          const Bf16GemmChoice c = decide_bf16_gemm(CpuId{vendor, family, model}, has_dot, setting);
+          return py::make_tuple(c.dot, c.why);
+        }, py::arg("vendor"), py::arg("family"), py::arg("model"), py::arg("has_dot"), py::arg("setting"),
+        "The bfloat16 GEMM rule for a given CPU (for tests).");
   m.def("neighbours", [] {
           const ops::NeighbourState st = ops::neighbour_state();
           py::dict d;
@@ -63,6 +77,7 @@ PYBIND11_MODULE(_core, m) {
   // Choose the backend now, so a bad FASTDROPOUT_BACKEND fails the import clearly.
   active_kernels();
   gemm_path();  // a bad FASTDROPOUT_GEMM_PATH too
+  bf16_gemm();  // and FASTDROPOUT_BF16_GEMM
   // Initialise the OpenMP runtime now, while the environment fastdropout._runtime set
   // for the import holds (libgomp reads it when loaded, LLVM's libomp at first use).
   get_num_threads();

@@ -121,6 +121,56 @@ void test_dense(const std::string& b) {
   check(ok, b, "fused dropout -> dense within float32 GEMM error");
 }
 
+/// bfloat16 operands: the dot-product kernel (where this backend and CPU have it) gives the
+/// float32 kernels' bits, forward and both gradients.
+void test_bf16_dot(const std::string& b) {
+  const int64_t M = 70, K = 301, N = 45;
+  auto bf16 = [](const std::vector<float>& v) {
+    std::vector<uint16_t> h(v.size());
+    for (size_t i = 0; i < v.size(); ++i) {
+      uint32_t u;
+      std::memcpy(&u, &v[i], sizeof u);
+      h[i] = static_cast<uint16_t>(u >> 16);
+    }
+    return h;
+  };
+  const std::vector<uint16_t> x = bf16(normals(M * K, 6)), w = bf16(normals(N * K, 7)), dy = bf16(normals(M * N, 8));
+  std::vector<float> y[2], gx[2], gw[2];
+  const uint64_t before = bf16_dot_blocks.load();
+  for (int run = 0; run < 2; ++run) {
+    set_bf16_gemm(run == 0 ? "float32" : "dot");
+    y[run].assign(static_cast<size_t>(M * N), 0.0f);
+    gx[run].assign(static_cast<size_t>(M * K), 0.0f);
+    gw[run].assign(static_cast<size_t>(N * K), 0.0f);
+    ops::DenseForward a;
+    a.xh = x.data();
+    a.wh = w.data();
+    a.y = y[run].data();
+    a.M = M, a.N = N, a.K = K;
+    a.mask = ops::make_mask(true, 3, 0, 1288490189ull, 1.0f / 0.7f);  // p = 0.3
+    ops::dense_forward(a);
+    ops::DenseBackward d;
+    d.dyh = dy.data();
+    d.xh = x.data();
+    d.wh = w.data();
+    d.grad_x = gx[run].data();
+    d.grad_w = gw[run].data();
+    d.M = M, d.N = N, d.K = K;
+    d.mask = a.mask;
+    ops::dense_backward(d);
+  }
+  set_bf16_gemm("auto");
+  auto same = [](const std::vector<float>& u, const std::vector<float>& v) {
+    return std::memcmp(u.data(), v.data(), u.size() * sizeof(float)) == 0;
+  };
+  check(same(y[0], y[1]) && same(gx[0], gx[1]) && same(gw[0], gw[1]), b,
+        "bfloat16 dot-product kernel gives the float32 kernels' bits");
+  set_bf16_gemm("dot");
+  const bool runs = bf16_gemm().dot;
+  set_bf16_gemm("auto");
+  check((bf16_dot_blocks.load() > before) == runs, b, "bfloat16 dot-product kernel ran where it can");
+}
+
 void test_family(const std::string& b, const std::vector<float>& alpha_scalar, bool is_scalar,
                  std::vector<float>& alpha_out) {
   const int64_t n = 1000;
@@ -216,6 +266,7 @@ int main(int argc, char** argv) {
       test_kat(tag, kat);
       test_masks(tag);
       test_dense(tag);
+      test_bf16_dot(tag);
       std::vector<float> got;
       test_family(tag, alpha_scalar, b == "scalar" && threads == 1, got);
       if (b == "scalar" && threads == 1) alpha_scalar = got;

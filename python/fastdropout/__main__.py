@@ -25,6 +25,7 @@ def info() -> int:
     print(f"available backends: {', '.join(fd.available_backends())}")
     print(f"cpu features      : {fd._core.cpu_features()}")
     print(f"gemm path         : {fd._core.gemm_path()[1]}")
+    print(f"bfloat16 gemm     : {fd._core.bf16_gemm()[1]}")
     print(f"threads           : {fd.get_num_threads()} (OpenMP: {'yes' if fd._core.has_openmp() else 'no'})")
     if fd._core.has_openmp():
         from ._runtime import wait_policy

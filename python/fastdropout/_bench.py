@@ -160,6 +160,7 @@ def header(threads: int) -> Dict[str, object]:
         "cpu_vendor": cpu_vendor(),
         "caches": caches(),
         "gemm_path": fd._core.gemm_path()[1],
+        "bf16_gemm": fd._core.bf16_gemm()[1],
         "openmp_wait": wait_policy.get("why"),
         "adapt_threads": fd._core.neighbours()["adapting"],
         "cores": os.cpu_count(),
@@ -798,6 +799,8 @@ def format_report(info: Dict[str, object], results: List[Result]) -> str:
     peers = f"NumPy's BLAS ({info.get('numpy_threads')})" + (" and torch" if info.get("torch") else "")
     out.append(f"  threads  : {threads} thread{'s' if threads != 1 else ''} for fastdropout and {peers}")
     out.append(f"  gemm path: {info.get('gemm_path')}")
+    if info.get("bf16_gemm"):
+        out.append(f"  bf16 gemm: {info['bf16_gemm']}")
     if info.get("openmp_wait"):
         out.append(f"  openmp   : idle threads wait {info['openmp_wait']}")
     if "adapt_threads" in info:
