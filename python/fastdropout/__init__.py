@@ -6,7 +6,7 @@ try:
 
     _core = _load_core()
 except ImportError as exc:  # pragma: no cover - only without a build
-    if "FASTDROPOUT_" in str(exc):  # a bad FASTDROPOUT_BACKEND or FASTDROPOUT_GEMM_PATH
+    if "FASTDROPOUT_" in str(exc):  # a bad FASTDROPOUT_BACKEND, _GEMM_PATH or _BF16_GEMM
         raise
     raise ImportError(
         "fastdropout's native core (fastdropout._core) is missing or failed to load: "
