@@ -443,8 +443,11 @@ inline void sparse_rows(int64_t w0, int64_t w1, const float* kept, int64_t kld, 
 
 // The bfloat16 dot-product kernel (AVX512_BF16's vdpbf16ps), for CPUs that have it; the
 // caller checks the CPU (dispatch.hpp's bf16_dot_enabled) before calling.  GCC from 10 and
-// Clang from 9 know the instruction; with an older compiler the backend has no such kernel.
-#if (defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
+// Clang from 9 (Apple's from 11) know the instruction; with an older compiler, or MSVC, the
+// backend has no such kernel.
+#if (defined(__clang__) && defined(__apple_build_version__) && __clang_major__ >= 11) || \
+    (defined(__clang__) && !defined(__apple_build_version__) && __clang_major__ >= 9) ||  \
+    (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 10)
 #define FD_ISA_BF16_DOT 1
 
 /// C[0:MR, 0:NR] (+)= the dense micro-kernel's product on depth pairs: a holds, per pair
@@ -555,6 +558,19 @@ inline void pair_rows(const uint16_t* a, const uint16_t* b, uint32_t* out, int64
   const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, a)), 16);
   const __m512i lo = b ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, b)) : _mm512_setzero_si512();
   _mm512_mask_storeu_epi32(out, k, _mm512_or_si512(hi, lo));
+}
+
+/// out[l] = the high halves of a[l] << 16 | b[l] >> 16 for l < n (n <= 16; b may be null: 0),
+/// from float32 values, which `scan` sees.
+inline void pair_float_rows(const float* a, const float* b, uint32_t* out, int64_t n, PairScan& scan) {
+  const __mmask16 k = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+  const __m512i va = _mm512_castps_si512(_mm512_maskz_loadu_ps(k, a));
+  const __m512i vb = b ? _mm512_castps_si512(_mm512_maskz_loadu_ps(k, b)) : _mm512_setzero_si512();
+  scan.add(va, k);
+  scan.add(vb, k);
+  const __m512i pair = _mm512_or_si512(_mm512_and_si512(va, _mm512_set1_epi32(static_cast<int>(0xffff0000u))),
+                                       _mm512_srli_epi32(vb, 16));
+  _mm512_mask_storeu_epi32(out, k, pair);
 }
 
 /// out[q] = the pair of depths (2q, 2q + 1) of a bfloat16 row h, for q < 16 (both depths

@@ -907,6 +907,25 @@ void pack_pairs(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64
         }
       }
     }
+  } else if (!lanes_are_rows && nd >= 2) {
+    // depth rows that load_segment transforms (a mask, an activation's derivative): two rows
+    // into the float32 panel's room (nl x nd floats), then paired
+    float* row0 = fpanel;
+    float* row1 = fpanel + nl;
+    for (int64_t q = 0; q < kp; ++q) {
+      const float* r0 = load_segment(m, d0 + 2 * q, l0, nl, row0);
+      const float* r1 = 2 * q + 1 < nd ? load_segment(m, d0 + 2 * q + 1, l0, nl, row1) : nullptr;
+      for (int64_t p = 0; p < panels; ++p) {
+        uint32_t* dst = out + p * kp * W + q * W;
+        const int64_t have = min64(W, nl - p * W);
+        for (int64_t l = 0; l < W; l += 16) {
+          const int64_t n = min64(16, W - l), real = min64(n, have - l);
+          if (real > 0) pair_float_rows(r0 + p * W + l, r1 ? r1 + p * W + l : nullptr, dst + l, real, scan);
+          for (int64_t i = real > 0 ? real : 0; i < n; ++i) dst[l + i] = 0;
+        }
+      }
+    }
+    return;
   } else {
     pack(m, lanes_are_rows, l0, nl, d0, nd, W, fpanel, buf);
     to_pairs<W>(fpanel, panels, nd, out, scan);
