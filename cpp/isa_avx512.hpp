@@ -309,6 +309,31 @@ inline void transpose_block(const float* src, int64_t lds, float* dst, int64_t l
   }
 }
 
+/// Row r of the 8 x 32 tile at c: (lo, hi) stored, or added to what is there.
+inline void store_tile_row(float* c, int64_t ldc, bool accumulate, int r, __m512 lo, __m512 hi) {
+  float* cr = c + r * ldc;
+  if (accumulate) {
+    lo = _mm512_add_ps(_mm512_loadu_ps(cr), lo);
+    hi = _mm512_add_ps(_mm512_loadu_ps(cr + 16), hi);
+  }
+  _mm512_storeu_ps(cr, lo);
+  _mm512_storeu_ps(cr + 16, hi);
+}
+
+/// A micro-kernel's 8 x 32 sums, row by row (two vectors a row), to C.
+inline void store_tile(float* c, int64_t ldc, bool accumulate, __m512 c00, __m512 c01, __m512 c10, __m512 c11,
+                       __m512 c20, __m512 c21, __m512 c30, __m512 c31, __m512 c40, __m512 c41, __m512 c50,
+                       __m512 c51, __m512 c60, __m512 c61, __m512 c70, __m512 c71) {
+  store_tile_row(c, ldc, accumulate, 0, c00, c01);
+  store_tile_row(c, ldc, accumulate, 1, c10, c11);
+  store_tile_row(c, ldc, accumulate, 2, c20, c21);
+  store_tile_row(c, ldc, accumulate, 3, c30, c31);
+  store_tile_row(c, ldc, accumulate, 4, c40, c41);
+  store_tile_row(c, ldc, accumulate, 5, c50, c51);
+  store_tile_row(c, ldc, accumulate, 6, c60, c61);
+  store_tile_row(c, ldc, accumulate, 7, c70, c71);
+}
+
 /// C[0:MR, 0:NR] (+)= A_panel (kc x MR) * B_panel (kc x NR).
 /// The 8 x 32 register tile.  Sixteen named accumulators rather than an array: compiled
 /// out of line, GCC kept an array's rows on the stack and stored them every step.
@@ -346,23 +371,7 @@ inline void microkernel(int64_t kc, const float* a, const float* b, float* c, in
     c70 = _mm512_fmadd_ps(av, b0, c70);
     c71 = _mm512_fmadd_ps(av, b1, c71);
   }
-  auto store = [c, ldc, accumulate](int r, __m512 lo, __m512 hi) {
-    float* cr = c + r * ldc;
-    if (accumulate) {
-      lo = _mm512_add_ps(_mm512_loadu_ps(cr), lo);
-      hi = _mm512_add_ps(_mm512_loadu_ps(cr + 16), hi);
-    }
-    _mm512_storeu_ps(cr, lo);
-    _mm512_storeu_ps(cr + 16, hi);
-  };
-  store(0, c00, c01);
-  store(1, c10, c11);
-  store(2, c20, c21);
-  store(3, c30, c31);
-  store(4, c40, c41);
-  store(5, c50, c51);
-  store(6, c60, c61);
-  store(7, c70, c71);
+  store_tile(c, ldc, accumulate, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71);
 }
 
 /// Bit j set where v[j] != 0 (NaN included), for j < 64.
@@ -494,23 +503,7 @@ __attribute__((target("avx512bf16"), noinline)) void microkernel_bf16(int64_t kp
     c70 = _mm512_dpbf16_ps(c70, av, b0);
     c71 = _mm512_dpbf16_ps(c71, av, b1);
   }
-  auto store = [c, ldc, accumulate](int r, __m512 lo, __m512 hi) {
-    float* cr = c + r * ldc;
-    if (accumulate) {
-      lo = _mm512_add_ps(_mm512_loadu_ps(cr), lo);
-      hi = _mm512_add_ps(_mm512_loadu_ps(cr + 16), hi);
-    }
-    _mm512_storeu_ps(cr, lo);
-    _mm512_storeu_ps(cr + 16, hi);
-  };
-  store(0, c00, c01);
-  store(1, c10, c11);
-  store(2, c20, c21);
-  store(3, c30, c31);
-  store(4, c40, c41);
-  store(5, c50, c51);
-  store(6, c60, c61);
-  store(7, c70, c71);
+  store_tile(c, ldc, accumulate, c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51, c60, c61, c70, c71);
 }
 
 /// What the dot-product kernel needs to know of a packed block's values: whether each is a
