@@ -279,6 +279,32 @@ def dense_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, st
             txg.grad = twg.grad = tbg.grad = None
 
         cases += [("forward", "torch", torch_fwd, fwd), ("forward+backward", "torch", torch_fwd_bwd, fwdbwd)]
+        if _have("ml_dtypes"):  # bfloat16 operands (NumPy's through ml_dtypes) against torch's bfloat16 layer
+            import ml_dtypes
+
+            xh, wh, dyh = (a.astype(ml_dtypes.bfloat16) for a in (x, w, dy))
+            hx, hw, hb, hdy = (t.to(torch.bfloat16) for t in (tx, tw, tb, tdy))
+            hxg, hwg, hbg = (t.clone().requires_grad_(True) for t in (hx, hw, hb))
+
+            def fd_fwd_bwd_bf16():
+                fd.dropout_dense(xh, wh, b, P, seed=SEED)
+                fd.dropout_dense_backward(dyh, xh, wh, P, seed=SEED)
+
+            def torch_fwd_bf16():
+                with torch.no_grad():
+                    return F.linear(F.dropout(hx, P, training=True), hw, hb)
+
+            def torch_fwd_bwd_bf16():
+                out = F.linear(F.dropout(hxg, P, training=True), hwg, hbg)
+                out.backward(hdy)
+                hxg.grad = hwg.grad = hbg.grad = None
+
+            cases += [
+                ("forward, bfloat16", "fastdropout", lambda: fd.dropout_dense(xh, wh, b, P, seed=SEED), fwd),
+                ("forward, bfloat16", "torch", torch_fwd_bf16, fwd),
+                ("forward+backward, bfloat16", "fastdropout", fd_fwd_bwd_bf16, fwdbwd),
+                ("forward+backward, bfloat16", "torch", torch_fwd_bwd_bf16, fwdbwd),
+            ]
     jx = _jax()
     if jx is not None:
         jax, jnp = jx
