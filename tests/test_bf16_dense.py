@@ -232,3 +232,58 @@ def test_bad_bf16_gemm_environment_fails_the_import():
     env = dict(os.environ, FASTDROPOUT_BF16_GEMM="fastest")
     r = subprocess.run([sys.executable, "-c", "import fastdropout"], env=env, capture_output=True, text=True)
     assert r.returncode != 0 and "FASTDROPOUT_BF16_GEMM" in r.stderr
+
+
+# Any small shape, p, activation and operand scale: the dot-product kernel (where it runs) and
+# the float32 kernels give the same bits.  The scales reach the exponent rule's boundary (smallest
+# exponent fields summing to 142) from both sides, with cancelling signs, so that a wrong rule
+# would let a subnormal partial sum through.
+def test_bf16_dot_kernel_property(backend):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 70), p=st.sampled_from([0.0, 0.3, 0.5]),
+           activation=st.sampled_from([None, "relu", "gelu"]), seed=st.integers(0, 2**32),
+           ex=st.integers(-75, 10), ew=st.integers(-75, 10), cancel=st.booleans())
+    def check(m, k, n, p, activation, seed, ex, ew, cancel):
+        rng = np.random.default_rng(seed)
+        x = np.ldexp(rng.uniform(1, 2, (m, k)), ex + rng.integers(0, 3, (m, k))) * rng.choice([-1, 1], (m, k))
+        w = np.ldexp(rng.uniform(1, 2, (n, k)), ew + rng.integers(0, 3, (n, k))) * rng.choice([-1, 1], (n, k))
+        if cancel and k >= 2:  # pairs of terms that cancel to a few ulps
+            x[:, 1::2] = -x[:, 0:k - 1:2] * (1 + 2.0**-7)
+            w[:, 1::2] = w[:, 0:k - 1:2]
+        x, w = x.astype(BF16), w.astype(BF16)
+        dy = rng.standard_normal((m, n)).astype(BF16)
+        f32, dot, _ = both_kernels(x, w, None, p, activation, dy)
+        for a, e in zip(f32, dot):
+            assert np.array_equal(a, e)
+
+    check()
+
+
+@pytest.mark.parametrize("fields", [141, 142])
+def test_bf16_dot_kernel_exponent_rule_is_tight(backend, fields):
+    # Two products that cancel to 2**(fields - 268), the finest step products of bfloat16 values
+    # with these smallest exponent fields can leave: at 142 that is 2**-126, the smallest normal
+    # number, and the dot-product kernel may run; at 141 it is 2**-127, subnormal, which the
+    # instruction would flush to zero: the block must take the float32 kernel.
+    fx = 70
+    fw = fields - fx
+    x = np.array([[2.0 ** (fx - 127) * (1 + 2.0**-7), -(2.0 ** (fx - 127)) * (1 + 2.0**-6)]] * 3)
+    w = np.array([[2.0 ** (fw - 127) * (1 + 2.0**-7), 2.0 ** (fw - 127)]] * 5)
+    x, w = x.astype(BF16), w.astype(BF16)
+    assert np.array_equal(x.astype(np.float64), np.asarray(x.astype(np.float32), np.float64))
+    f32, dot, _ = both_kernels(x, w, None, 0.0, None, np.ones((3, 5), BF16))
+    z = f32[1].view(np.float32)
+    assert np.all(z == np.float32(2.0 ** (fields - 268)))  # exact, subnormal at 141
+    for a, e in zip(f32, dot):
+        assert np.array_equal(a, e)
+    if dot_runs():
+        fd._core.set_bf16_gemm("dot")
+        try:
+            before = fd._core._bf16_dot_blocks()
+            fd.dropout_dense(x, w, None, 0.0, seed=1)
+            assert (fd._core._bf16_dot_blocks() > before) == (fields >= 142)
+        finally:
+            fd._core.set_bf16_gemm("auto")
