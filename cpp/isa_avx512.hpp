@@ -545,14 +545,6 @@ inline void scan_pairs(const uint32_t* p, int64_t n, PairScan& scan) {
   }
 }
 
-/// out[l] = a[l] << 16 | b[l] for l < n (n <= 16), from bfloat16 values (b may be null: 0).
-inline void pair_rows(const uint16_t* a, const uint16_t* b, uint32_t* out, int64_t n) {
-  const __mmask16 k = n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
-  const __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, a)), 16);
-  const __m512i lo = b ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, b)) : _mm512_setzero_si512();
-  _mm512_mask_storeu_epi32(out, k, _mm512_or_si512(hi, lo));
-}
-
 /// out[l] = the high halves of a[l] << 16 | b[l] >> 16 for l < n (n <= 16; b may be null: 0),
 /// from float32 values, which `scan` sees.
 inline void pair_float_rows(const float* a, const float* b, uint32_t* out, int64_t n, PairScan& scan) {

@@ -864,8 +864,8 @@ inline uint32_t pair_of(uint16_t a, uint16_t b) { return static_cast<uint32_t>(a
 /// pack's panels for the dot-product kernel: lanes [l0, l0 + nl) x depth [d0, d0 + nd) into
 /// panels of w lanes of depth pairs, out[p kp w + q w + l % w] (kp = ceil(nd / 2), missing
 /// lanes and a missing last depth zero), the values scanned into `scan`.  Plain bfloat16
-/// operands are paired straight from their 16-bit values; anything `pack` transforms (a
-/// mask, an activation's derivative) is packed as float32 into `fpanel` first, then paired.
+/// rows are paired straight from their 16-bit values, depth rows two at a time from
+/// load_segment; anything else is packed as float32 into `fpanel` by `pack`, then paired.
 template <int64_t W>
 void pack_pairs(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64_t d0, int64_t nd, uint32_t* out,
                 float* fpanel, float* buf, PairScan& scan) {
@@ -892,24 +892,10 @@ void pack_pairs(const Mat& m, bool lanes_are_rows, int64_t l0, int64_t nl, int64
       for (int64_t q = 0; q < kp; ++q)
         dst[q * W] = l < nl ? pair_of(src[2 * q], 2 * q + 1 < nd ? src[2 * q + 1] : 0) : 0;
     }
-  } else if (plain && !lanes_are_rows) {
-    // depth rows (lanes contiguous): each pair from two rows
-    for (int64_t q = 0; q < kp; ++q) {
-      const uint16_t* r0 = m.h + (d0 + 2 * q) * m.cols + l0;
-      const uint16_t* r1 = 2 * q + 1 < nd ? r0 + m.cols : nullptr;
-      for (int64_t p = 0; p < panels; ++p) {
-        uint32_t* dst = out + p * kp * W + q * W;
-        const int64_t have = min64(W, nl - p * W);
-        for (int64_t l = 0; l < W; l += 16) {
-          const int64_t n = min64(16, W - l), real = min64(n, have - l);
-          if (real > 0) pair_rows(r0 + p * W + l, r1 ? r1 + p * W + l : nullptr, dst + l, real);
-          for (int64_t i = real > 0 ? real : 0; i < n; ++i) dst[l + i] = 0;
-        }
-      }
-    }
   } else if (!lanes_are_rows && nd >= 2) {
-    // depth rows that load_segment transforms (a mask, an activation's derivative): two rows
-    // into the float32 panel's room (nl x nd floats), then paired
+    // depth rows (lanes contiguous), as load_segment gives them (widened, masked, times an
+    // activation's derivative): two rows into the float32 panel's room (nl x nd floats),
+    // then paired
     float* row0 = fpanel;
     float* row1 = fpanel + nl;
     for (int64_t q = 0; q < kp; ++q) {

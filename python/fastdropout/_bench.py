@@ -240,6 +240,35 @@ def elementwise_cases(n: int, threads: int) -> List[Tuple[str, str, Callable[[],
     return cases
 
 
+def _fd_layer(x, w, b, dy):
+    """fastdropout's fused layer on these operands: (forward, forward + backward)."""
+    def forward():
+        return fd.dropout_dense(x, w, b, P, seed=SEED)
+
+    def forward_backward():
+        fd.dropout_dense(x, w, b, P, seed=SEED)
+        fd.dropout_dense_backward(dy, x, w, P, seed=SEED)
+
+    return forward, forward_backward
+
+
+def _torch_layer(torch, x, w, b, dy):
+    """torch's F.linear(F.dropout(x)) on these tensors: (forward, forward + backward)."""
+    F = torch.nn.functional
+    xg, wg, bg = (t.clone().requires_grad_(True) for t in (x, w, b))
+
+    def forward():
+        with torch.no_grad():
+            return F.linear(F.dropout(x, P, training=True), w, b)
+
+    def forward_backward():
+        out = F.linear(F.dropout(xg, P, training=True), wg, bg)
+        out.backward(dy)
+        xg.grad = wg.grad = bg.grad = None
+
+    return forward, forward_backward
+
+
 def dense_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, str, Callable[[], object], float]]:
     """(kernel, impl, fn, flops) for a (batch, in, out) layer."""
     m, k, n = shape
@@ -250,57 +279,28 @@ def dense_cases(shape: Tuple[int, int, int], threads: int) -> List[Tuple[str, st
     dy = rng.standard_normal((m, n), dtype=np.float32)
     fwd, fwdbwd = 2.0 * m * k * n, 6.0 * m * k * n
 
-    def fd_fwd_bwd():
-        fd.dropout_dense(x, w, b, P, seed=SEED)
-        fd.dropout_dense_backward(dy, x, w, P, seed=SEED)
-
+    fd_fwd, fd_fwd_bwd = _fd_layer(x, w, b, dy)
     cases = [
         ("forward", "numpy x @ W.T + b", lambda: x @ w.T + b, fwd),
         ("forward", "numpy reference dropout, then matmul", lambda: reference.dropout(x, P, seed=SEED) @ w.T + b, fwd),
         ("forward", "fastdropout dense (p=0)", lambda: fd.dense(x, w, b), fwd),
-        ("forward", "fastdropout", lambda: fd.dropout_dense(x, w, b, P, seed=SEED), fwd),
+        ("forward", "fastdropout", fd_fwd, fwd),
         ("forward+backward", "fastdropout", fd_fwd_bwd, fwdbwd),
     ]
     torch = _torch()
     if torch is not None:
-        F = torch.nn.functional
         torch.set_num_threads(threads)
-        tx, tw, tb, tdy = (torch.from_numpy(a) for a in (x, w, b, dy))
-        twg, tbg = tw.clone().requires_grad_(True), tb.clone().requires_grad_(True)
-        txg = tx.clone().requires_grad_(True)
-
-        def torch_fwd():
-            with torch.no_grad():
-                return F.linear(F.dropout(tx, P, training=True), tw, tb)
-
-        def torch_fwd_bwd():
-            out = F.linear(F.dropout(txg, P, training=True), twg, tbg)
-            out.backward(tdy)
-            txg.grad = twg.grad = tbg.grad = None
-
+        tensors = [torch.from_numpy(a) for a in (x, w, b, dy)]
+        torch_fwd, torch_fwd_bwd = _torch_layer(torch, *tensors)
         cases += [("forward", "torch", torch_fwd, fwd), ("forward+backward", "torch", torch_fwd_bwd, fwdbwd)]
         if _have("ml_dtypes"):  # bfloat16 operands (NumPy's through ml_dtypes) against torch's bfloat16 layer
             import ml_dtypes
 
-            xh, wh, dyh = (a.astype(ml_dtypes.bfloat16) for a in (x, w, dy))
-            hx, hw, hb, hdy = (t.to(torch.bfloat16) for t in (tx, tw, tb, tdy))
-            hxg, hwg, hbg = (t.clone().requires_grad_(True) for t in (hx, hw, hb))
-
-            def fd_fwd_bwd_bf16():
-                fd.dropout_dense(xh, wh, b, P, seed=SEED)
-                fd.dropout_dense_backward(dyh, xh, wh, P, seed=SEED)
-
-            def torch_fwd_bf16():
-                with torch.no_grad():
-                    return F.linear(F.dropout(hx, P, training=True), hw, hb)
-
-            def torch_fwd_bwd_bf16():
-                out = F.linear(F.dropout(hxg, P, training=True), hwg, hbg)
-                out.backward(hdy)
-                hxg.grad = hwg.grad = hbg.grad = None
-
+            bf = ml_dtypes.bfloat16
+            fd_fwd_bf16, fd_fwd_bwd_bf16 = _fd_layer(x.astype(bf), w.astype(bf), b, dy.astype(bf))
+            torch_fwd_bf16, torch_fwd_bwd_bf16 = _torch_layer(torch, *(t.to(torch.bfloat16) for t in tensors))
             cases += [
-                ("forward, bfloat16", "fastdropout", lambda: fd.dropout_dense(xh, wh, b, P, seed=SEED), fwd),
+                ("forward, bfloat16", "fastdropout", fd_fwd_bf16, fwd),
                 ("forward, bfloat16", "torch", torch_fwd_bf16, fwd),
                 ("forward+backward, bfloat16", "fastdropout", fd_fwd_bwd_bf16, fwdbwd),
                 ("forward+backward, bfloat16", "torch", torch_fwd_bwd_bf16, fwdbwd),
