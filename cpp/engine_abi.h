@@ -3,15 +3,15 @@
  * one fastdropout_engine_v1 in a capsule named FASTDROPOUT_ENGINE_CAPSULE; the caller checks
  * abi_version and struct_size before using a field.  Plain C types only, so that the two
  * modules may be built by different compilers and C++ runtimes; no exception crosses it.
- * Every array is C-contiguous float32; the arguments are trusted (the Python layer checked
- * them). */
+ * Every array is C-contiguous, float32 unless said otherwise; the arguments are trusted (the
+ * Python layer checked them). */
 #ifndef FASTDROPOUT_ENGINE_ABI_H
 #define FASTDROPOUT_ENGINE_ABI_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#define FASTDROPOUT_ENGINE_ABI_VERSION 1
+#define FASTDROPOUT_ENGINE_ABI_VERSION 2
 #define FASTDROPOUT_ENGINE_CAPSULE "fastdropout._core.engine_v1"
 
 #ifdef __cplusplus
@@ -38,6 +38,12 @@ typedef struct fastdropout_linear_args {
   int32_t masked;
   uint64_t seed, offset;
   double p;
+  /* (version 2) bfloat16 operands as their 16-bit patterns, each instead of its float32
+   * array above (which is then NULL): x and w (forward and backward), dy (backward).  They are
+   * widened exactly while packed; the outputs stay float32. */
+  const uint16_t* xh;
+  const uint16_t* wh;
+  const uint16_t* dyh;
 } fastdropout_linear_args;
 
 typedef struct fastdropout_engine_v1 {

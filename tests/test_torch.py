@@ -472,6 +472,87 @@ def test_routes_agree_on_the_mask_parameters_of_p(backend, p):
         assert torch.equal(a, c)
 
 
+_HALF_TYPES = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+
+
+@_HALF_TYPES
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+@pytest.mark.parametrize("shape", [((5, 33), 7), ((2, 3, 17), 20), ((0, 9), 4)])
+def test_routes_agree_in_half_precision(backend, threads, dtype, activation, shape):
+    """A bfloat16 or float16 layer takes the C++ layer as float32 does (its node is C++; bfloat16
+    operands reach the engine as they are, float16 ones widened to float32): output and
+    gradients are the Python route's bit for bit, in each operand's dtype, for every subset
+    of gradients autograd asks for, in training and in evaluation."""
+    (x_shape, n) = shape
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(x_shape, generator=gen).to(dtype)
+    w, b = torch.randn(n, x_shape[-1], generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    g = torch.randn(x_shape[:-1] + (n,), generator=gen).to(dtype)
+    for training, needs in ((True, (True, True, True)), (True, (False, True, False)), (True, (True, False, True)),
+                            (False, (True, True, True))):
+        results = []
+        with routes_in_turn() as use:
+            for native in (True, False):
+                use(native)
+                xs, ws, bs = (t.clone().requires_grad_(need) for t, need in zip((x, w, b), needs))
+                y = fdt.dropout_linear(xs, ws, bs, 0.4, training=training, activation=activation, seed=8, offset=3)
+                assert ("CppNode" in y.grad_fn.name()) == native
+                y.backward(g)
+                if native:  # the C++ layer's own record of what its backward computed
+                    assert _torch_native.module()._last_wanted() == needs
+                results.append((y.detach(), xs.grad, ws.grad, bs.grad))
+        assert results[0][0].dtype == dtype
+        for a, c, need in zip(results[0], results[1], (True,) + needs):
+            if need:
+                assert a.dtype == dtype and torch.equal(a, c)
+            else:
+                assert a is None and c is None
+
+
+@_HALF_TYPES
+def test_half_layer_hands_bf16_data_to_the_engine_as_it_is(dtype):
+    """bfloat16 operands reach the engine without a copy (their 16-bit patterns); float16 ones
+    as a float32 copy (the engine has no float16 GEMM input)."""
+    with routes_in_turn() as use:
+        use(True)
+        layer = fdt.DropoutLinear(8, 4, dtype=dtype)
+        x = torch.randn(3, 8).to(dtype)
+        layer(x)
+        seen = _torch_native.module()._last_operands()
+    if dtype == torch.bfloat16:
+        assert seen[:2] == (x.data_ptr(), layer.weight.data_ptr())
+    else:
+        assert seen[0] not in (0, x.data_ptr()) and seen[1] not in (0, layer.weight.data_ptr())
+    assert seen[2] not in (0, layer.bias.data_ptr())  # the bias as float32
+
+
+@_HALF_TYPES
+@pytest.mark.parametrize("activation", [0, 1, 2])
+def test_registered_ops_cpu_kernels_agree_in_half_precision(backend, dtype, activation):
+    """fastdropout::dropout_linear and its backward, called as compiled and exported graphs
+    call them: the C++ CPU kernels give the Python kernels' outputs, dtypes and state, bit
+    for bit (z, the pre-activation kept for the backward, is float32)."""
+    gen = torch.Generator().manual_seed(13)
+    x, w, b = (torch.randn(s, generator=gen).to(dtype) for s in ((6, 21), (5, 21), (5,)))
+    gy = torch.randn(6, 5, generator=gen).to(dtype)
+    state = torch.tensor([7, 2], dtype=torch.int64)
+    fwd, bwd = torch.ops.fastdropout.dropout_linear.default, torch.ops.fastdropout.dropout_linear_backward.default
+    results = []
+    with routes_in_turn() as use:
+        for native in (True, False):
+            use(native)
+            with torch.no_grad():
+                y, z, st = fwd(x, w, b, 0.3, state, activation, True)
+                z_for_backward = y if activation == 1 and z.numel() == 0 else z
+                grads = bwd(gy, x, w, z_for_backward, 0.3, st, activation, True, True, [True, True, True])
+            results.append((y, z, st) + tuple(grads))
+    for a, c in zip(*results):
+        assert a.dtype == c.dtype and torch.equal(a, c)
+    y, z, st, gx, gw, gb = results[0]
+    assert (y.dtype, gx.dtype, gw.dtype, gb.dtype) == (dtype,) * 4
+    assert z.dtype == torch.float32 and (z.shape == y.shape) == (activation != 0)
+
+
 @pytest.mark.parametrize("p", [2.0**-33, 0.1, 0.5, 1 - 2.0**-32, 1.0])
 @pytest.mark.parametrize("shape", [(0,), (5, 33), (3, 4, 130)])
 def test_routes_agree_on_dropout(backend, p, shape):

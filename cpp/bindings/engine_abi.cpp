@@ -49,11 +49,13 @@ bool bad(const fastdropout_linear_args* a) {
 }
 
 int linear_forward(const fastdropout_linear_args* a, char* msg, size_t len) {
-  if (bad(a) || !a->x || !a->w || !a->y) return failed("fastdropout engine: bad linear_forward arguments", msg, len);
+  if (bad(a) || !(a->x || a->xh) || !(a->w || a->wh) || !a->y) return failed("fastdropout engine: bad linear_forward arguments", msg, len);
   return guarded([a] {
     ops::DenseForward f;
     f.x = a->x;
     f.w = a->w;
+    f.xh = a->xh;
+    f.wh = a->wh;
     f.bias = a->bias;
     f.y = a->y;
     f.z = a->z_out;
@@ -67,13 +69,16 @@ int linear_forward(const fastdropout_linear_args* a, char* msg, size_t len) {
 }
 
 int linear_backward(const fastdropout_linear_args* a, char* msg, size_t len) {
-  if (bad(a) || !a->x || !a->w || !a->dy || (a->activation != 0 && !a->z))
+  if (bad(a) || !(a->x || a->xh) || !(a->w || a->wh) || !(a->dy || a->dyh) || (a->activation != 0 && !a->z))
     return failed("fastdropout engine: bad linear_backward arguments", msg, len);
   return guarded([a] {
     ops::DenseBackward b;
     b.dy = a->dy;
     b.x = a->x;
     b.w = a->w;
+    b.dyh = a->dyh;
+    b.xh = a->xh;
+    b.wh = a->wh;
     b.z = a->z;
     b.grad_x = a->grad_x;
     b.grad_w = a->grad_w;

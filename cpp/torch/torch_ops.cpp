@@ -1,5 +1,6 @@
-// fastdropout's fused dropout -> linear layer, and its plain dropout, as PyTorch autograd
-// functions in C++, for plain eager calls of fastdropout.torch (float32 CPU tensors).  The same layer through the
+// fastdropout's fused dropout -> linear layer (float32, bfloat16 and float16 CPU tensors), and
+// its plain dropout (float32), as PyTorch autograd functions in C++, for plain eager calls of
+// fastdropout.torch.  The same layer through the
 // Python route (fastdropout/_torch_ops.py) costs ~100-250 us a call beside the kernels,
 // most of it the interpreter reloading its code and data after the kernel has evicted them
 // from the caches (bench/experiments/cold_overhead.py); here the call and the graph node
@@ -53,8 +54,46 @@ bool keeps_output_for_relu(int64_t activation) { return activation == 1; }
 // A tensor's data for the engine: an empty tensor may have no storage, and the engine
 // wants an address even where it reads nothing.
 float g_none = 0.0f;
+const uint16_t g_none_h = 0;
 const float* in_ptr(const at::Tensor& t) { return t.numel() ? t.const_data_ptr<float>() : &g_none; }
 float* out_ptr(at::Tensor& t) { return t.numel() ? t.mutable_data_ptr<float>() : &g_none; }
+
+// The dtypes the engine's GEMM takes an operand in: float32; bfloat16 (its 16-bit patterns,
+// widened exactly while packed); float16 (widened to a float32 copy first, as the Python
+// route does).  Outputs are float32, rounded once to the caller's dtype.
+bool engine_dtype(const at::Tensor& t) {
+  const auto d = t.scalar_type();
+  return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
+}
+
+// A GEMM operand (C-contiguous rows x cols) for the engine: `f` for float32 data, `h` for
+// bfloat16; `t` keeps the data alive.
+struct Operand {
+  at::Tensor t;
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+};
+
+Operand operand_of(at::Tensor t) {
+  Operand o;
+  if (t.scalar_type() == at::kHalf) t = t.to(at::kFloat);
+  o.t = t;
+  if (t.scalar_type() == at::kBFloat16)
+    o.h = t.numel() ? reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) : &g_none_h;
+  else
+    o.f = in_ptr(t);
+  return o;
+}
+
+// A float32 result of the engine in `dtype` (rounded once; the tensor itself where float32).
+at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) { return dtype == at::kFloat ? t : t.to(dtype); }
+
+// Whether dropout_linear keeps z, the pre-activation, for its backward (_torch_ops._keeps_z):
+// GELU's derivative reads z; ReLU's reads a float32 output, and z where the output is rounded
+// to half precision (a tiny positive z can round to 0).
+bool keeps_z(int64_t activation, const at::Tensor& x) {
+  return activation == 2 || (activation == 1 && x.scalar_type() != at::kFloat);
+}
 
 std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -62,28 +101,31 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t n) {
   return shape;
 }
 
-// y = act(dropout(x) @ weight.T + bias) (and z, the pre-activation, when keep_z) in x's
-// shape with weight's rows as its last dimension, by the engine.
+// y = act(dropout(x) @ weight.T + bias) (and z, the pre-activation, when keep_z, in float32)
+// in x's shape with weight's rows as its last dimension and x's dtype, by the engine.
 std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                               double p, uint64_t seed, uint64_t offset, int64_t activation, bool train,
                                               bool keep_z) {
   const int64_t K = x.size(-1), N = weight.size(0);
-  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous();
-  at::Tensor b = bias.defined() ? bias.resolve_neg().contiguous() : at::Tensor();
+  const Operand x2 = operand_of(rows_of(x, K)), w = operand_of(weight.resolve_neg().contiguous());
+  at::Tensor b = bias.defined() ? bias.resolve_neg().contiguous().to(at::kFloat) : at::Tensor();
   // (allocated in the output's shape: a view made here could not take in-place changes)
-  at::Tensor y = at::empty(out_shape(x, N), x.options());
-  at::Tensor z = keep_z ? at::empty(out_shape(x, N), x.options()) : at::Tensor();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor y = at::empty(out_shape(x, N), f32);
+  at::Tensor z = keep_z ? at::empty(out_shape(x, N), f32) : at::Tensor();
   fastdropout_linear_args a{};
-  a.x = in_ptr(x2);
-  a.w = in_ptr(w);
+  a.x = x2.f, a.xh = x2.h;
+  a.w = w.f, a.wh = w.h;
   a.bias = b.defined() ? in_ptr(b) : nullptr;
   a.y = out_ptr(y);
   a.z_out = keep_z ? out_ptr(z) : nullptr;
-  a.M = x2.size(0), a.N = N, a.K = K;
+  a.M = x2.t.size(0), a.N = N, a.K = K;
   a.activation = static_cast<int32_t>(activation);
   a.masked = train ? 1 : 0;
   a.seed = seed, a.offset = offset, a.p = p;
-  g_last_operands[0] = a.x, g_last_operands[1] = a.w, g_last_operands[2] = a.bias;
+  g_last_operands[0] = a.x ? static_cast<const void*>(a.x) : a.xh;
+  g_last_operands[1] = a.w ? static_cast<const void*>(a.w) : a.wh;
+  g_last_operands[2] = a.bias;
   char msg[256] = {0};
   int rc;
   {
@@ -91,30 +133,33 @@ std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& x, const at::Ten
     rc = g_engine->linear_forward(&a, msg, sizeof msg);
   }
   check(rc, msg);
-  return {y, z};
+  return {as_dtype(y, x.scalar_type()), z};
 }
 
-// (grad_x, grad_weight, grad_bias) by the engine, each only where `want` asks (else
-// undefined); z is the pre-activation (ReLU: its output) where there is an activation.
+// (grad_x, grad_weight, grad_bias) by the engine in x's, weight's and weight's dtype, each
+// only where `want` asks (else undefined); z (float32) is the pre-activation (ReLU: its
+// float32 output) where there is an activation.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad_y, const at::Tensor& x,
                                                             const at::Tensor& weight, const at::Tensor& z, double p,
                                                             uint64_t seed, uint64_t offset, int64_t activation,
                                                             bool train, const bool want[3]) {
   const int64_t K = x.size(-1), N = weight.size(0);
-  at::Tensor x2 = rows_of(x, K), w = weight.resolve_neg().contiguous(), dy = rows_of(grad_y, N);
+  const Operand x2 = operand_of(rows_of(x, K)), w = operand_of(weight.resolve_neg().contiguous()),
+                dy = operand_of(rows_of(grad_y, N));
   at::Tensor z2 = activation && z.defined() ? rows_of(z, N) : at::Tensor();
-  at::Tensor gx = want[0] ? at::empty(x.sizes(), x.options()) : at::Tensor();
-  at::Tensor gw = want[1] ? at::empty({N, K}, weight.options()) : at::Tensor();
-  at::Tensor gb = want[2] ? at::empty({N}, weight.options()) : at::Tensor();
+  const auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor gx = want[0] ? at::empty(x.sizes(), f32) : at::Tensor();
+  at::Tensor gw = want[1] ? at::empty({N, K}, f32) : at::Tensor();
+  at::Tensor gb = want[2] ? at::empty({N}, f32) : at::Tensor();
   fastdropout_linear_args a{};
-  a.x = in_ptr(x2);
-  a.w = in_ptr(w);
-  a.dy = in_ptr(dy);
+  a.x = x2.f, a.xh = x2.h;
+  a.w = w.f, a.wh = w.h;
+  a.dy = dy.f, a.dyh = dy.h;
   a.z = z2.defined() ? in_ptr(z2) : nullptr;
   a.grad_x = want[0] ? out_ptr(gx) : nullptr;
   a.grad_w = want[1] ? out_ptr(gw) : nullptr;
   a.grad_b = want[2] ? out_ptr(gb) : nullptr;
-  a.M = x2.size(0), a.N = N, a.K = K;
+  a.M = x2.t.size(0), a.N = N, a.K = K;
   a.activation = static_cast<int32_t>(activation);
   a.masked = train ? 1 : 0;
   a.seed = seed, a.offset = offset, a.p = p;
@@ -126,7 +171,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& gr
     rc = g_engine->linear_backward(&a, msg, sizeof msg);
   }
   check(rc, msg);
-  return {gx, gw, gb};
+  const auto back = [](const at::Tensor& g, const at::Tensor& like) {
+    return g.defined() ? as_dtype(g, like.scalar_type()) : g;
+  };
+  return {back(gx, x), back(gw, weight), back(gb, weight)};
 }
 
 class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
@@ -134,7 +182,7 @@ class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const std::optional<at::Tensor>& bias, double p, uint64_t seed, uint64_t offset,
                             int64_t activation, bool train) {
-    const bool keep_z = activation == 2;  // GELU's derivative reads z; ReLU's its output
+    const bool keep_z = keeps_z(activation, x);
     auto [out, z] = run_forward(x, weight, bias.has_value() ? *bias : at::Tensor(), p, seed, offset, activation, train,
                                 keep_z);
     // x as the caller gave it (an inference tensor cannot be saved: a copy is)
@@ -226,9 +274,9 @@ at::Tensor dropout(const at::Tensor& x, double p, uint64_t seed, uint64_t offset
 at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                           double p, uint64_t seed, uint64_t offset, int64_t activation, bool train) {
   TORCH_CHECK(g_engine && g_composite, "fastdropout's native torch ops are not initialised");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
-                  (!bias.has_value() || bias->scalar_type() == at::kFloat),
-              "fastdropout native dropout_linear: float32 tensors only");
+  TORCH_CHECK(engine_dtype(x) && weight.scalar_type() == x.scalar_type() &&
+                  (!bias.has_value() || bias->scalar_type() == x.scalar_type()),
+              "fastdropout native dropout_linear: float32, bfloat16 or float16 tensors of one dtype only");
   TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu() && x.layout() == at::kStrided &&
                   weight.layout() == at::kStrided,
               "fastdropout native dropout_linear: dense CPU tensors only");
@@ -243,16 +291,17 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, const s
 // ------------------------------------------------------------------ the registered ops' CPU kernels
 // fastdropout::dropout_linear and fastdropout::dropout_linear_backward (schemas defined in
 // _torch_ops.py) are what compiled and exported graphs call; their CPU kernels here replace
-// the Python ones, which still serve other dtypes (bfloat16, float16).
+// the Python ones, which still serve other dtypes (float64 and the like).
 py::object* g_py_linear = nullptr;
 py::object* g_py_linear_backward = nullptr;
 torch::Library* g_impls = nullptr;
 torch::Library* g_autograd = nullptr;
 bool g_cpp_kernels = true;  // false: the Python kernels for every dtype (tests of that route)
 
-bool all_float(std::initializer_list<const at::Tensor*> ts) {
+// Whether the engine takes these operands (undefined ones aside) in C++.
+bool engine_dtypes(std::initializer_list<const at::Tensor*> ts) {
   for (const at::Tensor* t : ts)
-    if (t->defined() && t->scalar_type() != at::kFloat) return false;
+    if (t->defined() && !engine_dtype(*t)) return false;
   return true;
 }
 
@@ -273,7 +322,7 @@ std::pair<uint64_t, uint64_t> read_state(const at::Tensor& state) {
 Three linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias, double p,
                  const std::optional<at::Tensor>& state, int64_t activation, bool train) {
   const at::Tensor no_bias;
-  if (!g_cpp_kernels || !all_float({&x, &weight, bias.has_value() ? &*bias : &no_bias})) {
+  if (!g_cpp_kernels || !engine_dtypes({&x, &weight, bias.has_value() ? &*bias : &no_bias})) {
     py::gil_scoped_acquire gil;
     return three_of((*g_py_linear)(x, weight, bias.has_value() ? py::cast(*bias) : py::none(), p,
                                    state.has_value() ? py::cast(*state) : py::none(), activation, train));
@@ -289,15 +338,15 @@ Three linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optio
   }
   const auto [seed, offset] = train ? read_state(st) : std::pair<uint64_t, uint64_t>{0, 0};
   auto [y, z] = run_forward(x, weight, bias.has_value() ? *bias : at::Tensor(), p, seed, offset, activation, train,
-                            activation == 2);
-  return {y, z.defined() ? z : at::empty({0}, x.options()), st};
+                            keeps_z(activation, x));
+  return {y, z.defined() ? z : at::empty({0}, x.options().dtype(at::kFloat)), st};
 }
 
 Three linear_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& z,
                           double p, const at::Tensor& state, int64_t activation, bool train, bool has_bias,
                           c10::List<bool> output_mask) {
   TORCH_CHECK(output_mask.size() == 3, "output_mask must have 3 entries");
-  if (!g_cpp_kernels || !all_float({&grad_y, &x, &weight, &z})) {
+  if (!g_cpp_kernels || !engine_dtypes({&grad_y, &x, &weight}) || (z.defined() && z.scalar_type() != at::kFloat)) {
     py::gil_scoped_acquire gil;
     py::list mask;
     for (size_t i = 0; i < 3; ++i) mask.append(static_cast<bool>(output_mask.get(i)));

@@ -1,15 +1,16 @@
 """fastdropout.torch's layer in C++: building, caching and loading it.
 
 A plain eager call of :func:`fastdropout.torch.dropout_linear` (or a
-:class:`~fastdropout.torch.DropoutLinear` layer) on float32 tensors, and of
+:class:`~fastdropout.torch.DropoutLinear` layer) on float32, bfloat16 or float16 tensors (all
+operands of one dtype), and of
 :func:`fastdropout.torch.dropout` (or :class:`~fastdropout.torch.Dropout`) on a contiguous
 float32 tensor, goes through a ``torch.autograd.Function`` written in C++
 (``_native/torch_ops.cpp``) that calls the
 engine through ``_core``'s C interface, instead of through Python: the same kernels, the
 same masks and gradients bit for bit, at a third to three quarters of the Python route's cost
 around them (README, *Measured*: "The PyTorch layer in C++").  Everything else (compiled and exported graphs,
-torch.func, autocast, half precision, tensor subclasses) keeps the registered ops of
-``_torch_ops``.
+torch.func, autocast, tensor subclasses) keeps the registered ops of ``_torch_ops``, whose CPU
+kernels are C++ too for those dtypes.
 
 torch's C++ API has no stable ABI, so no build shipped in the wheel could serve every torch:
 the source is compiled against the torch at hand by ``torch.utils.cpp_extension`` (g++ or the

@@ -349,7 +349,7 @@ class DropoutLinear(torch.nn.Module):
 
     Notes
     -----
-    Float32 calls run fastdropout's C++ layer, compiled against the installed torch the first
+    Float32, bfloat16 and float16 calls run fastdropout's C++ layer, compiled against the installed torch the first
     time a process needs it: the first ``DropoutLinear`` of a new torch version may take about a
     minute (announced on stderr; cached under ``$FASTDROPOUT_CACHE_DIR``, default
     ``~/.cache/fastdropout``).  ``FASTDROPOUT_TORCH_NATIVE=0`` keeps the Python route; the
