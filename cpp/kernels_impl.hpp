@@ -332,6 +332,32 @@ inline void prefetch_tile(const float* c, int64_t ldc, int64_t rows, int64_t col
     for (int64_t n = 0; n < cols; n += 16) prefetch(c + r * ldc + n);
 }
 
+/// The kMR x kNR micro-tiles of one (ic, jc) block of C, mc x nc, in order:
+/// kernel(ir, jr, dst, ld) computes the tile at (ic + ir, jc + jr) into dst with row stride
+/// ld.  A whole tile is C itself (prefetched where the kernel adds to it); an edge tile is
+/// computed aside in `tile` (C's values, or zeros, first) and only its valid part kept.
+template <class Kernel>
+inline void block_tiles(const GemmProblem& g, int64_t ic, int64_t mc, int64_t jc, int64_t nc, bool accumulate,
+                        float* tile, Kernel&& kernel) {
+  for (int64_t ir = 0; ir < mc; ir += kMR) {
+    const int64_t mr = min64(kMR, mc - ir);
+    for (int64_t jr = 0; jr < nc; jr += kNR) {
+      const int64_t nr = min64(kNR, nc - jr);
+      float* c = g.c + (ic + ir) * g.N + jc + jr;
+      if (mr == kMR && nr == kNR) {
+        if (accumulate) prefetch_tile(c, g.N, kMR, kNR);
+        kernel(ir, jr, c, g.N);
+        continue;
+      }
+      for (int64_t r = 0; r < mr; ++r)
+        for (int64_t n = 0; n < nr; ++n) tile[r * kNR + n] = accumulate ? c[r * g.N + n] : 0.0f;
+      kernel(ir, jr, tile, kNR);
+      for (int64_t r = 0; r < mr; ++r)
+        for (int64_t n = 0; n < nr; ++n) c[r * g.N + n] = tile[r * kNR + n];
+    }
+  }
+}
+
 /// bfloat16 bits to float32 (exact).
 inline void widen_bf16(const uint16_t* h, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
@@ -954,28 +980,12 @@ void bf16_gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, in
           a_floats = true;
           pack(g.b, g.b_trans, jc, nc, pc, kc, kNR, b_pack, buf);
         }
-        for (int64_t ir = 0; ir < mc; ir += kMR) {
-          const int64_t mr = min64(kMR, mc - ir);
-          for (int64_t jr = 0; jr < nc; jr += kNR) {
-            const int64_t nr = min64(kNR, nc - jr);
-            float* c = g.c + (ic + ir) * g.N + jc + jr;
-            const bool whole = mr == kMR && nr == kNR;
-            float* dst = whole ? c : tile;
-            const int64_t ld = whole ? g.N : kNR;
-            if (!whole)  // edge tile: computed aside, the valid part kept
-              for (int64_t r = 0; r < mr; ++r)
-                for (int64_t n = 0; n < nr; ++n) tile[r * kNR + n] = accumulate ? c[r * g.N + n] : 0.0f;
-            else if (accumulate)
-              prefetch_tile(c, g.N, kMR, kNR);
-            if (dot)
-              microkernel_bf16(kp, a_pairs + ir * kp, b_pairs + jr * kp, dst, ld, accumulate);
-            else
-              microkernel(kc, a_pack + ir * kc, b_pack + jr * kc, dst, ld, accumulate);
-            if (!whole)
-              for (int64_t r = 0; r < mr; ++r)
-                for (int64_t n = 0; n < nr; ++n) c[r * g.N + n] = tile[r * kNR + n];
-          }
-        }
+        block_tiles(g, ic, mc, jc, nc, accumulate, tile, [&](int64_t ir, int64_t jr, float* dst, int64_t ld) {
+          if (dot)
+            microkernel_bf16(kp, a_pairs + ir * kp, b_pairs + jr * kp, dst, ld, accumulate);
+          else
+            microkernel(kc, a_pack + ir * kc, b_pack + jr * kc, dst, ld, accumulate);
+        });
         if (last) epilogue(g, ic, ic + mc, jc, jc + nc);
       }
     }
@@ -1027,26 +1037,9 @@ void gemm_tile(const GemmProblem& g, int64_t m0, int64_t m1, int64_t n0, int64_t
       for (int64_t jc = n0; jc < n1; jc += kNC) {
         const int64_t nc = min64(kNC, n1 - jc);
         pack(g.b, g.b_trans, jc, nc, pc, kc, kNR, b_pack, buf);
-        for (int64_t ir = 0; ir < mc; ir += kMR) {
-          const int64_t mr = min64(kMR, mc - ir);
-          const float* ap = a_pack + ir * kc;
-          for (int64_t jr = 0; jr < nc; jr += kNR) {
-            const int64_t nr = min64(kNR, nc - jr);
-            float* c = g.c + (ic + ir) * g.N + jc + jr;
-            const float* bp = b_pack + jr * kc;
-            if (mr == kMR && nr == kNR) {
-              if (accumulate) prefetch_tile(c, g.N, kMR, kNR);
-              microkernel(kc, ap, bp, c, g.N, accumulate);
-              continue;
-            }
-            // edge tile: compute the full tile aside, keep the valid part
-            for (int64_t r = 0; r < mr; ++r)
-              for (int64_t n = 0; n < nr; ++n) tile[r * kNR + n] = accumulate ? c[r * g.N + n] : 0.0f;
-            microkernel(kc, ap, bp, tile, kNR, accumulate);
-            for (int64_t r = 0; r < mr; ++r)
-              for (int64_t n = 0; n < nr; ++n) c[r * g.N + n] = tile[r * kNR + n];
-          }
-        }
+        block_tiles(g, ic, mc, jc, nc, accumulate, tile, [&](int64_t ir, int64_t jr, float* dst, int64_t ld) {
+          microkernel(kc, a_pack + ir * kc, b_pack + jr * kc, dst, ld, accumulate);
+        });
         if (last) epilogue(g, ic, ic + mc, jc, jc + nc);
       }
     }
