@@ -57,6 +57,10 @@ typedef struct fastdropout_engine_v1 {
    * (Appended: a caller that uses it asks for a struct_size that includes it.) */
   int (*dropout)(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset, double p, char* msg,
                  size_t msg_len);
+  /* (Version 2) The same for n bfloat16 (bf16 != 0) or float16 (bf16 == 0) elements as their
+   * 16-bit patterns: each computed in float32 and rounded once to the nearest, ties to even. */
+  int (*dropout_h16)(const uint16_t* x, uint16_t* y, int64_t n, int32_t bf16, uint64_t seed, uint64_t offset,
+                     double p, char* msg, size_t msg_len);
 } fastdropout_engine_v1;
 
 #ifdef __cplusplus

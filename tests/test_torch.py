@@ -553,15 +553,17 @@ def test_registered_ops_cpu_kernels_agree_in_half_precision(backend, dtype, acti
     assert z.dtype == torch.float32 and (z.shape == y.shape) == (activation != 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("p", [2.0**-33, 0.1, 0.5, 1 - 2.0**-32, 1.0])
 @pytest.mark.parametrize("shape", [(0,), (5, 33), (3, 4, 130)])
-def test_routes_agree_on_dropout(backend, p, shape):
-    """fastdropout.torch.dropout of a contiguous float32 tensor under autograd runs the C++
-    layer's own Function (its node is C++), and its output, its gradient for a dense and for
-    an expanded upstream gradient (sum()'s), and the gradient through create_graph (the
-    gradient's own derivative: the same mask) are the Python route's, bit for bit."""
+def test_routes_agree_on_dropout(backend, dtype, p, shape):
+    """fastdropout.torch.dropout of a contiguous float32, bfloat16 or float16 tensor under
+    autograd runs the C++ layer's own Function (its node is C++), and its output, its gradient
+    for a dense and for an expanded upstream gradient (sum()'s), and the gradient through
+    create_graph (the gradient's own derivative: the same mask) are the Python route's, bit
+    for bit, and the float32 dropout rounded once to the dtype."""
     gen = torch.Generator().manual_seed(6)
-    x, v, w = (torch.randn(shape, generator=gen) for _ in range(3))
+    x, v, w = (torch.randn(shape, generator=gen).to(dtype) for _ in range(3))
     results = []
     with routes_in_turn() as use:
         for native in (True, False):
@@ -577,10 +579,13 @@ def test_routes_agree_on_dropout(backend, p, shape):
             (gx * w).sum().backward()  # d/dv of <dropout(v), w> = dropout(w), the same mask
             results.append((y.detach(), g_sum, gx.detach(), vs.grad))
     for a, c in zip(*results):
-        assert torch.equal(a, c)
+        assert a.dtype == dtype and torch.equal(a, c)
+
+    def expected(t):
+        return torch.from_numpy(fd.dropout(t.float().numpy(), p, seed=11, offset=5)).to(dtype)
+
     y, g_sum, gx, v_grad = results[0]
-    expected = torch.from_numpy(fd.dropout(x.numpy(), p, seed=11, offset=5))
-    assert torch.equal(y, expected)
-    assert torch.equal(gx, torch.from_numpy(fd.dropout(v.numpy(), p, seed=11, offset=5)))
-    assert torch.equal(v_grad, torch.from_numpy(fd.dropout(w.numpy(), p, seed=11, offset=5)))
-    assert torch.equal(g_sum, torch.from_numpy(fd.dropout(np.ones(shape, np.float32), p, seed=11, offset=5)))
+    assert torch.equal(y, expected(x))
+    assert torch.equal(gx, expected(v))
+    assert torch.equal(v_grad, expected(w))
+    assert torch.equal(g_sum, expected(torch.ones(shape)))

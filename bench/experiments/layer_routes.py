@@ -1,4 +1,4 @@
-"""A DropoutLinear on fastdropout's C++ torch layer against the same layer on its Python route.
+"""A DropoutLinear (or a Dropout) on fastdropout's C++ torch layer against its Python route.
 
 fastdropout.torch runs an eager float32, bfloat16 or float16 `DropoutLinear` through a
 `torch.autograd.Function` written in C++ (fastdropout/_torch_native.py), else through the
@@ -9,6 +9,8 @@ switched inside each timed call), medians of ROUNDS rounds and the medians of th
 ratios (the Python route's time / the C++ layer's: > 1, the C++ layer is faster).
 
 Usage: python bench/experiments/layer_routes.py MxKxN [ROUNDS] [DTYPE]   (float32, bfloat16, float16)
+       python bench/experiments/layer_routes.py dropout:N [ROUNDS] [DTYPE]
+The second form times `fastdropout.torch.dropout(x, 0.1)` of N elements and its backward.
 
 Measured 2026-12-03 on AMD Zen 4 (EPYC, family 19h model 11h, 2 vCPUs, avx512, the bfloat16
 dot-product kernel), torch 2.13.0, forward + backward, then the no-grad forward:
@@ -17,6 +19,8 @@ dot-product kernel), torch 2.13.0, forward + backward, then the no-grad forward:
   bfloat16 8x1024x1024      1.08x                                             1.04x
   float16  64x784x512       1.04x                                             0.94x
   float32  64x784x512       1.08x                                             0.98x
+  dropout:65536, bfloat16  1.35x, 1.27x (float32 1.23x)                      1.28x
+  dropout:4194304, bfloat16  1.03x (float32 1.06x)
 What these say: a few percent, within this host's noise at the larger shape, as for float32:
 the kernels dominate, and what the C++ layer removes is the Python around them.
 """
@@ -33,14 +37,22 @@ from fastdropout import _torch_native
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    m, k, n = (int(v) for v in sys.argv[1].split("x"))
     rounds = int(sys.argv[2]) if len(sys.argv) > 2 else 11
     dtype = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.bfloat16
     if _torch_native.module() is None:
         sys.exit(f"the C++ layer is not available: {_torch_native.status()}")
-    layer = fdt.DropoutLinear(k, n, p=0.5, activation="relu").to(dtype)
-    x = torch.randn(m, k, dtype=dtype, requires_grad=True)
-    g = torch.ones(m, n, dtype=dtype)
+    if sys.argv[1].startswith("dropout:"):
+        size = int(sys.argv[1].split(":")[1])
+        x = torch.randn(size, dtype=dtype, requires_grad=True)
+        g = torch.ones(size, dtype=dtype)
+        layer = lambda t: fdt.dropout(t, 0.1)  # noqa: E731
+        label = f"dropout of {size} elements"
+    else:
+        m, k, n = (int(v) for v in sys.argv[1].split("x"))
+        layer = fdt.DropoutLinear(k, n, p=0.5, activation="relu").to(dtype)
+        x = torch.randn(m, k, dtype=dtype, requires_grad=True)
+        g = torch.ones(m, n, dtype=dtype)
+        label = f"DropoutLinear {m}x{k}x{n}"
 
     def step(native):
         def f():
@@ -70,7 +82,7 @@ def main():
                 cases[name]()
             times[name].append((time.perf_counter() - t) / inner * 1e3)
     _torch_native.set_enabled(True)
-    print(f"{m}x{k}x{n} {dtype}, {rounds} rounds of {inner} calls")
+    print(f"{label}, {dtype}, {rounds} rounds of {inner} calls")
     for name, ts in times.items():
         print(f"  {name:26s} {statistics.median(ts):8.3f} ms")
     for what in ("forward + backward", "forward, no grad"):

@@ -97,8 +97,15 @@ int dropout(const float* x, float* y, int64_t n, uint64_t seed, uint64_t offset,
   return guarded([=] { ops::dropout(x, y, n, seed, offset, threshold_of(p), scale_of(p)); }, msg, len);
 }
 
+int dropout_h16(const uint16_t* x, uint16_t* y, int64_t n, int32_t bf16, uint64_t seed, uint64_t offset, double p,
+                char* msg, size_t len) {
+  if (!x || !y || n < 0 || !(p >= 0.0) || p > 1.0)
+    return failed("fastdropout engine: bad dropout_h16 arguments", msg, len);
+  return guarded([=] { ops::dropout_h16(x, y, n, seed, offset, threshold_of(p), scale_of(p), bf16 != 0); }, msg, len);
+}
+
 const fastdropout_engine_v1 kEngine = {FASTDROPOUT_ENGINE_ABI_VERSION, sizeof(fastdropout_engine_v1),
-                                       &linear_forward, &linear_backward, &dropout};
+                                       &linear_forward, &linear_backward, &dropout, &dropout_h16};
 
 }  // namespace
 

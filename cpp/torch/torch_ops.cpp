@@ -222,16 +222,24 @@ class DropoutLinear : public torch::autograd::Function<DropoutLinear> {
 };
 
 // ------------------------------------------------------------------ dropout
-// dropout(x) under (seed, offset) by the engine, as a new C-contiguous tensor of x's shape
-// (x float32; made contiguous first where it is not, as an expanded gradient).
+// dropout(x) under (seed, offset) by the engine, as a new C-contiguous tensor of x's shape and
+// dtype (float32, or bfloat16 and float16 computed in float32 and rounded once; made
+// contiguous first where it is not, as an expanded gradient).
 at::Tensor run_dropout(const at::Tensor& x, double p, uint64_t seed, uint64_t offset) {
   const at::Tensor src = x.resolve_neg().contiguous();
   at::Tensor y = at::empty(src.sizes(), src.options());
+  const bool half = src.scalar_type() != at::kFloat;
+  static uint16_t none_h = 0;
+  const auto bits = [](const at::Tensor& t) {  // (a half tensor's data as its 16-bit patterns)
+    return t.numel() ? static_cast<uint16_t*>(const_cast<void*>(t.const_data_ptr())) : &none_h;
+  };
   char msg[256] = {0};
   int rc;
   {
     NoGil nogil;
-    rc = g_engine->dropout(in_ptr(src), out_ptr(y), src.numel(), seed, offset, p, msg, sizeof msg);
+    rc = half ? g_engine->dropout_h16(bits(src), bits(y), src.numel(), src.scalar_type() == at::kBFloat16 ? 1 : 0,
+                                      seed, offset, p, msg, sizeof msg)
+              : g_engine->dropout(in_ptr(src), out_ptr(y), src.numel(), seed, offset, p, msg, sizeof msg);
   }
   check(rc, msg);
   return y;
@@ -260,12 +268,12 @@ class Dropout : public torch::autograd::Function<Dropout> {
   }
 };
 
-// dropout(x) for a plain eager call: x a C-contiguous float32 CPU tensor (fastdropout.torch
-// checked it, and p, and drew the stream).
+// dropout(x) for a plain eager call: x a C-contiguous float32, bfloat16 or float16 CPU tensor
+// (fastdropout.torch checked it, and p, and drew the stream).
 at::Tensor dropout(const at::Tensor& x, double p, uint64_t seed, uint64_t offset) {
   TORCH_CHECK(g_engine, "fastdropout's native torch ops are not initialised");  // (init checked struct_size)
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && x.layout() == at::kStrided,
-              "fastdropout native dropout: float32 dense CPU tensors only");
+  TORCH_CHECK(engine_dtype(x) && x.device().is_cpu() && x.layout() == at::kStrided,
+              "fastdropout native dropout: float32, bfloat16 or float16 dense CPU tensors only");
   TORCH_CHECK(p >= 0.0 && p <= 1.0, "fastdropout native dropout: p outside [0, 1]");
   if (at::GradMode::is_enabled() && x.requires_grad()) return Dropout::apply(x, p, seed, offset);
   return run_dropout(x, p, seed, offset);
@@ -420,8 +428,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("seed"), py::arg("offset"), py::arg("activation"), py::arg("train"),
         "act(dropout(x) @ weight.T + bias) with autograd; arguments already checked by fastdropout.torch.");
   m.def("dropout", &dropout, py::arg("x"), py::arg("p"), py::arg("seed"), py::arg("offset"),
-        "Inverted dropout of a C-contiguous float32 tensor with autograd; arguments already checked by\n"
-        "fastdropout.torch.");
+        "Inverted dropout of a C-contiguous float32, bfloat16 or float16 tensor with autograd; arguments\n"
+        "already checked by fastdropout.torch.");
   m.def("_set_cpp_kernels", [](bool on) { g_cpp_kernels = on; }, py::arg("on"),
         "For tests: the registered ops' C++ CPU kernels (True) or the Python ones (False) for float32 too.");
   m.def("_last_operands", [] {

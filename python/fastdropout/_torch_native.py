@@ -4,7 +4,7 @@ A plain eager call of :func:`fastdropout.torch.dropout_linear` (or a
 :class:`~fastdropout.torch.DropoutLinear` layer) on float32, bfloat16 or float16 tensors (all
 operands of one dtype), and of
 :func:`fastdropout.torch.dropout` (or :class:`~fastdropout.torch.Dropout`) on a contiguous
-float32 tensor, goes through a ``torch.autograd.Function`` written in C++
+tensor of those dtypes, goes through a ``torch.autograd.Function`` written in C++
 (``_native/torch_ops.cpp``) that calls the
 engine through ``_core``'s C interface, instead of through Python: the same kernels, the
 same masks and gradients bit for bit, at a third to three quarters of the Python route's cost
@@ -19,7 +19,7 @@ and cached under ``$FASTDROPOUT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fastdropo
 ``~/.cache/fastdropout``), one build per torch version, Python version and source.
 
 It is built (or a cached build loaded) when a ``DropoutLinear`` is constructed or at the first
-eager float32 call, whichever comes first; a cached build also loads when
+eager call, whichever comes first; a cached build also loads when
 ``fastdropout.torch`` is imported.  ``FASTDROPOUT_TORCH_NATIVE`` chooses: ``auto`` (default)
 builds when needed and falls back to the Python route when it cannot (no compiler, no ninja,
 no Python headers), saying why on stderr and leaving the reason in the cache folder
@@ -45,7 +45,7 @@ _ENV = "FASTDROPOUT_TORCH_NATIVE"
 _SETTINGS = ("auto", "0", "1")
 _lock = threading.Lock()
 _module = None  # the loaded extension, once loaded
-_status = "not loaded yet (built or loaded by the first DropoutLinear or eager float32 call)"
+_status = "not loaded yet (built or loaded by the first DropoutLinear or eager call)"
 _tried = False
 _enabled = True  # tests switch the route off and on (set_enabled)
 _composite: Optional[Callable] = None
@@ -111,7 +111,7 @@ def describe() -> str:
         return (f"Python: building the C++ layer failed ({failed.read_text().strip()}); "
                 f"delete {failed} to try again")
     return (f"C++ (built for torch {torch.__version__}: {built})" if built.exists() else
-            f"C++ once built (by the first DropoutLinear or eager float32 call, about a minute, into "
+            f"C++ once built (by the first DropoutLinear or eager call, about a minute, into "
             f"{built.parent}; {_ENV}=0: Python)")
 
 

@@ -303,13 +303,18 @@ class _EagerDropout(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+#: The dtypes in which an eager dropout or dropout_linear call takes the C++ layer (all
+#: operands alike; dropout's a contiguous tensor).
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def dropout(x: torch.Tensor, p: float, seed: Optional[int], offset: int) -> torch.Tensor:
     """y of fastdropout::dropout: with seed None the stream is drawn from torch's
     generator (one draw, whatever the route), else (seed, offset)."""
     if _route(x) == "fast":
         if seed is None:
             seed, offset = _draw_seed(), 0
-        if x.dtype is torch.float32 and x.is_contiguous():
+        if x.dtype in _NATIVE_DTYPES and x.is_contiguous():
             native = _torch_native.module()  # the same Function in C++ (_torch_native), once built
             if native is not None:
                 return native.dropout(x, p, seed, offset)
@@ -613,8 +618,6 @@ _torch_native.set_python_parts(_native_composite, dropout_linear_op.impl, dropou
 _torch_native.load_if_built()
 
 
-#: The dtypes in which an eager dropout_linear call takes the C++ layer (all operands alike).
-_NATIVE_LINEAR_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activation, train) -> torch.Tensor:
@@ -625,7 +628,7 @@ def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activat
             seed, offset = 0, 0
         elif seed is None:
             seed, offset = _draw_seed(), 0
-        if x.dtype in _NATIVE_LINEAR_DTYPES and weight.dtype is x.dtype and (bias is None or bias.dtype is x.dtype):
+        if x.dtype in _NATIVE_DTYPES and weight.dtype is x.dtype and (bias is None or bias.dtype is x.dtype):
             native = _torch_native.module()  # the same layer in C++ (_torch_native), once built
             if native is not None:
                 return native.dropout_linear(x, weight, bias, p, seed, offset, activation, train)

@@ -289,7 +289,7 @@ class Dropout(torch.nn.Module):
 
     Notes
     -----
-    An eager call on a contiguous float32 tensor runs fastdropout's C++ layer, compiled
+    An eager call on a contiguous float32, bfloat16 or float16 tensor runs fastdropout's C++ layer, compiled
     against the installed torch the first time a process needs it (about a minute for a new
     torch version, announced on stderr, then cached; see :class:`DropoutLinear`); other dtypes
     and memory formats, and ``inplace``, take the Python route.  The same bits either way.
