@@ -369,6 +369,41 @@ def test_dropout_linear_follows_autocast_as_linear_does(backend, half):
 
 
 @_AUTOCAST
+@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
+def test_eager_autocast_call_gives_the_ops_result(backend, half, activation):
+    """A plain eager DropoutLinear under autocast casts its operands as the op's autocast
+    kernel does and takes the fast route (the C++ layer where built: its node is the first
+    one); output and the float32 gradients of x, weight and bias are the op route's bits,
+    and the mask drawn from torch's generator is the same one draw."""
+    from fastdropout import _torch_native, _torch_ops
+
+    gen = torch.Generator().manual_seed(14)
+    x0 = torch.randn(2, 5, 24, generator=gen)
+    layer = fdt.DropoutLinear(24, 9, p=0.3, activation=activation)
+    g = torch.randn(2, 5, 9, generator=gen)
+    results = []
+    route = _torch_ops._route
+    try:
+        for fast in (True, False):
+            if not fast:  # what autocast gave before: through the op and its autocast kernel
+                _torch_ops._route = lambda *t, autocast_fast=False: route(*t)
+            x = x0.clone().requires_grad_()
+            layer.zero_grad()
+            torch.manual_seed(3)
+            with torch.autocast("cpu", dtype=half):
+                y = layer(x)
+            if fast and _torch_native.module() is not None:
+                assert "CppNode" in y.grad_fn.name()
+            y.backward(g.to(half))
+            results.append((y.detach(), x.grad, layer.weight.grad, layer.bias.grad))
+    finally:
+        _torch_ops._route = route
+    for a, c in zip(*results):
+        assert a.dtype == c.dtype and torch.equal(a, c)
+    assert results[0][0].dtype == half and results[0][2].dtype == torch.float32
+
+
+@_AUTOCAST
 def test_dropconnect_linear_and_attention_follow_autocast_as_torch_does(backend, half):
     """Under torch.autocast("cpu", dtype=half) DropConnectLinear returns that dtype as
     nn.Linear does and the attention as torch's scaled_dot_product_attention: the op on the
@@ -821,10 +856,12 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
     monkeypatch.setitem(_torch_ops._OPS, "dropout_linear", _torch_ops.dropout_linear_op)
     layer(x).sum().backward()
     assert calls == []
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dispatcher must see autocast
-        assert _torch_ops._route(x, layer.weight) == "op"
-        layer(x)
-    assert len(calls) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _torch_ops._route(x, layer.weight) == "op"  # ops that do not cast for themselves
+        # dropout_linear casts as the op's autocast kernel would, then takes the fast route
+        assert _torch_ops._route(x, layer.weight, autocast_fast=True) == "fast"
+        assert layer(x).dtype == torch.bfloat16
+    assert calls == []
 
 
 def test_functional_signatures_are_torchs():

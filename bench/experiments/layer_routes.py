@@ -10,7 +10,12 @@ ratios (the Python route's time / the C++ layer's: > 1, the C++ layer is faster)
 
 Usage: python bench/experiments/layer_routes.py MxKxN [ROUNDS] [DTYPE]   (float32, bfloat16, float16)
        python bench/experiments/layer_routes.py dropout:N [ROUNDS] [DTYPE]
-The second form times `fastdropout.torch.dropout(x, 0.1)` of N elements and its backward.
+       python bench/experiments/layer_routes.py autocast:MxKxN [ROUNDS] [DTYPE]
+The second form times `fastdropout.torch.dropout(x, 0.1)` of N elements and its backward.  The
+third times a float32 layer's forward + backward under `torch.autocast("cpu", dtype=DTYPE)`:
+the eager call that casts its operands itself and takes the C++ layer ("fast") against the
+same call through the registered op and its autocast kernel (how autocast ran before
+2026-12-03: "op"), and torch's `relu(linear(dropout(x)))` under autocast ("torch").
 
 Measured 2026-12-03 on AMD Zen 4 (EPYC, family 19h model 11h, 2 vCPUs, avx512, the bfloat16
 dot-product kernel), torch 2.13.0, forward + backward, then the no-grad forward:
@@ -21,6 +26,9 @@ dot-product kernel), torch 2.13.0, forward + backward, then the no-grad forward:
   float32  64x784x512       1.08x                                             0.98x
   dropout:65536, bfloat16  1.35x, 1.27x (float32 1.23x)                      1.28x
   dropout:4194304, bfloat16  1.03x (float32 1.06x)
+  autocast (bfloat16), "op" / "fast" and "torch" / "fast", two runs (15 rounds; 9 at the last):
+  8x512x512 1.26x, 1.20x and 0.82x, 0.74x; 64x784x512 1.28x, 1.17x and 1.00x, 1.12x;
+  256x1024x1024 1.03x, 1.10x and 1.22x, 1.26x
 What these say: for the layer a few percent, within this host's noise at the larger shape, as
 for float32: the kernels dominate, and what the C++ layer removes is the Python around them;
 for a small dropout, whose kernel is short, a quarter to a third.
@@ -42,6 +50,9 @@ def main():
     dtype = getattr(torch, sys.argv[3]) if len(sys.argv) > 3 else torch.bfloat16
     if _torch_native.module() is None:
         sys.exit(f"the C++ layer is not available: {_torch_native.status()}")
+    if sys.argv[1].startswith("autocast:"):
+        autocast(sys.argv[1].split(":")[1], rounds, dtype)
+        return
     if sys.argv[1].startswith("dropout:"):
         size = int(sys.argv[1].split(":")[1])
         x = torch.randn(size, dtype=dtype, requires_grad=True)
@@ -70,10 +81,59 @@ def main():
 
     cases = {"C++ forward + backward": step(True), "Python forward + backward": step(False),
              "C++ forward, no grad": forward(True), "Python forward, no grad": forward(False)}
+    times = interleaved(cases, rounds)
+    _torch_native.set_enabled(True)
+    print(f"{label}, {dtype}, {rounds} rounds")
+    for name, ts in times.items():
+        print(f"  {name:26s} {statistics.median(ts):8.3f} ms")
+    for what in ("forward + backward", "forward, no grad"):
+        py, cpp = times["Python " + what], times["C++ " + what]
+        print(f"  {what}: Python route / C++ layer {statistics.median([a / b for a, b in zip(py, cpp)]):.3f}x")
+
+
+def autocast(shape, rounds, dtype):
+    from fastdropout import _torch_ops
+
+    m, k, n = (int(v) for v in shape.split("x"))
+    layer, lin = fdt.DropoutLinear(k, n, p=0.5, activation="relu"), torch.nn.Linear(k, n)
+    x = torch.randn(m, k, requires_grad=True)
+    route = _torch_ops._route
+
+    def through_op(*tensors, autocast_fast=False):
+        return route(*tensors)
+
+    def ours(how):
+        def f():
+            _torch_ops._route = how
+            with torch.autocast("cpu", dtype=dtype):
+                y = layer(x)
+            y.float().sum().backward()
+        return f
+
+    def theirs():
+        with torch.autocast("cpu", dtype=dtype):
+            y = torch.relu(lin(torch.nn.functional.dropout(x, 0.5)))
+        y.float().sum().backward()
+
+    cases = {"fast": ours(route), "op": ours(through_op), "torch": theirs}
+    try:
+        times = interleaved(cases, rounds)
+    finally:
+        _torch_ops._route = route
+    print(f"autocast {dtype}, DropoutLinear {m}x{k}x{n}, {rounds} rounds")
+    for name, ts in times.items():
+        print(f"  {name:6s} {statistics.median(ts):8.3f} ms")
+    for name in ("op", "torch"):
+        ratio = statistics.median([a / b for a, b in zip(times[name], times["fast"])])
+        print(f"  {name} / fast: {ratio:.3f}x")
+
+
+def interleaved(cases, rounds):
+    """{name: [ms a call, one per round]}, the cases timed in turn (reversed every other round)."""
     for f in cases.values():
         f()
     t = time.perf_counter()
-    cases["C++ forward + backward"]()
+    next(iter(cases.values()))()
     inner = max(5, int(0.15 / (time.perf_counter() - t)))
     times = {name: [] for name in cases}
     for r in range(rounds):
@@ -82,13 +142,7 @@ def main():
             for _ in range(inner):
                 cases[name]()
             times[name].append((time.perf_counter() - t) / inner * 1e3)
-    _torch_native.set_enabled(True)
-    print(f"{label}, {dtype}, {rounds} rounds of {inner} calls")
-    for name, ts in times.items():
-        print(f"  {name:26s} {statistics.median(ts):8.3f} ms")
-    for what in ("forward + backward", "forward, no grad"):
-        py, cpp = times["Python " + what], times["C++ " + what]
-        print(f"  {what}: Python route / C++ layer {statistics.median([a / b for a, b in zip(py, cpp)]):.3f}x")
+    return times
 
 
 if __name__ == "__main__":

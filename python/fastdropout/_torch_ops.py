@@ -156,14 +156,20 @@ class _Op:
         autocast = torch._C.DispatchKey.AutocastCPU
 
         def run(*args):
-            dtype = torch.get_autocast_dtype("cpu")
-            cast = tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.is_cpu
-                         and a.dtype is not torch.float64 else a for a in args)
+            cast = _autocast_args(args)
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(autocast)):
                 return overload(*cast)
 
         overload.py_impl(autocast)(run)
         _LIB.impl(self.name, run, "AutocastCPU")
+
+
+def _autocast_args(args):
+    """args as an op runs on them under ``torch.autocast("cpu")``: floating CPU tensors cast
+    to autocast's dtype, float64 ones and everything else as they are (_Op.register_autocast)."""
+    dtype = torch.get_autocast_dtype("cpu")
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.is_cpu
+                 and a.dtype is not torch.float64 else a for a in args)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -535,16 +541,17 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor subclasses beyond these go
 _OPS = {"dropout": dropout_op, "dropout_backward": dropout_backward_op, "dropout_linear": dropout_linear_op}
 
 
-def _route(*tensors) -> str:
+def _route(*tensors, autocast_fast: bool = False) -> str:
     """How to call an op here: "op" while torch.compile, torch.export or torch.jit.trace
-    traces, under autocast, with tensor subclasses or a dispatch mode (the dispatcher must
-    see it: a trace that did not would keep the kernel's result as a constant); "func"
-    under a torch.func transform; else "fast"."""
+    traces, under autocast (unless `autocast_fast`: the caller casts as _autocast_args), with
+    tensor subclasses or a dispatch mode (the dispatcher must see it: a trace that did not
+    would keep the kernel's result as a constant); "func" under a torch.func transform; else
+    "fast"."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return "op"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "func"
-    if (torch.is_autocast_enabled("cpu") or torch._C._is_torch_function_mode_enabled()
+    if ((torch.is_autocast_enabled("cpu") and not autocast_fast) or torch._C._is_torch_function_mode_enabled()
             or _get_current_dispatch_mode() is not None):
         return "op"
     for t in tensors:
@@ -618,12 +625,14 @@ _torch_native.set_python_parts(_native_composite, dropout_linear_op.impl, dropou
 _torch_native.load_if_built()
 
 
-
-
 def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activation, train) -> torch.Tensor:
     """y of fastdropout::dropout_linear: with seed None the stream is drawn from torch's
-    generator (one draw when `train`, whatever the route), else (seed, offset)."""
-    if _route(x, weight, bias) == "fast":
+    generator (one draw when `train`, whatever the route), else (seed, offset).  Under
+    autocast a plain eager call casts its operands as the op's autocast kernel would, then
+    takes the same fast route (the C++ layer where built) as a call in that dtype."""
+    if _route(x, weight, bias, autocast_fast=True) == "fast":
+        if torch.is_autocast_enabled("cpu"):
+            x, weight, bias = _autocast_args((x, weight, bias))
         if not train:
             seed, offset = 0, 0
         elif seed is None:
