@@ -666,6 +666,8 @@ def run(
         groups.append(("elementwise", str(n), [(k, i, f, float(n), "Gelem/s") for k, i, f in cases]))
     for shape in dense_shapes:
         groups.append(("dense", "x".join(map(str, shape)), [(k, i, f, w, "GFLOP/s") for k, i, f, w in dense_cases(shape, threads)]))
+    if dense_shapes and not (_have("torch") and _have("ml_dtypes")):
+        info.setdefault("skipped", []).append("bfloat16 dense rows: need torch and ml_dtypes")
     if family is None or family:  # None: the default sizes; {}: no family rows
         for size, cases in family_cases(threads, **(family or {})):
             groups.append(("family", size, cases))
