@@ -1,5 +1,5 @@
-// fastdropout's fused dropout -> linear layer (float32, bfloat16 and float16 CPU tensors), and
-// its plain dropout (float32), as PyTorch autograd functions in C++, for plain eager calls of
+// fastdropout's fused dropout -> linear layer and its plain dropout (float32, bfloat16 and
+// float16 CPU tensors), as PyTorch autograd functions in C++, for plain eager calls of
 // fastdropout.torch.  The same layer through the
 // Python route (fastdropout/_torch_ops.py) costs ~100-250 us a call beside the kernels,
 // most of it the interpreter reloading its code and data after the kernel has evicted them
