@@ -368,39 +368,61 @@ def test_dropout_linear_follows_autocast_as_linear_does(backend, half):
     assert layer.weight.grad.dtype == torch.float32  # the parameters stay float32, as with nn.Linear
 
 
+_AUTOCAST_LAYERS = {
+    "dropout_linear": lambda: fdt.DropoutLinear(24, 9, p=0.3),
+    "dropout_linear_relu": lambda: fdt.DropoutLinear(24, 9, p=0.3, activation="relu"),
+    "dropout_linear_gelu": lambda: fdt.DropoutLinear(24, 9, p=0.3, activation="gelu"),
+    "dropconnect_linear": lambda: fdt.DropConnectLinear(24, 9, p=0.3, activation="relu"),
+    "dropout": lambda: fdt.Dropout(0.3),
+    "attention": lambda: _SelfAttention(),
+}
+
+
+class _SelfAttention(torch.nn.Module):
+    """fdt.scaled_dot_product_attention of x against itself, with a float32 additive mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mask", torch.randn(5, 5, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x):
+        return fdt.scaled_dot_product_attention(x, x, x, attn_mask=self.mask, dropout_p=0.2)
+
+
 @_AUTOCAST
-@pytest.mark.parametrize("activation", [None, "relu", "gelu"])
-def test_eager_autocast_call_gives_the_ops_result(backend, half, activation):
-    """A plain eager DropoutLinear under autocast casts its operands as the op's autocast
-    kernel does and takes the fast route (the C++ layer where built: its node is the first
-    one); output and the float32 gradients of x, weight and bias are the op route's bits,
-    and the mask drawn from torch's generator is the same one draw."""
+@pytest.mark.parametrize("case", list(_AUTOCAST_LAYERS))
+def test_eager_autocast_call_gives_the_ops_result(backend, half, case):
+    """A plain eager call under autocast takes the fast route (an op with an autocast kernel
+    on its inputs cast as that kernel casts them; a DropoutLinear then runs the C++ layer where
+    built: its node is the first one); output and the float32 gradients of the input and the
+    parameters are the op route's bits, and the mask drawn from torch's generator is the same
+    one draw."""
     from fastdropout import _torch_native, _torch_ops
 
     gen = torch.Generator().manual_seed(14)
     x0 = torch.randn(2, 5, 24, generator=gen)
-    layer = fdt.DropoutLinear(24, 9, p=0.3, activation=activation)
-    g = torch.randn(2, 5, 9, generator=gen)
+    layer = _AUTOCAST_LAYERS[case]()
     results = []
     route = _torch_ops._route
     try:
         for fast in (True, False):
-            if not fast:  # what autocast gave before: through the op and its autocast kernel
-                _torch_ops._route = lambda *t, autocast_fast=False: route(*t)
+            if not fast:  # through the dispatcher (the op's autocast kernel, if any), as a trace calls it
+                _torch_ops._route = lambda *t: "op" if torch.is_autocast_enabled("cpu") else route(*t)
             x = x0.clone().requires_grad_()
             layer.zero_grad()
             torch.manual_seed(3)
             with torch.autocast("cpu", dtype=half):
                 y = layer(x)
-            if fast and _torch_native.module() is not None:
+            if fast and case.startswith("dropout_linear") and _torch_native.module() is not None:
                 assert "CppNode" in y.grad_fn.name()
-            y.backward(g.to(half))
-            results.append((y.detach(), x.grad, layer.weight.grad, layer.bias.grad))
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y.dtype))
+            results.append((y.detach(), x.grad) + tuple(q.grad for q in layer.parameters()))
     finally:
         _torch_ops._route = route
     for a, c in zip(*results):
         assert a.dtype == c.dtype and torch.equal(a, c)
-    assert results[0][0].dtype == half and results[0][2].dtype == torch.float32
+    assert results[0][0].dtype == (torch.float32 if case == "dropout" else half)  # dropout: no autocast cast
+    assert all(g.dtype == torch.float32 for g in results[0][1:])
 
 
 @_AUTOCAST
@@ -856,10 +878,8 @@ def test_plain_eager_calls_skip_the_dispatcher(monkeypatch):
     monkeypatch.setitem(_torch_ops._OPS, "dropout_linear", _torch_ops.dropout_linear_op)
     layer(x).sum().backward()
     assert calls == []
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _torch_ops._route(x, layer.weight) == "op"  # ops that do not cast for themselves
-        # dropout_linear casts as the op's autocast kernel would, then takes the fast route
-        assert _torch_ops._route(x, layer.weight, autocast_fast=True) == "fast"
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # cast as the op's autocast kernel would, then the fast route
+        assert _torch_ops._route(x, layer.weight) == "fast"
         assert layer(x).dtype == torch.bfloat16
     assert calls == []
 

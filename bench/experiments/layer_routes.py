@@ -11,11 +11,13 @@ ratios (the Python route's time / the C++ layer's: > 1, the C++ layer is faster)
 Usage: python bench/experiments/layer_routes.py MxKxN [ROUNDS] [DTYPE]   (float32, bfloat16, float16)
        python bench/experiments/layer_routes.py dropout:N [ROUNDS] [DTYPE]
        python bench/experiments/layer_routes.py autocast:MxKxN [ROUNDS] [DTYPE]
+       python bench/experiments/layer_routes.py autocast:dropout:N [ROUNDS] [DTYPE]
 The second form times `fastdropout.torch.dropout(x, 0.1)` of N elements and its backward.  The
-third times a float32 layer's forward + backward under `torch.autocast("cpu", dtype=DTYPE)`:
-the eager call that casts its operands itself and takes the C++ layer ("fast") against the
-same call through the registered op and its autocast kernel (how autocast ran before
-2026-12-03: "op"), and torch's `relu(linear(dropout(x)))` under autocast ("torch").
+third times a float32 layer's forward + backward under `torch.autocast("cpu", dtype=DTYPE)`
+(a DropoutLinear, or a Dropout at p = 0.1 in the fourth form): the eager call, which casts
+what the op's autocast kernel would cast and takes the fast route ("fast"), against the same
+call through the registered op (how autocast ran before 2026-12-03: "op"), and torch's
+`relu(linear(dropout(x)))` (or `dropout(x)`) under autocast ("torch").
 
 Measured 2026-12-03 on AMD Zen 4 (EPYC, family 19h model 11h, 2 vCPUs, avx512, the bfloat16
 dot-product kernel), torch 2.13.0, forward + backward, then the no-grad forward:
@@ -28,7 +30,8 @@ dot-product kernel), torch 2.13.0, forward + backward, then the no-grad forward:
   dropout:4194304, bfloat16  1.03x (float32 1.06x)
   autocast (bfloat16), "op" / "fast" and "torch" / "fast", two runs (15 rounds; 9 at the last):
   8x512x512 1.26x, 1.20x and 0.82x, 0.74x; 64x784x512 1.28x, 1.17x and 1.00x, 1.12x;
-  256x1024x1024 1.03x, 1.10x and 1.22x, 1.26x
+  256x1024x1024 1.03x, 1.10x and 1.22x, 1.26x; a third run at 64x784x512 1.20x and 1.10x;
+  autocast:dropout:65536 (float32 in, no cast) 1.39x, 1.25x and 2.24x, 2.05x
 What these say: for the layer a few percent, within this host's noise at the larger shape, as
 for float32: the kernels dominate, and what the C++ layer removes is the Python around them;
 for a small dropout, whose kernel is short, a quarter to a third.
@@ -51,7 +54,7 @@ def main():
     if _torch_native.module() is None:
         sys.exit(f"the C++ layer is not available: {_torch_native.status()}")
     if sys.argv[1].startswith("autocast:"):
-        autocast(sys.argv[1].split(":")[1], rounds, dtype)
+        autocast(sys.argv[1].split(":", 1)[1], rounds, dtype)
         return
     if sys.argv[1].startswith("dropout:"):
         size = int(sys.argv[1].split(":")[1])
@@ -94,13 +97,25 @@ def main():
 def autocast(shape, rounds, dtype):
     from fastdropout import _torch_ops
 
-    m, k, n = (int(v) for v in shape.split("x"))
-    layer, lin = fdt.DropoutLinear(k, n, p=0.5, activation="relu"), torch.nn.Linear(k, n)
-    x = torch.randn(m, k, requires_grad=True)
+    if shape.startswith("dropout:"):
+        size = int(shape.split(":")[1])
+        layer, label = fdt.Dropout(0.1), f"Dropout of {size} elements"
+        x = torch.randn(size, requires_grad=True)
+
+        def torch_layer(t):
+            return torch.nn.functional.dropout(t, 0.1)
+    else:
+        m, k, n = (int(v) for v in shape.split("x"))
+        layer, lin = fdt.DropoutLinear(k, n, p=0.5, activation="relu"), torch.nn.Linear(k, n)
+        x = torch.randn(m, k, requires_grad=True)
+        label = f"DropoutLinear {m}x{k}x{n}"
+
+        def torch_layer(t):
+            return torch.relu(lin(torch.nn.functional.dropout(t, 0.5)))
     route = _torch_ops._route
 
-    def through_op(*tensors, autocast_fast=False):
-        return route(*tensors)
+    def through_op(*tensors):  # the dispatcher under autocast, as before 2026-12-03
+        return "op" if torch.is_autocast_enabled("cpu") else route(*tensors)
 
     def ours(how):
         def f():
@@ -112,7 +127,7 @@ def autocast(shape, rounds, dtype):
 
     def theirs():
         with torch.autocast("cpu", dtype=dtype):
-            y = torch.relu(lin(torch.nn.functional.dropout(x, 0.5)))
+            y = torch_layer(x)
         y.float().sum().backward()
 
     cases = {"fast": ours(route), "op": ours(through_op), "torch": theirs}
@@ -120,7 +135,7 @@ def autocast(shape, rounds, dtype):
         times = interleaved(cases, rounds)
     finally:
         _torch_ops._route = route
-    print(f"autocast {dtype}, DropoutLinear {m}x{k}x{n}, {rounds} rounds")
+    print(f"autocast {dtype}, {label}, {rounds} rounds")
     for name, ts in times.items():
         print(f"  {name:6s} {statistics.median(ts):8.3f} ms")
     for name in ("op", "torch"):

@@ -49,7 +49,8 @@ bool bad(const fastdropout_linear_args* a) {
 }
 
 int linear_forward(const fastdropout_linear_args* a, char* msg, size_t len) {
-  if (bad(a) || !(a->x || a->xh) || !(a->w || a->wh) || !a->y) return failed("fastdropout engine: bad linear_forward arguments", msg, len);
+  if (bad(a) || !(a->x || a->xh) || !(a->w || a->wh) || !a->y)
+    return failed("fastdropout engine: bad linear_forward arguments", msg, len);
   return guarded([a] {
     ops::DenseForward f;
     f.x = a->x;

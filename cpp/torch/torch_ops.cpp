@@ -54,9 +54,13 @@ bool keeps_output_for_relu(int64_t activation) { return activation == 1; }
 // A tensor's data for the engine: an empty tensor may have no storage, and the engine
 // wants an address even where it reads nothing.
 float g_none = 0.0f;
-const uint16_t g_none_h = 0;
+uint16_t g_none_h = 0;
 const float* in_ptr(const at::Tensor& t) { return t.numel() ? t.const_data_ptr<float>() : &g_none; }
 float* out_ptr(at::Tensor& t) { return t.numel() ? t.mutable_data_ptr<float>() : &g_none; }
+// (a bfloat16 or float16 tensor's data as its 16-bit patterns)
+uint16_t* h16_ptr(const at::Tensor& t) {
+  return t.numel() ? static_cast<uint16_t*>(const_cast<void*>(t.const_data_ptr())) : &g_none_h;
+}
 
 // The dtypes the engine's GEMM takes an operand in: float32; bfloat16 (its 16-bit patterns,
 // widened exactly while packed); float16 (widened to a float32 copy first, as the Python
@@ -66,24 +70,12 @@ bool engine_dtype(const at::Tensor& t) {
   return d == at::kFloat || d == at::kBFloat16 || d == at::kHalf;
 }
 
-// A GEMM operand (C-contiguous rows x cols) for the engine: `f` for float32 data, `h` for
-// bfloat16; `t` keeps the data alive.
-struct Operand {
-  at::Tensor t;
-  const float* f = nullptr;
-  const uint16_t* h = nullptr;
-};
-
-Operand operand_of(at::Tensor t) {
-  Operand o;
-  if (t.scalar_type() == at::kHalf) t = t.to(at::kFloat);
-  o.t = t;
-  if (t.scalar_type() == at::kBFloat16)
-    o.h = t.numel() ? reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) : &g_none_h;
-  else
-    o.f = in_ptr(t);
-  return o;
-}
+// A C-contiguous GEMM operand as the engine takes it: float16 widened to float32, float32 and
+// bfloat16 as they are; then its data as float32 (f32_of) or as bfloat16 bits (bf16_of), the
+// other null.
+at::Tensor engine_operand(const at::Tensor& t) { return t.scalar_type() == at::kHalf ? t.to(at::kFloat) : t; }
+const float* f32_of(const at::Tensor& t) { return t.scalar_type() == at::kFloat ? in_ptr(t) : nullptr; }
+const uint16_t* bf16_of(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? h16_ptr(t) : nullptr; }
 
 // A float32 result of the engine in `dtype` (rounded once; the tensor itself where float32).
 at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) { return dtype == at::kFloat ? t : t.to(dtype); }
@@ -107,19 +99,19 @@ std::pair<at::Tensor, at::Tensor> run_forward(const at::Tensor& x, const at::Ten
                                               double p, uint64_t seed, uint64_t offset, int64_t activation, bool train,
                                               bool keep_z) {
   const int64_t K = x.size(-1), N = weight.size(0);
-  const Operand x2 = operand_of(rows_of(x, K)), w = operand_of(weight.resolve_neg().contiguous());
+  const at::Tensor x2 = engine_operand(rows_of(x, K)), w = engine_operand(weight.resolve_neg().contiguous());
   at::Tensor b = bias.defined() ? bias.resolve_neg().contiguous().to(at::kFloat) : at::Tensor();
   // (allocated in the output's shape: a view made here could not take in-place changes)
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor y = at::empty(out_shape(x, N), f32);
   at::Tensor z = keep_z ? at::empty(out_shape(x, N), f32) : at::Tensor();
   fastdropout_linear_args a{};
-  a.x = x2.f, a.xh = x2.h;
-  a.w = w.f, a.wh = w.h;
+  a.x = f32_of(x2), a.xh = bf16_of(x2);
+  a.w = f32_of(w), a.wh = bf16_of(w);
   a.bias = b.defined() ? in_ptr(b) : nullptr;
   a.y = out_ptr(y);
   a.z_out = keep_z ? out_ptr(z) : nullptr;
-  a.M = x2.t.size(0), a.N = N, a.K = K;
+  a.M = x2.size(0), a.N = N, a.K = K;
   a.activation = static_cast<int32_t>(activation);
   a.masked = train ? 1 : 0;
   a.seed = seed, a.offset = offset, a.p = p;
@@ -144,22 +136,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& gr
                                                             uint64_t seed, uint64_t offset, int64_t activation,
                                                             bool train, const bool want[3]) {
   const int64_t K = x.size(-1), N = weight.size(0);
-  const Operand x2 = operand_of(rows_of(x, K)), w = operand_of(weight.resolve_neg().contiguous()),
-                dy = operand_of(rows_of(grad_y, N));
+  const at::Tensor x2 = engine_operand(rows_of(x, K)), w = engine_operand(weight.resolve_neg().contiguous()),
+                   dy = engine_operand(rows_of(grad_y, N));
   at::Tensor z2 = activation && z.defined() ? rows_of(z, N) : at::Tensor();
   const auto f32 = x.options().dtype(at::kFloat);
   at::Tensor gx = want[0] ? at::empty(x.sizes(), f32) : at::Tensor();
   at::Tensor gw = want[1] ? at::empty({N, K}, f32) : at::Tensor();
   at::Tensor gb = want[2] ? at::empty({N}, f32) : at::Tensor();
   fastdropout_linear_args a{};
-  a.x = x2.f, a.xh = x2.h;
-  a.w = w.f, a.wh = w.h;
-  a.dy = dy.f, a.dyh = dy.h;
+  a.x = f32_of(x2), a.xh = bf16_of(x2);
+  a.w = f32_of(w), a.wh = bf16_of(w);
+  a.dy = f32_of(dy), a.dyh = bf16_of(dy);
   a.z = z2.defined() ? in_ptr(z2) : nullptr;
   a.grad_x = want[0] ? out_ptr(gx) : nullptr;
   a.grad_w = want[1] ? out_ptr(gw) : nullptr;
   a.grad_b = want[2] ? out_ptr(gb) : nullptr;
-  a.M = x2.t.size(0), a.N = N, a.K = K;
+  a.M = x2.size(0), a.N = N, a.K = K;
   a.activation = static_cast<int32_t>(activation);
   a.masked = train ? 1 : 0;
   a.seed = seed, a.offset = offset, a.p = p;
@@ -229,16 +221,12 @@ at::Tensor run_dropout(const at::Tensor& x, double p, uint64_t seed, uint64_t of
   const at::Tensor src = x.resolve_neg().contiguous();
   at::Tensor y = at::empty(src.sizes(), src.options());
   const bool half = src.scalar_type() != at::kFloat;
-  static uint16_t none_h = 0;
-  const auto bits = [](const at::Tensor& t) {  // (a half tensor's data as its 16-bit patterns)
-    return t.numel() ? static_cast<uint16_t*>(const_cast<void*>(t.const_data_ptr())) : &none_h;
-  };
   char msg[256] = {0};
   int rc;
   {
     NoGil nogil;
-    rc = half ? g_engine->dropout_h16(bits(src), bits(y), src.numel(), src.scalar_type() == at::kBFloat16 ? 1 : 0,
-                                      seed, offset, p, msg, sizeof msg)
+    rc = half ? g_engine->dropout_h16(h16_ptr(src), h16_ptr(y), src.numel(),
+                                      src.scalar_type() == at::kBFloat16 ? 1 : 0, seed, offset, p, msg, sizeof msg)
               : g_engine->dropout(in_ptr(src), out_ptr(y), src.numel(), seed, offset, p, msg, sizeof msg);
   }
   check(rc, msg);
@@ -431,7 +419,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Inverted dropout of a C-contiguous float32, bfloat16 or float16 tensor with autograd; arguments\n"
         "already checked by fastdropout.torch.");
   m.def("_set_cpp_kernels", [](bool on) { g_cpp_kernels = on; }, py::arg("on"),
-        "For tests: the registered ops' C++ CPU kernels (True) or the Python ones (False) for float32 too.");
+        "For tests: the registered ops' C++ CPU kernels (True) or the Python ones (False) for every dtype.");
   m.def("_last_operands", [] {
     return py::make_tuple(reinterpret_cast<uintptr_t>(g_last_operands[0]), reinterpret_cast<uintptr_t>(g_last_operands[1]),
                           reinterpret_cast<uintptr_t>(g_last_operands[2]));

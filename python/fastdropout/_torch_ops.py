@@ -162,6 +162,12 @@ class _Op:
 
         overload.py_impl(autocast)(run)
         _LIB.impl(self.name, run, "AutocastCPU")
+        _AUTOCAST_CASTS.add(self.name)
+
+
+#: The ops whose autocast kernel casts their inputs (register_autocast): a plain eager call
+#: under autocast casts them the same way itself before the fast route (_autocast_for).
+_AUTOCAST_CASTS = set()
 
 
 def _autocast_args(args):
@@ -170,6 +176,12 @@ def _autocast_args(args):
     dtype = torch.get_autocast_dtype("cpu")
     return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.is_cpu
                  and a.dtype is not torch.float64 else a for a in args)
+
+
+def _autocast_for(name: str, args):
+    """args for op `name` on the fast route: cast as its autocast kernel would where autocast
+    is on and the op has one, else as they are."""
+    return _autocast_args(args) if name in _AUTOCAST_CASTS and torch.is_autocast_enabled("cpu") else args
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -541,18 +553,17 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensor subclasses beyond these go
 _OPS = {"dropout": dropout_op, "dropout_backward": dropout_backward_op, "dropout_linear": dropout_linear_op}
 
 
-def _route(*tensors, autocast_fast: bool = False) -> str:
+def _route(*tensors) -> str:
     """How to call an op here: "op" while torch.compile, torch.export or torch.jit.trace
-    traces, under autocast (unless `autocast_fast`: the caller casts as _autocast_args), with
-    tensor subclasses or a dispatch mode (the dispatcher must see it: a trace that did not
-    would keep the kernel's result as a constant); "func" under a torch.func transform; else
-    "fast"."""
+    traces, with tensor subclasses or a dispatch mode (the dispatcher must see it: a trace
+    that did not would keep the kernel's result as a constant); "func" under a torch.func
+    transform; else "fast", autocast or not (an op with an autocast kernel then takes its
+    inputs cast as that kernel would: _autocast_for)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return "op"
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return "func"
-    if ((torch.is_autocast_enabled("cpu") and not autocast_fast) or torch._C._is_torch_function_mode_enabled()
-            or _get_current_dispatch_mode() is not None):
+    if torch._C._is_torch_function_mode_enabled() or _get_current_dispatch_mode() is not None:
         return "op"
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
@@ -567,6 +578,8 @@ def _call(name: str, tensors, args):
     how = _route(*tensors)
     if how == "op":
         return _OPS[name](*args)
+    if how == "fast":
+        args = _autocast_for(name, args)
     if how == "fast" and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         return _IMPLS[name](*args)  # nothing to differentiate: no autograd node at all
     return (_FAST if how == "fast" else _FUNC)[name].apply(*args)
@@ -630,9 +643,8 @@ def dropout_linear(x, weight, bias, p, seed: Optional[int], offset: int, activat
     generator (one draw when `train`, whatever the route), else (seed, offset).  Under
     autocast a plain eager call casts its operands as the op's autocast kernel would, then
     takes the same fast route (the C++ layer where built) as a call in that dtype."""
-    if _route(x, weight, bias, autocast_fast=True) == "fast":
-        if torch.is_autocast_enabled("cpu"):
-            x, weight, bias = _autocast_args((x, weight, bias))
+    if _route(x, weight, bias) == "fast":
+        x, weight, bias = _autocast_for("dropout_linear", (x, weight, bias))
         if not train:
             seed, offset = 0, 0
         elif seed is None:
